@@ -1,0 +1,1 @@
+"""HTTP layer: thin FastAPI routers; every rule they apply lives in ``domain``."""

@@ -1,0 +1,53 @@
+"""Authentication and per-key rate limiting for every ``/v1`` and ``/api/v1`` request.
+
+A pure ASGI middleware (not a dependency) so that every response, errors and streams
+included, carries the ``X-RateLimit-*`` headers, and SSE passes through unbuffered.
+"""
+
+from __future__ import annotations
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from hypereal.api.errors import error_response
+from hypereal.domain import keys
+from hypereal.domain.errors import HyperealError, RateLimited
+from hypereal.services import Services
+
+API_PREFIXES = ("/v1/", "/api/v1/")
+
+
+def is_api_path(path: str) -> bool:
+    return path.startswith(API_PREFIXES) or path in ("/v1", "/api/v1")
+
+
+class AuthRateLimitMiddleware:
+    def __init__(self, app: ASGIApp, services: Services) -> None:
+        self.app = app
+        self.services = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_api_path(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        try:
+            principal = await keys.authenticate(
+                self.services.db, Headers(scope=scope).get("authorization")
+            )
+        except HyperealError as exc:
+            await error_response(exc)(scope, receive, send)
+            return
+        decision = await self.services.limiter.hit(principal.key_id, principal.rate_limit_per_hour)
+        if not decision.allowed:
+            rejected = RateLimited(decision.limit, decision.retry_after)
+            await error_response(rejected, decision.headers())(scope, receive, send)
+            return
+        scope.setdefault("state", {})["principal"] = principal
+        extra = [(k.lower().encode(), v.encode()) for k, v in decision.headers().items()]
+
+        async def send_with_limits(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_limits)

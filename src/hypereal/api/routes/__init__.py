@@ -1,0 +1,1 @@
+"""One router per resource; mounted under both ``/v1`` and ``/api/v1``."""

@@ -1,0 +1,210 @@
+"""Async generation (videos, audio, 3D), job polling, cancel, webhook deliveries and the
+account's webhook signing secret."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict
+
+from hypereal.api.deps import PrincipalDep, ServicesDep
+from hypereal.api.idempotency import idempotent
+from hypereal.api.schemas import iso
+from hypereal.domain import jobs
+from hypereal.domain.keys import Principal
+from hypereal.engine.submit import Submission, submit_generation
+from hypereal.services import Services
+from hypereal.webhooks.delivery import Delivery, deliveries_for_job
+from hypereal.webhooks.secrets import rotate_webhook_secret, webhook_secret
+
+router = APIRouter(tags=["jobs"])
+
+
+class GenerateBody(BaseModel):
+    """``{"model", "input": {...}, "webhook_url"}``; per-model fields sent at the top level
+    instead of inside ``input`` are accepted too."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    input: dict[str, Any] | None = None
+    webhook_url: str | None = None
+
+
+def job_json(job: jobs.JobView) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "status": job.status,
+        "jobId": job.id,
+        "outputUrl": job.output_url,
+        "type": job.type,
+        "model": job.model,
+        "creditsUsed": job.credits_used,
+        "stage": job.stage,
+        "progress": job.progress,
+        "createdAt": iso(job.created_at),
+    }
+    if job.started_at is not None:
+        data["startedAt"] = iso(job.started_at)
+    if job.completed_at is not None:
+        data["completedAt"] = iso(job.completed_at)
+    if job.error is not None:
+        data["error"] = job.error
+    if job.result is not None:
+        data["result"] = job.result
+    return data
+
+
+def delivery_json(delivery: Delivery) -> dict[str, Any]:
+    return {
+        "id": delivery.id,
+        "url": delivery.url,
+        "event": delivery.event,
+        "status": delivery.state,
+        "attempts": delivery.attempts,
+        "nextAttemptAt": iso(delivery.next_attempt_at),
+        "lastStatusCode": delivery.last_status_code,
+        "lastError": delivery.last_error,
+        "createdAt": iso(delivery.created_at),
+        "deliveredAt": iso(delivery.delivered_at),
+        "attemptLog": [
+            {
+                "attempt": a.attempt,
+                "statusCode": a.status_code,
+                "error": a.error,
+                "durationMs": a.duration_ms,
+                "at": iso(a.started_at),
+            }
+            for a in delivery.log
+        ],
+    }
+
+
+def _api_prefix(request: Request) -> str:
+    return "/api/v1" if request.url.path.startswith("/api/v1") else "/v1"
+
+
+async def _generate(
+    request: Request,
+    body: GenerateBody,
+    principal: Principal,
+    services: Services,
+    modality: str,
+) -> Response:
+    async def produce() -> JSONResponse:
+        fields = {**(body.model_extra or {}), **(body.input or {})}
+        job = await submit_generation(
+            services,
+            principal.account_id,
+            modality,
+            Submission(model=body.model, input=fields, webhook_url=body.webhook_url),
+        )
+        query = urlencode({"model": job.model, "type": job.type})
+        poll_url = f"{services.settings.base_url()}{_api_prefix(request)}/jobs/{job.id}?{query}"
+        message = (
+            "Generation started. Result will be sent to your webhook URL."
+            if job.webhook_url
+            else "Generation started. Poll pollUrl for the result."
+        )
+        return JSONResponse(
+            {
+                "jobId": job.id,
+                "status": job.status,
+                "message": message,
+                "creditsUsed": job.credits,
+                "pollUrl": poll_url,
+            },
+            status_code=202,
+        )
+
+    return await idempotent(request, principal, services, produce)
+
+
+@router.post("/videos/generate", status_code=202)
+async def generate_video(
+    request: Request, body: GenerateBody, principal: PrincipalDep, services: ServicesDep
+) -> Response:
+    """Start a text- or image-to-video job; answers 202 with ``jobId`` and ``pollUrl``."""
+    return await _generate(request, body, principal, services, "video")
+
+
+@router.post("/audio/generate", status_code=202)
+async def generate_audio(
+    request: Request, body: GenerateBody, principal: PrincipalDep, services: ServicesDep
+) -> Response:
+    """Start a text-to-speech or voice-cloning job (same job model as videos)."""
+    return await _generate(request, body, principal, services, "audio")
+
+
+@router.post("/3d/generate", status_code=202)
+async def generate_3d(
+    request: Request, body: GenerateBody, principal: PrincipalDep, services: ServicesDep
+) -> Response:
+    """Start an image-to-3D (GLB) job (same job model as videos)."""
+    return await _generate(request, body, principal, services, "3d")
+
+
+@router.get("/jobs")
+async def list_jobs(
+    principal: PrincipalDep,
+    services: ServicesDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    before: Annotated[str | None, Query(description="nextCursor of the previous page")] = None,
+    type: Annotated[str | None, Query(description="Only jobs of this type")] = None,
+) -> dict[str, Any]:
+    """The caller's jobs, newest first, paginated."""
+    rows = await jobs.list_jobs(
+        services.db, principal.account_id, limit=limit + 1, before=before, type=type
+    )
+    shown = rows[:limit]
+    more = len(rows) > limit
+    return {
+        "data": [job_json(job) for job in shown],
+        "hasMore": more,
+        "nextCursor": shown[-1].id if more and shown else None,
+    }
+
+
+@router.get("/jobs/{job_id}")
+async def get_job(
+    job_id: str,
+    principal: PrincipalDep,
+    services: ServicesDep,
+    model: Annotated[str | None, Query(description="Model slug (accepted, not needed)")] = None,
+    type: Annotated[str | None, Query(description="video, audio, 3d or image")] = None,
+) -> dict[str, Any]:
+    """A job's status and, once completed, its ``outputUrl``. 404 for other accounts' jobs."""
+    return job_json(await jobs.get_job(services.db, principal.account_id, job_id))
+
+
+@router.post("/jobs/{job_id}/cancel")
+async def cancel_job(job_id: str, principal: PrincipalDep, services: ServicesDep) -> dict[str, Any]:
+    """Cancel a queued or running job and refund its credits (409 once it has finished)."""
+    if services.engine is not None:
+        job = await services.engine.cancel(principal.account_id, job_id)
+    else:
+        job, _ = await jobs.cancel_job(services.db, principal.account_id, job_id)
+    return job_json(job)
+
+
+@router.get("/jobs/{job_id}/deliveries")
+async def list_deliveries(
+    job_id: str, principal: PrincipalDep, services: ServicesDep
+) -> dict[str, Any]:
+    """The job's webhook deliveries, each with its attempts."""
+    job = await jobs.get_job(services.db, principal.account_id, job_id)
+    return {"data": [delivery_json(d) for d in await deliveries_for_job(services.db, job.id)]}
+
+
+@router.get("/webhooks/secret")
+async def get_webhook_secret(principal: PrincipalDep, services: ServicesDep) -> dict[str, Any]:
+    """The secret webhooks are signed with (Standard Webhooks, ``whsec_...``)."""
+    return {"secret": await webhook_secret(services.db, principal.account_id)}
+
+
+@router.post("/webhooks/secret/rotate")
+async def rotate_secret(principal: PrincipalDep, services: ServicesDep) -> dict[str, Any]:
+    """Replace the webhook secret; later attempts, retries included, use the new one."""
+    return {"secret": await rotate_webhook_secret(services.db, principal.account_id)}

@@ -1,0 +1,55 @@
+"""The model catalogue with prices and availability (OpenAI-compatible list shape)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+
+from hypereal.api.deps import PrincipalDep, ServicesDep
+from hypereal.domain.catalogue import ModelSpec
+from hypereal.domain.errors import NotFound
+from hypereal.services import Services
+
+router = APIRouter(tags=["models"])
+
+
+def model_json(spec: ModelSpec, services: Services) -> dict[str, Any]:
+    available, backend, reason = services.backends.availability(spec)
+    data: dict[str, Any] = {
+        "id": spec.slug,
+        "object": "model",
+        "owned_by": "hypereal",
+        "slug": spec.slug,
+        "name": spec.name,
+        "modality": spec.modality,
+        "description": spec.description,
+        "params": [p.public() for p in spec.params],
+        "price": spec.price.public(),
+        "available": available,
+        "backend": backend,
+    }
+    if spec.context_tokens:
+        data["contextTokens"] = spec.context_tokens
+    if reason:
+        data["unavailableReason"] = reason
+    return data
+
+
+@router.get("/models")
+async def list_models(_: PrincipalDep, services: ServicesDep) -> dict[str, Any]:
+    """Every model: modality, parameters, price, and whether a backend serves it here."""
+    # Creating a backend may import a heavy library the first time: keep it off the loop.
+    models = await run_in_threadpool(
+        lambda: [model_json(spec, services) for spec in services.catalogue.models.values()]
+    )
+    return {"object": "list", "data": models, "defaults": services.catalogue.defaults}
+
+
+@router.get("/models/{slug}")
+async def get_model(slug: str, _: PrincipalDep, services: ServicesDep) -> dict[str, Any]:
+    spec = services.catalogue.models.get(slug)
+    if spec is None:
+        raise NotFound(f"Model not found: {slug}")
+    return await run_in_threadpool(model_json, spec, services)

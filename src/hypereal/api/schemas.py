@@ -1,0 +1,52 @@
+"""Response shapes shared by routers (camelCase on the wire, as the spec uses)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from hypereal.domain.ids import as_utc
+from hypereal.domain.keys import KeyInfo
+from hypereal.domain.ledger import Entry
+
+
+def iso(moment: datetime | None) -> str | None:
+    return as_utc(moment).isoformat().replace("+00:00", "Z") if moment else None
+
+
+def entry_json(entry: Entry) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "type": entry.kind,
+        "amount": entry.amount,
+        "balanceAfter": entry.balance_after,
+        "reference": entry.reference,
+        "description": entry.description,
+        "refundOf": entry.refund_of,
+        "createdAt": iso(entry.created_at),
+    }
+
+
+def key_json(info: KeyInfo) -> dict[str, Any]:
+    return {
+        "id": info.id,
+        "accountId": info.account_id,
+        "name": info.name,
+        "prefix": info.prefix,
+        "rateLimitPerHour": info.rate_limit_per_hour,
+        "createdAt": iso(info.created_at),
+        "revokedAt": iso(info.revoked_at),
+        "active": info.revoked_at is None,
+    }
+
+
+def page(entries: list[Entry], limit: int) -> dict[str, Any]:
+    """A page of ledger entries; ``entries`` holds up to ``limit + 1`` rows, the extra one
+    only telling whether there is a next page."""
+    shown = entries[:limit]
+    more = len(entries) > limit
+    return {
+        "data": [entry_json(e) for e in shown],
+        "hasMore": more,
+        "nextCursor": shown[-1].id if more and shown else None,
+    }

@@ -1,0 +1,105 @@
+"""The ASGI application factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from hypereal.api.errors import install_error_handlers
+from hypereal.api.middleware import AuthRateLimitMiddleware
+from hypereal.api.routes import account, admin, chat, files, images, jobs, models
+from hypereal.engine.engine import engine_lifespan
+from hypereal.services import Services, bootstrap_admin, build_services
+from hypereal.settings import Settings
+
+log = logging.getLogger("hypereal")
+
+API_ROUTERS: list[APIRouter] = [
+    account.router,
+    models.router,
+    admin.router,
+    chat.router,
+    images.router,
+    jobs.router,
+]
+API_PREFIXES = ("/v1", "/api/v1")
+
+# Hooks later parts (job engine, ...) use to run with the app: each gets the services and
+# returns an async context manager that is entered for the app's lifetime.
+LifespanHook = Callable[[Services], Any]
+# What the app runs with unless told otherwise: the job engine (in-process jobs by default).
+DEFAULT_LIFESPAN_HOOKS: tuple[LifespanHook, ...] = (engine_lifespan,)
+
+
+def print_admin_key(secret: str) -> None:
+    print(
+        "\n"
+        "  First start: created the admin account.\n"
+        "  Admin API key (shown once, store it now):\n\n"
+        f"    {secret}\n",
+        flush=True,
+    )
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    services: Services | None = None,
+    extra_routers: Sequence[APIRouter] = (),
+    lifespan_hooks: Sequence[LifespanHook] = DEFAULT_LIFESPAN_HOOKS,
+) -> FastAPI:
+    """Build the app. Migrations run and the admin is bootstrapped at start-up."""
+    settings = settings or Settings()
+    services = services or build_services(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await services.migrate()
+        created = await bootstrap_admin(services)
+        if created is not None:
+            print_admin_key(created.secret)
+        from contextlib import AsyncExitStack
+
+        async with AsyncExitStack() as stack:
+            for hook in lifespan_hooks:
+                await stack.enter_async_context(hook(services))
+            yield
+        await services.close()
+
+    app = FastAPI(
+        title="Hypereal API (self-hosted)",
+        version="1.0.0",
+        description="Self-hosted implementation of the Hypereal media-generation API.",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    install_error_handlers(app)
+    for prefix in API_PREFIXES:
+        for router in [*API_ROUTERS, *extra_routers]:
+            app.include_router(router, prefix=prefix)
+    app.include_router(files.router)
+
+    @app.get("/health", include_in_schema=False)
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    app.add_middleware(AuthRateLimitMiddleware, services=services)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_methods=["*"],
+        allow_headers=["*"],
+        expose_headers=[
+            "X-RateLimit-Limit",
+            "X-RateLimit-Remaining",
+            "X-RateLimit-Reset",
+            "Retry-After",
+            "Idempotent-Replayed",
+        ],
+    )
+    return app

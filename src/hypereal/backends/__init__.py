@@ -1,0 +1,1 @@
+"""Generation backends: one module per provider, each implementing the protocols in ``base``."""

@@ -1,0 +1,141 @@
+"""The modality protocols every backend implements, and the plain data they exchange.
+
+Backends know nothing about credits, HTTP routes or the database: they take a request
+dataclass and return media. Blocking model calls must run off the event loop
+(``anyio.to_thread.run_sync`` or a process pool). A backend that cannot serve (missing
+package, missing weights, missing key) raises :class:`BackendUnavailable` from its
+constructor; one that fails while serving raises :class:`BackendError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+
+class BackendUnavailable(Exception):
+    """The backend cannot be used here; the message says how to configure it."""
+
+
+class BackendError(Exception):
+    """Generation failed. ``client_error`` marks failures caused by the request itself
+    (bad input image, text too long), which the API reports as 400 instead of 5xx."""
+
+    def __init__(self, message: str, *, client_error: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.client_error = client_error
+
+
+@dataclass(frozen=True)
+class MediaBlob:
+    """Bytes of one media file with its MIME type (sniffed or known, never guessed)."""
+
+    data: bytes
+    content_type: str
+
+
+# ---------------------------------------------------------------------------- chat
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: Sequence[ChatMessage]
+    temperature: float
+    max_tokens: int
+    # Upstream model id from the catalogue entry (``upstream_model``), if any.
+    upstream_model: str | None = None
+
+
+@dataclass(frozen=True)
+class ChatDelta:
+    """One piece of a streamed answer. The last delta carries ``finish_reason`` and, when the
+    backend knows them, the exact token counts."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+@runtime_checkable
+class ChatBackend(Protocol):
+    async def count_prompt_tokens(self, request: ChatRequest) -> int:
+        """Tokens the prompt takes with the model's own tokenizer and chat template."""
+        ...
+
+    def stream(self, request: ChatRequest) -> AsyncIterator[ChatDelta]:
+        """Yield deltas as they are generated. Closing the iterator (client gone) must stop
+        generation promptly."""
+        ...
+
+
+# --------------------------------------------------------------------------- images
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    prompt: str
+    width: int | None = None
+    height: int | None = None
+    aspect_ratio: str | None = None
+    output_format: str = "png"  # png | jpeg | webp
+    images: Sequence[MediaBlob] = ()  # source images for edit models, already fetched
+    upstream_model: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)  # other validated model params
+
+
+@runtime_checkable
+class ImageBackend(Protocol):
+    async def generate_images(self, request: ImageRequest) -> list[MediaBlob]: ...
+
+
+# ------------------------------------------------------- async jobs: video, audio, 3D
+
+ProgressCallback = Callable[[float, str], Awaitable[None]]
+"""``await progress(fraction_done_0_to_1, message)``; best-effort, never raises."""
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """Input of one async generation. ``input`` holds the validated per-model fields
+    (``prompt``, ``duration``, ``text``, ``voice`` ...); URLs/data URIs named by the model's
+    media parameters are fetched by the engine and passed as ``media`` keyed by field name."""
+
+    job_id: str
+    input: Mapping[str, Any]
+    media: Mapping[str, MediaBlob] = field(default_factory=dict)
+    upstream_model: str | None = None
+
+
+@dataclass(frozen=True)
+class JobResult:
+    output: MediaBlob
+    # Extra structured result (e.g. a transcript with timings), returned with the job.
+    data: Mapping[str, Any] | None = None
+
+
+@runtime_checkable
+class VideoBackend(Protocol):
+    async def generate_video(
+        self, request: JobRequest, progress: ProgressCallback
+    ) -> JobResult: ...
+
+
+@runtime_checkable
+class AudioBackend(Protocol):
+    async def generate_audio(
+        self, request: JobRequest, progress: ProgressCallback
+    ) -> JobResult: ...
+
+
+@runtime_checkable
+class MeshBackend(Protocol):
+    async def generate_mesh(self, request: JobRequest, progress: ProgressCallback) -> JobResult: ...

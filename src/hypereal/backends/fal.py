@@ -1,0 +1,253 @@
+"""fal.ai through its Queue API: images, video, audio and 3D from any fal model id.
+
+Protocol (https://docs.fal.ai, "Queue"): ``POST {base}/{model_id}`` with the model's input as
+JSON answers ``{request_id, status_url, response_url, cancel_url}``; ``GET status_url?logs=1``
+answers ``IN_QUEUE`` (with ``queue_position``), ``IN_PROGRESS`` (with ``logs``) or ``COMPLETED``;
+``GET response_url`` answers the model's output JSON, or the model's error status and ``detail``;
+``PUT cancel_url`` cancels. Every call carries ``Authorization: Key <FAL_KEY>``.
+
+Options (``backends.<name>`` with ``type = "fal"``):
+
+``api_key`` (required)
+    The fal key.
+``base_url``
+    Queue endpoint, default ``https://queue.fal.run``.
+``poll_interval`` / ``timeout`` / ``request_timeout``
+    Seconds between status polls (1), for the whole job (1800) and for one HTTP call (60).
+``retries`` / ``retry_backoff``
+    Retries of transient HTTP failures (4) and the exponential backoff factor (0.5 s).
+``max_download_bytes``
+    Largest output file accepted (512 MiB).
+``input_map``
+    Renames of the fields we send, ``{ours: theirs}``; ``null`` drops a field.
+``output_key``
+    Output field holding the media when it is not one of the usual ones listed below.
+
+Inputs sent: images send ``prompt``, ``image_size`` ``{width, height}``, ``aspect_ratio``,
+``output_format``, the source images as data URIs in ``image_url`` (first) and ``image_urls``
+(all), then the model's other parameters unchanged (``num_images``, ``seed`` ...). Jobs send their
+validated ``input`` unchanged and each media field ``X`` as a data URI in ``X_url``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from hypereal.backends._upstream import (
+    ProgressReporter,
+    UpstreamClient,
+    UpstreamOptions,
+    apply_input_map,
+    cancel_quietly,
+    create_then_guard,
+    to_data_uri,
+)
+from hypereal.backends.base import (
+    BackendError,
+    BackendUnavailable,
+    ImageRequest,
+    JobRequest,
+    JobResult,
+    MediaBlob,
+    ProgressCallback,
+)
+
+PROVIDER = "fal.ai"
+DEFAULT_BASE_URL = "https://queue.fal.run"
+
+# Where fal models put their media, by modality, in order of preference.
+_OUTPUT_KEYS: Mapping[str, tuple[str, ...]] = {
+    "images": ("images", "image"),
+    "video": ("video", "videos"),
+    "audio": ("audio", "audio_url", "audio_file"),
+    "mesh": ("model_mesh", "model_glb", "glb", "mesh"),
+}
+# Namespaced app ids keep one more path segment in their queue root (fal-client's AppId rule).
+_NAMESPACES = ("workflows", "comfy")
+_CANCEL_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class _Handle:
+    request_id: str
+    status_url: str
+    response_url: str
+    cancel_url: str
+
+
+@dataclass(frozen=True)
+class _Output:
+    url: str
+    content_type: str | None
+
+
+class FalQueue:
+    """ImageBackend, VideoBackend, AudioBackend and MeshBackend over fal.ai's queue."""
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self._options = UpstreamOptions.parse(
+            options, provider=PROVIDER, default_base_url=DEFAULT_BASE_URL, key_hint="your FAL_KEY"
+        )
+        output_key = options.get("output_key")
+        if output_key is not None and not isinstance(output_key, str):
+            raise BackendUnavailable("The fal.ai backend option `output_key` must be a string.")
+        self._output_key = output_key
+        self._client = UpstreamClient(PROVIDER, self._options, f"Key {self._options.api_key}")
+
+    async def aclose(self) -> None:
+        """Close the HTTP connection pool."""
+        await self._client.aclose()
+
+    # ------------------------------------------------------------------ modalities
+
+    async def generate_images(self, request: ImageRequest) -> list[MediaBlob]:
+        """Run an image model; returns every image it produced. Raises BackendError."""
+        arguments: dict[str, Any] = {"prompt": request.prompt}
+        if request.width and request.height:
+            arguments["image_size"] = {"width": request.width, "height": request.height}
+        if request.aspect_ratio:
+            arguments["aspect_ratio"] = request.aspect_ratio
+        arguments["output_format"] = request.output_format
+        if request.images:
+            uris = [to_data_uri(image) for image in request.images]
+            arguments["image_url"] = uris[0]
+            arguments["image_urls"] = uris
+        arguments.update(request.params)
+        result = await self._run(_model_id(request.upstream_model), arguments, None)
+        outputs = self._outputs(result, "images")
+        return [await self._client.download(out.url, out.content_type) for out in outputs]
+
+    async def generate_video(self, request: JobRequest, progress: ProgressCallback) -> JobResult:
+        """Run a video model. Raises BackendError."""
+        return await self._job(request, progress, "video")
+
+    async def generate_audio(self, request: JobRequest, progress: ProgressCallback) -> JobResult:
+        """Run a speech/audio model. Raises BackendError."""
+        return await self._job(request, progress, "audio")
+
+    async def generate_mesh(self, request: JobRequest, progress: ProgressCallback) -> JobResult:
+        """Run an image-to-3D model. Raises BackendError."""
+        return await self._job(request, progress, "mesh")
+
+    # -------------------------------------------------------------------- protocol
+
+    async def _job(self, request: JobRequest, progress: ProgressCallback, kind: str) -> JobResult:
+        arguments = dict(request.input)
+        for field, blob in request.media.items():
+            arguments[field if field.endswith("_url") else f"{field}_url"] = to_data_uri(blob)
+        reporter = ProgressReporter(progress)
+        result = await self._run(_model_id(request.upstream_model), arguments, reporter)
+        output = self._outputs(result, kind)[0]
+        blob = await self._client.download(output.url, output.content_type)
+        await reporter.done()
+        return JobResult(output=blob)
+
+    async def _run(
+        self, model_id: str, arguments: Mapping[str, Any], reporter: ProgressReporter | None
+    ) -> dict[str, Any]:
+        """Submit, wait for completion and return the result JSON; cancels the fal request when
+        our task is cancelled or the overall timeout passes."""
+        payload = apply_input_map(arguments, self._options.input_map)
+        try:
+            async with asyncio.timeout(self._options.timeout):
+                handle = await create_then_guard(
+                    self._submit(model_id, payload),
+                    self._cancel,
+                    grace=self._options.request_timeout,
+                )
+                try:
+                    await self._wait(handle, reporter)
+                except asyncio.CancelledError:
+                    await self._cancel(handle)
+                    raise
+        except TimeoutError:
+            raise BackendError(
+                f"fal.ai did not finish {model_id} within {self._options.timeout:g} s; "
+                "the request was cancelled"
+            ) from None
+        if reporter:
+            await reporter.fetching()
+        return await self._client.call_json("GET", handle.response_url)
+
+    async def _submit(self, model_id: str, payload: Mapping[str, Any]) -> _Handle:
+        body = await self._client.call_json(
+            "POST", f"{self._options.base_url}/{model_id}", json=payload
+        )
+        request_id = body.get("request_id")
+        if not isinstance(request_id, str) or not request_id:
+            raise BackendError("fal.ai accepted the request but returned no request_id")
+        root = f"{self._options.base_url}/{_queue_root(model_id)}/requests/{request_id}"
+        api_url = self._client.api_url
+        return _Handle(
+            request_id=request_id,
+            status_url=api_url(body.get("status_url"), f"{root}/status"),
+            response_url=api_url(body.get("response_url"), root),
+            cancel_url=api_url(body.get("cancel_url"), f"{root}/cancel"),
+        )
+
+    async def _wait(self, handle: _Handle, reporter: ProgressReporter | None) -> None:
+        while True:
+            status = await self._client.call_json(
+                "GET", handle.status_url, params={"logs": "1" if reporter else "0"}
+            )
+            state = status.get("status")
+            if state == "COMPLETED":
+                # A failed request is COMPLETED too; its error comes back from response_url.
+                return
+            if state not in ("IN_QUEUE", "IN_PROGRESS"):
+                raise BackendError(f"fal.ai reported an unknown request status: {state!r}")
+            if reporter and state == "IN_QUEUE":
+                position = status.get("queue_position")
+                await reporter.queued(position if isinstance(position, int) else None)
+            elif reporter:
+                await reporter.running(_log_text(status.get("logs")))
+            await asyncio.sleep(self._options.poll_interval)
+
+    async def _cancel(self, handle: _Handle) -> None:
+        await cancel_quietly(
+            PROVIDER, self._client.call("PUT", handle.cancel_url, http_timeout=_CANCEL_TIMEOUT)
+        )
+
+    def _outputs(self, result: Mapping[str, Any], kind: str) -> list[_Output]:
+        keys = (self._output_key,) if self._output_key else _OUTPUT_KEYS[kind]
+        for key in keys:
+            outputs = _media_refs(result.get(key))
+            if outputs:
+                return outputs if kind == "images" else outputs[:1]
+        raise BackendError(f"fal.ai result has no {kind} output (looked for {', '.join(keys)})")
+
+
+def _model_id(upstream_model: str | None) -> str:
+    if not upstream_model:
+        raise BackendError("No fal.ai model id is configured for this model (upstream_model)")
+    return upstream_model.strip("/")
+
+
+def _queue_root(model_id: str) -> str:
+    """``owner/alias`` of a model id: fal serves status, result and cancel there, without the
+    endpoint sub-path (``fal-ai/flux/schnell`` -> ``fal-ai/flux``)."""
+    parts = model_id.split("/")
+    keep = 3 if parts[0] in _NAMESPACES else 2
+    return "/".join(parts[:keep])
+
+
+def _media_refs(value: object) -> list[_Output]:
+    """fal file objects (``{url, content_type}``), bare URL strings, or lists of either."""
+    items = value if isinstance(value, list) else [value]
+    refs: list[_Output] = []
+    for item in items:
+        if isinstance(item, str) and item:
+            refs.append(_Output(item, None))
+        elif isinstance(item, Mapping) and isinstance(item.get("url"), str):
+            declared = item.get("content_type")
+            refs.append(_Output(item["url"], declared if isinstance(declared, str) else None))
+    return refs
+
+
+def _log_text(logs: object) -> str:
+    if not isinstance(logs, list):
+        return ""
+    return "\n".join(str(entry.get("message", "")) for entry in logs if isinstance(entry, Mapping))

@@ -1,0 +1,174 @@
+"""Backend instances from settings, and the binding of catalogue models to them.
+
+Instances are named (``local-piper``, ``fal``, ...). Each has a ``type`` naming the class
+that implements it; the built-in ``local-*`` instances need no configuration. An instance
+is created on first use; a class that cannot serve here raises BackendUnavailable, and the
+models bound only to unavailable instances answer 503 with that reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from hypereal.backends.base import (
+    AudioBackend,
+    BackendUnavailable,
+    ChatBackend,
+    ImageBackend,
+    MeshBackend,
+    VideoBackend,
+)
+from hypereal.domain.catalogue import Catalogue, ModelSpec
+from hypereal.domain.errors import ModelUnavailable
+
+# type name -> "module:Class"
+BACKEND_TYPES: dict[str, str] = {
+    "llama_cpp": "hypereal.backends.llama_cpp:LlamaCppChat",
+    "piper": "hypereal.backends.piper:PiperSpeech",
+    "pocketsphinx": "hypereal.backends.pocketsphinx_asr:PocketsphinxTranscription",
+    "camera_motion": "hypereal.backends.camera_motion:CameraMotionVideo",
+    "relief_mesh": "hypereal.backends.relief_mesh:ReliefMesh",
+    "mediapipe_segmentation": "hypereal.backends.segmentation:SelfieSegmentationEdit",
+    "image_ops": "hypereal.backends.image_ops:ImageOperations",
+    "openai": "hypereal.backends.openai_compat:OpenAICompatible",
+    "hypereal": "hypereal.backends.hypereal_hosted:HyperealHosted",
+    "fal": "hypereal.backends.fal:FalQueue",
+    "replicate": "hypereal.backends.replicate:ReplicatePredictions",
+    "diffusers_image": "hypereal.backends.diffusers_local:DiffusersImage",
+    "diffusers_video": "hypereal.backends.diffusers_local:DiffusersVideo",
+}
+
+# Offline instances every install has; settings may override their options.
+BUILTIN_INSTANCES: dict[str, dict[str, Any]] = {
+    "local-llama": {"type": "llama_cpp"},
+    "local-piper": {"type": "piper"},
+    "local-asr": {"type": "pocketsphinx"},
+    "local-camera-motion": {"type": "camera_motion"},
+    "local-relief-mesh": {"type": "relief_mesh"},
+    "local-segmentation": {"type": "mediapipe_segmentation"},
+    "local-image-ops": {"type": "image_ops"},
+}
+
+MODALITY_PROTOCOLS: dict[str, type] = {
+    "chat": ChatBackend,
+    "image": ImageBackend,
+    "image-edit": ImageBackend,
+    "video": VideoBackend,
+    "audio": AudioBackend,
+    "3d": MeshBackend,
+}
+
+CONFIGURE_HINT = (
+    "Configure one of its backends ({names}) in the server settings; see the README section "
+    "'Backends'."
+)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The backend instance serving a model, and the model's id on that backend."""
+
+    backend: Any
+    instance: str
+    upstream_model: str | None
+
+
+class BackendRegistry:
+    """Creates backend instances on demand and resolves models to them."""
+
+    def __init__(
+        self,
+        instances: Mapping[str, Mapping[str, Any]],
+        extra_types: Mapping[str, str] | None = None,
+    ) -> None:
+        self.configs: dict[str, dict[str, Any]] = {
+            name: dict(cfg) for name, cfg in BUILTIN_INSTANCES.items()
+        }
+        for name, cfg in instances.items():
+            self.configs[name] = {**self.configs.get(name, {}), **cfg}
+        self.types = {**BACKEND_TYPES, **(extra_types or {})}
+        self._instances: dict[str, Any] = {}
+        self._failures: dict[str, str] = {}
+        self._lock = asyncio.Lock()
+
+    def _create(self, name: str) -> Any:
+        config = self.configs[name]
+        type_name = config.get("type", name)
+        target = self.types.get(type_name)
+        if target is None:
+            raise BackendUnavailable(f"unknown backend type {type_name!r}")
+        module_name, _, class_name = target.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise BackendUnavailable(f"its Python package is not installed ({exc.name})") from exc
+        options = {k: v for k, v in config.items() if k != "type"}
+        return getattr(module, class_name)(options)
+
+    def instance(self, name: str) -> Any:
+        """The instance named ``name``. Raises BackendUnavailable with the reason."""
+        if name in self._instances:
+            return self._instances[name]
+        if name in self._failures:
+            raise BackendUnavailable(self._failures[name])
+        if name not in self.configs:
+            raise BackendUnavailable(f"backend '{name}' is not configured")
+        try:
+            backend = self._create(name)
+        except BackendUnavailable as exc:
+            self._failures[name] = f"backend '{name}': {exc}"
+            raise BackendUnavailable(self._failures[name]) from exc
+        self._instances[name] = backend
+        return backend
+
+    def resolve(self, spec: ModelSpec) -> Resolved:
+        """The first configured backend that can serve ``spec``.
+
+        Raises ModelUnavailable (503) with the reasons when none can.
+        """
+        protocol = MODALITY_PROTOCOLS[spec.modality]
+        reasons: list[str] = []
+        for binding in spec.bindings:
+            if binding.backend not in self.configs:
+                continue
+            try:
+                backend = self.instance(binding.backend)
+            except BackendUnavailable as exc:
+                reasons.append(str(exc))
+                continue
+            if not isinstance(backend, protocol):
+                reasons.append(f"backend '{binding.backend}' does not serve {spec.modality}")
+                continue
+            return Resolved(backend, binding.backend, binding.upstream_model)
+        names = ", ".join(b.backend for b in spec.bindings) or "none listed"
+        detail = "; ".join(reasons) if reasons else CONFIGURE_HINT.format(names=names)
+        raise ModelUnavailable(f"Model {spec.slug} is not available on this server: {detail}")
+
+    def availability(self, spec: ModelSpec) -> tuple[bool, str | None, str | None]:
+        """(available, serving instance, reason when unavailable) for model listings."""
+        try:
+            resolved = self.resolve(spec)
+        except ModelUnavailable as exc:
+            return False, None, exc.message
+        return True, resolved.instance, None
+
+    async def aclose(self) -> None:
+        for backend in self._instances.values():
+            close = getattr(backend, "aclose", None)
+            if close is not None:
+                await close()
+        self._instances.clear()
+
+
+def check_bindings(catalogue: Catalogue, registry: BackendRegistry) -> list[str]:
+    """Warnings for bindings naming instances that are not configured (for ``models list``)."""
+    return [
+        f"{spec.slug}: binding to unconfigured backend '{b.backend}'"
+        for spec in catalogue.models.values()
+        for b in spec.bindings
+        if b.backend not in registry.configs
+    ]

@@ -1,0 +1,327 @@
+"""Replicate through its predictions API: images, video, audio and 3D from any Replicate model.
+
+Protocol (https://replicate.com/docs, "Create a prediction"): ``POST {base}/models/{owner}/{name}
+/predictions`` (official models, latest version) or ``POST {base}/predictions`` with ``version``
+creates a prediction from ``{input, webhook?, webhook_events_filter?}``; ``Prefer: wait=N`` holds
+the request up to N seconds for the result. The prediction's ``urls.get`` is polled until its
+``status`` leaves ``starting``/``processing`` for ``succeeded`` (``output``: a URL, a list of URLs
+or data URIs), ``failed`` (``error``) or ``canceled``; ``POST urls.cancel`` cancels. Every call
+carries ``Authorization: Bearer <token>``.
+
+Options (``backends.<name>`` with ``type = "replicate"``):
+
+``api_key`` (required)
+    The Replicate API token.
+``base_url``
+    API root, default ``https://api.replicate.com/v1``.
+``poll_interval`` / ``timeout`` / ``request_timeout``
+    Seconds between polls (1), for the whole prediction (1800) and for one HTTP call (60).
+``retries`` / ``retry_backoff``
+    Retries of transient HTTP failures (4) and the exponential backoff factor (0.5 s).
+``max_download_bytes``
+    Largest output file accepted (512 MiB).
+``input_map``
+    Renames of the fields we send, ``{ours: theirs}``; ``null`` drops a field.
+``prefer_wait``
+    Seconds image predictions ask Replicate to hold the create call open (``Prefer: wait``,
+    default 10, 0 turns it off); an image that is not ready by then is polled like a job.
+``webhook_url`` / ``webhook_events_filter``
+    Optional push delivery: Replicate POSTs the prediction to ``webhook_url`` for these events
+    (default ``["completed"]``), signed per Standard Webhooks. Polling stays the source of truth;
+    a receiver checks deliveries with :func:`verify_replicate_webhook` and the account's signing
+    secret (``GET /v1/webhooks/default/secret``).
+
+Inputs sent: images send ``prompt``, ``width``/``height``, ``aspect_ratio``, ``output_format``,
+one source image as a data URI in ``image`` (several: a list in ``images``), then the model's
+other parameters unchanged (``num_outputs``, ``seed`` ...). Jobs send their validated ``input``
+unchanged and each media field as a data URI under its own name (``image``, ``audio`` ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from hypereal.backends._upstream import (
+    ProgressReporter,
+    UpstreamClient,
+    UpstreamOptions,
+    apply_input_map,
+    cancel_quietly,
+    create_then_guard,
+    to_data_uri,
+)
+from hypereal.backends.base import (
+    BackendError,
+    BackendUnavailable,
+    ImageRequest,
+    JobRequest,
+    JobResult,
+    MediaBlob,
+    ProgressCallback,
+)
+
+PROVIDER = "Replicate"
+DEFAULT_BASE_URL = "https://api.replicate.com/v1"
+
+_RUNNING = frozenset({"starting", "processing"})
+_VERSION_ID = re.compile(r"^[0-9a-f]{64}$")
+_CANCEL_TIMEOUT = 10.0
+
+
+class ReplicateWebhookError(ValueError):
+    """A webhook delivery that is not provably from Replicate (or is stale/replayed)."""
+
+
+@dataclass(frozen=True)
+class _Prediction:
+    id: str
+    get_url: str
+    cancel_url: str
+    body: Mapping[str, Any]
+
+    @property
+    def status(self) -> str:
+        return str(self.body.get("status") or "")
+
+
+class ReplicatePredictions:
+    """ImageBackend, VideoBackend, AudioBackend and MeshBackend over Replicate predictions."""
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self._options = UpstreamOptions.parse(
+            options,
+            provider=PROVIDER,
+            default_base_url=DEFAULT_BASE_URL,
+            key_hint="your REPLICATE_API_TOKEN",
+        )
+        prefer_wait = options.get("prefer_wait", 10)
+        # Replicate accepts Prefer: wait=1..60; 0 means async mode (no header).
+        if (
+            isinstance(prefer_wait, bool)
+            or not isinstance(prefer_wait, int)
+            or not 0 <= prefer_wait <= 60
+        ):
+            raise BackendUnavailable(
+                "The Replicate option `prefer_wait` must be whole seconds from 0 to 60."
+            )
+        self._prefer_wait = prefer_wait
+        self._webhook = _webhook_fields(options)
+        self._client = UpstreamClient(PROVIDER, self._options, f"Bearer {self._options.api_key}")
+
+    async def aclose(self) -> None:
+        """Close the HTTP connection pool."""
+        await self._client.aclose()
+
+    # ------------------------------------------------------------------ modalities
+
+    async def generate_images(self, request: ImageRequest) -> list[MediaBlob]:
+        """Run an image model; returns every image it produced. Raises BackendError."""
+        arguments: dict[str, Any] = {"prompt": request.prompt}
+        if request.width and request.height:
+            arguments["width"], arguments["height"] = request.width, request.height
+        if request.aspect_ratio:
+            arguments["aspect_ratio"] = request.aspect_ratio
+        arguments["output_format"] = request.output_format
+        uris = [to_data_uri(image) for image in request.images]
+        if len(uris) == 1:
+            arguments["image"] = uris[0]
+        elif uris:
+            arguments["images"] = uris
+        arguments.update(request.params)
+        prediction = await self._run(request.upstream_model, arguments, None, self._prefer_wait)
+        return [await self._client.download(url) for url in _output_urls(prediction.body)]
+
+    async def generate_video(self, request: JobRequest, progress: ProgressCallback) -> JobResult:
+        """Run a video model. Raises BackendError."""
+        return await self._job(request, progress)
+
+    async def generate_audio(self, request: JobRequest, progress: ProgressCallback) -> JobResult:
+        """Run a speech/audio model. Raises BackendError."""
+        return await self._job(request, progress)
+
+    async def generate_mesh(self, request: JobRequest, progress: ProgressCallback) -> JobResult:
+        """Run an image-to-3D model. Raises BackendError."""
+        return await self._job(request, progress)
+
+    # -------------------------------------------------------------------- protocol
+
+    async def _job(self, request: JobRequest, progress: ProgressCallback) -> JobResult:
+        arguments = dict(request.input)
+        for field, blob in request.media.items():
+            arguments[field] = to_data_uri(blob)
+        reporter = ProgressReporter(progress)
+        # No Prefer: wait for jobs: they run for minutes, and while the create call is held open
+        # a user's cancel has to wait for it before it can reach the prediction.
+        prediction = await self._run(request.upstream_model, arguments, reporter, 0)
+        await reporter.fetching()
+        blob = await self._client.download(_output_urls(prediction.body)[0])
+        await reporter.done()
+        return JobResult(output=blob)
+
+    async def _run(
+        self,
+        upstream_model: str | None,
+        arguments: Mapping[str, Any],
+        reporter: ProgressReporter | None,
+        wait: int,
+    ) -> _Prediction:
+        """Create the prediction and poll it to a terminal state; cancels it upstream when our
+        task is cancelled or the overall timeout passes. Returns the succeeded prediction."""
+        payload = apply_input_map(arguments, self._options.input_map)
+        try:
+            async with asyncio.timeout(self._options.timeout):
+                prediction = await create_then_guard(
+                    self._create(upstream_model, payload, wait),
+                    self._cancel,
+                    grace=self._options.request_timeout + wait,
+                )
+                try:
+                    prediction = await self._poll(prediction, reporter)
+                except asyncio.CancelledError:
+                    await self._cancel(prediction)
+                    raise
+        except TimeoutError:
+            raise BackendError(
+                f"Replicate did not finish the prediction within {self._options.timeout:g} s; "
+                "it was cancelled"
+            ) from None
+        if prediction.status == "succeeded":
+            return prediction
+        if prediction.status == "canceled":
+            raise BackendError(f"Replicate prediction {prediction.id} was canceled upstream")
+        error = prediction.body.get("error")
+        raise BackendError(
+            f"Replicate prediction {prediction.id} {prediction.status or 'failed'}: "
+            f"{error if error else 'no error message'}"
+        )
+
+    async def _create(
+        self, upstream_model: str | None, payload: Mapping[str, Any], wait: int
+    ) -> _Prediction:
+        owner_name, version = _parse_model(upstream_model)
+        body: dict[str, Any] = {"input": dict(payload), **self._webhook}
+        if version:
+            body["version"] = version
+            url = f"{self._options.base_url}/predictions"
+        else:
+            url = f"{self._options.base_url}/models/{owner_name}/predictions"
+        headers = {"Prefer": f"wait={wait}"} if wait else None
+        timeout = self._options.request_timeout + wait
+        created = await self._client.call_json(
+            "POST", url, json=body, headers=headers, http_timeout=timeout
+        )
+        return self._prediction(created)
+
+    async def _poll(
+        self, prediction: _Prediction, reporter: ProgressReporter | None
+    ) -> _Prediction:
+        while prediction.status in _RUNNING:
+            if reporter and prediction.status == "starting":
+                await reporter.queued(None)
+            elif reporter:
+                logs = prediction.body.get("logs")
+                await reporter.running(logs if isinstance(logs, str) else None)
+            await asyncio.sleep(self._options.poll_interval)
+            prediction = self._prediction(await self._client.call_json("GET", prediction.get_url))
+        return prediction
+
+    async def _cancel(self, prediction: _Prediction) -> None:
+        await cancel_quietly(
+            PROVIDER, self._client.call("POST", prediction.cancel_url, http_timeout=_CANCEL_TIMEOUT)
+        )
+
+    def _prediction(self, body: dict[str, Any]) -> _Prediction:
+        prediction_id = body.get("id")
+        if not isinstance(prediction_id, str) or not prediction_id:
+            raise BackendError("Replicate returned a prediction without an id")
+        urls = body.get("urls")
+        if not isinstance(urls, Mapping):
+            urls = {}
+        own = f"{self._options.base_url}/predictions/{prediction_id}"
+        return _Prediction(
+            id=prediction_id,
+            get_url=self._client.api_url(urls.get("get"), own),
+            cancel_url=self._client.api_url(urls.get("cancel"), f"{own}/cancel"),
+            body=body,
+        )
+
+
+def _parse_model(upstream_model: str | None) -> tuple[str | None, str | None]:
+    """``owner/name`` -> (owner/name, None); ``owner/name:version`` or a bare version id ->
+    (owner/name or None, version)."""
+    if not upstream_model:
+        raise BackendError("No Replicate model is configured for this model (upstream_model)")
+    name, _, version = upstream_model.strip().partition(":")
+    if not version and _VERSION_ID.match(name):
+        return None, name
+    if name.count("/") != 1:
+        raise BackendError(
+            f"Replicate model must be 'owner/name[:version]', got {upstream_model!r}"
+        )
+    return name, version or None
+
+
+def _webhook_fields(options: Mapping[str, Any]) -> dict[str, Any]:
+    url = options.get("webhook_url")
+    if url is None:
+        return {}
+    events = options.get("webhook_events_filter", ["completed"])
+    if not isinstance(url, str) or not isinstance(events, Sequence) or isinstance(events, str):
+        raise BackendUnavailable(
+            "The Replicate options `webhook_url` (a URL) and `webhook_events_filter` (a list of "
+            "start/output/logs/completed) are malformed."
+        )
+    return {"webhook": url, "webhook_events_filter": [str(event) for event in events]}
+
+
+def _output_urls(body: Mapping[str, Any]) -> list[str]:
+    """Every file URL in a prediction's ``output``: a string, a list, or an object of them."""
+    output = body.get("output")
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    items = output if isinstance(output, list) else [output]
+    urls = [item for item in items if isinstance(item, str) and _is_file_url(item)]
+    if not urls:
+        raise BackendError("Replicate prediction succeeded but its output holds no file")
+    return urls
+
+
+def _is_file_url(value: str) -> bool:
+    return value.startswith(("https://", "http://", "data:"))
+
+
+def verify_replicate_webhook(
+    secret: str, headers: Mapping[str, str], body: bytes | str
+) -> dict[str, Any]:
+    """Check a Replicate webhook delivery and return its prediction object.
+
+    ``secret`` is the account's signing secret (``whsec_...``, from ``GET
+    /v1/webhooks/default/secret``); ``headers`` must hold ``webhook-id``, ``webhook-timestamp``
+    and ``webhook-signature``; ``body`` is the raw request body, byte for byte. Raises
+    :class:`ReplicateWebhookError` when the signature does not match, a header is missing or
+    malformed, or the timestamp is more than five minutes away (replay protection).
+    """
+    try:
+        webhook = Webhook(secret)
+    except Exception as exc:  # standardwebhooks raises bare errors for bad base64 or empty keys
+        raise ReplicateWebhookError("The webhook signing secret is malformed") from exc
+    try:
+        payload = webhook.verify(body, dict(headers))
+    except WebhookVerificationError as exc:
+        raise ReplicateWebhookError(f"Webhook rejected: {exc}") from exc
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        # A malformed signature header ("v1" without ",") or a body that is not JSON.
+        raise ReplicateWebhookError(f"Webhook rejected: malformed delivery ({exc})") from exc
+    if not isinstance(payload, dict):
+        raise ReplicateWebhookError("Webhook rejected: the body is not a prediction object")
+    return payload
+
+
+__all__ = ["ReplicatePredictions", "ReplicateWebhookError", "verify_replicate_webhook"]

@@ -1,0 +1,208 @@
+"""``hypereal`` command line: serve, migrate, keys, credits, models."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hypereal.domain import keys, ledger
+from hypereal.domain.errors import HyperealError
+from hypereal.services import Services, build_services
+from hypereal.settings import Settings
+
+app = typer.Typer(help="Self-hosted Hypereal API server.", no_args_is_help=True)
+keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+credits_app = typer.Typer(help="Grant credits and read balances.", no_args_is_help=True)
+models_app = typer.Typer(help="The model catalogue.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(credits_app, name="credits")
+app.add_typer(models_app, name="models")
+webhooks_app = typer.Typer(help="Webhook signing secrets.", no_args_is_help=True)
+app.add_typer(webhooks_app, name="webhooks")
+
+console = Console()
+T = TypeVar("T")
+
+
+def run(action: Callable[[Services], Awaitable[T]]) -> T:
+    """Run one action against a migrated database; domain errors exit with status 1."""
+
+    async def _main() -> T:
+        services = build_services(Settings())
+        try:
+            await services.migrate()
+            return await action(services)
+        finally:
+            await services.close()
+
+    try:
+        return asyncio.run(_main())
+    except HyperealError as exc:
+        console.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000)")] = None,
+) -> None:
+    """Start the API server (migrates the database first)."""
+    import uvicorn
+
+    from hypereal.app import create_app
+
+    overrides: dict[str, object] = {}
+    if host is not None:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    console.print(f"hypereal: serving on http://{settings.host}:{settings.port}", highlight=False)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[
+        int | None, typer.Option(help="Jobs run at once (default HYPEREAL_WORKER_CONCURRENCY)")
+    ] = None,
+) -> None:
+    """Run jobs from the shared queue (HYPEREAL_BROKER_URL); start one or more per machine."""
+    import logging
+
+    from hypereal.engine.worker import run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        asyncio.run(run_worker(Settings(), concurrency=concurrency))
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+
+
+@webhooks_app.command("secret")
+def webhooks_secret(
+    account: Annotated[str, typer.Option(help="Account id")],
+    rotate: Annotated[bool, typer.Option(help="Replace the secret with a new one")] = False,
+) -> None:
+    """Print an account's webhook signing secret (created on first use), or rotate it."""
+    from hypereal.webhooks.secrets import rotate_webhook_secret, webhook_secret
+
+    if rotate:
+        print(run(lambda s: rotate_webhook_secret(s.db, account)))
+    else:
+        print(run(lambda s: webhook_secret(s.db, account)))
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations."""
+
+    async def _noop(_: Services) -> None:
+        return None
+
+    run(_noop)
+    console.print("database is up to date")
+
+
+@keys_app.command("create")
+def keys_create(
+    credits: Annotated[int, typer.Option(help="Credits to grant a new account")] = 0,
+    account: Annotated[str | None, typer.Option(help="Existing account id")] = None,
+    name: Annotated[str, typer.Option(help="A label for the key")] = "",
+    admin: Annotated[bool, typer.Option(help="Create an admin account")] = False,
+    rate_limit: Annotated[int | None, typer.Option(help="Requests per hour")] = None,
+) -> None:
+    """Create a key (and a new account unless --account). The key is the last line printed."""
+
+    async def _create(services: Services) -> keys.CreatedKey:
+        account_id = account
+        if account_id is None:
+            account_id = await keys.create_account(services.db, name or "account", is_admin=admin)
+        if credits:
+            await ledger.grant(services.db, account_id, credits, "granted with key (CLI)")
+        return await keys.create_key(
+            services.db, account_id, name=name, rate_limit_per_hour=rate_limit
+        )
+
+    created = run(_create)
+    console.print(f"account: {created.info.account_id}  key id: {created.info.id}", highlight=False)
+    print(created.secret)
+
+
+@keys_app.command("list")
+def keys_list(
+    account: Annotated[str | None, typer.Option(help="Only this account")] = None,
+) -> None:
+    """List keys (never their secrets)."""
+    rows = run(lambda s: keys.list_keys(s.db, account))
+    table = Table("key id", "prefix", "account", "name", "limit/h", "status")
+    for k in rows:
+        status = "revoked" if k.revoked_at else "active"
+        limit = str(k.rate_limit_per_hour or "default")
+        table.add_row(k.id, k.prefix + "...", k.account_id, k.name, limit, status)
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key; it is refused from the next request on."""
+    info = run(lambda s: keys.revoke_key(s.db, key_id))
+    console.print(f"revoked {info.id}")
+
+
+@credits_app.command("grant")
+def credits_grant(
+    account_id: str,
+    amount: int,
+    description: Annotated[str, typer.Option(help="Ledger description")] = "grant (CLI)",
+) -> None:
+    """Add credits to an account."""
+    entry = run(lambda s: ledger.grant(s.db, account_id, amount, description))
+    console.print(f"{account_id}: +{amount}, balance {entry.balance_after}")
+
+
+@credits_app.command("balance")
+def credits_balance(account_id: str) -> None:
+    """Print an account's balance."""
+    print(run(lambda s: ledger.balance(s.db, account_id)))
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Every model with its modality, price and whether a backend serves it here."""
+
+    async def _list(services: Services) -> list[tuple[str, str, str, str]]:
+        rows = []
+        for spec in services.catalogue.models.values():
+            available, backend, _ = services.backends.availability(spec)
+            state = f"yes ({backend})" if available else "no"
+            rows.append((spec.slug, spec.modality, _price_text(spec), state))
+        return rows
+
+    table = Table("model", "modality", "price (credits)", "available")
+    for row in run(_list):
+        table.add_row(*row)
+    console.print(table)
+
+
+def _price_text(spec: object) -> str:
+    from hypereal.domain.catalogue import ModelSpec
+
+    assert isinstance(spec, ModelSpec)
+    rule = spec.price
+    if rule.kind == "fixed":
+        return str(rule.credits)
+    if rule.kind == "per_second":
+        return f"{rule.credits_per_second}/s (min {rule.minimum})"
+    return f"{rule.base_credits} + tokens"
+
+
+if __name__ == "__main__":
+    app()

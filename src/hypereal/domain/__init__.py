@@ -1,0 +1,1 @@
+"""Business rules: keys, ledger, pricing, catalogue, rate limits. No HTTP here."""

@@ -1,0 +1,275 @@
+"""The model catalogue: every slug with its modality, parameters, price rule and backends.
+
+The package ships ``catalogue.toml``; an operator file (setting ``catalogue_file``) is merged
+over it by slug: a listed slug replaces the fields it names, a new slug adds a model.
+Entries may name a ``template`` whose fields they inherit.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from hypereal.domain.errors import BadRequest, ModelRequired, UnsupportedModel
+
+MODALITIES = ("chat", "image", "image-edit", "video", "audio", "3d")
+PARAM_TYPES = ("string", "integer", "number", "boolean", "media", "media-list")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One model parameter with its type, bounds and default."""
+
+    name: str
+    type: str
+    required: bool = False
+    default: Any = None
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[Any, ...] | None = None
+    max_length: int | None = None
+    description: str = ""
+
+    def public(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"name": self.name, "type": self.type, "required": self.required}
+        for key in ("default", "minimum", "maximum", "max_length"):
+            if getattr(self, key) is not None:
+                data[key] = getattr(self, key)
+        if self.choices is not None:
+            data["choices"] = list(self.choices)
+        if self.description:
+            data["description"] = self.description
+        return data
+
+
+@dataclass(frozen=True)
+class PriceRule:
+    """Fixed credits, credits per second of ``duration``, or per token (chat).
+
+    Per token: ``base_credits`` + ceil((prompt * input + completion * output) / 1M USD
+    / ``usd_per_credit``).
+    """
+
+    credits: int | None = None
+    credits_per_second: float | None = None
+    minimum: int = 0
+    base_credits: int | None = None
+    input_usd_per_million: float | None = None
+    output_usd_per_million: float | None = None
+    usd_per_credit: float = 0.01
+
+    @property
+    def kind(self) -> str:
+        if self.credits_per_second is not None:
+            return "per_second"
+        if self.base_credits is not None:
+            return "per_token"
+        return "fixed"
+
+    def public(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"kind": self.kind}
+        if self.kind == "fixed":
+            data["credits"] = self.credits
+        elif self.kind == "per_second":
+            data.update(credits_per_second=self.credits_per_second, minimum=self.minimum)
+        else:
+            data.update(
+                base_credits=self.base_credits,
+                input_usd_per_million=self.input_usd_per_million,
+                output_usd_per_million=self.output_usd_per_million,
+                usd_per_credit=self.usd_per_credit,
+            )
+        return data
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A backend instance that can serve the model, and the model's id there."""
+
+    backend: str
+    upstream_model: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    slug: str
+    name: str
+    modality: str
+    description: str
+    price: PriceRule
+    params: tuple[Param, ...]
+    bindings: tuple[Binding, ...]
+    concurrency: int = 1
+    timeout_seconds: int = 1800
+    context_tokens: int | None = None
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+@dataclass
+class Catalogue:
+    models: dict[str, ModelSpec]
+    defaults: dict[str, str] = field(default_factory=dict)
+
+    def get(self, slug: str | None, modality: str | Sequence[str]) -> ModelSpec:
+        """The model for a request, or the modality's default when ``slug`` is empty.
+
+        Raises ModelRequired when there is no slug and no default, UnsupportedModel when the
+        slug is unknown or of another modality.
+        """
+        modalities = (modality,) if isinstance(modality, str) else tuple(modality)
+        if not slug:
+            default = self.defaults.get(modalities[0])
+            if default is None:
+                raise ModelRequired()
+            slug = default
+        if not isinstance(slug, str):
+            raise BadRequest("Invalid value for 'model': must be a string")
+        spec = self.models.get(slug)
+        if spec is None or spec.modality not in modalities:
+            raise UnsupportedModel(modalities[0], slug)
+        return spec
+
+    def of_modality(self, modality: str) -> list[ModelSpec]:
+        return [m for m in self.models.values() if m.modality == modality]
+
+
+def _param(raw: Mapping[str, Any]) -> Param:
+    if raw.get("type") not in PARAM_TYPES:
+        raise ValueError(f"parameter {raw.get('name')!r}: type must be one of {PARAM_TYPES}")
+    choices = raw.get("choices")
+    return Param(
+        name=str(raw["name"]),
+        type=str(raw["type"]),
+        required=bool(raw.get("required", False)),
+        default=raw.get("default"),
+        minimum=raw.get("minimum"),
+        maximum=raw.get("maximum"),
+        choices=tuple(choices) if choices is not None else None,
+        max_length=raw.get("max_length"),
+        description=str(raw.get("description", "")),
+    )
+
+
+def _model(slug: str, raw: Mapping[str, Any]) -> ModelSpec:
+    modality = raw.get("modality")
+    if modality not in MODALITIES:
+        raise ValueError(f"model {slug!r}: modality must be one of {MODALITIES}")
+    price = PriceRule(**raw.get("price", {}))
+    if price.kind == "fixed" and price.credits is None:
+        raise ValueError(f"model {slug!r}: price needs credits, credits_per_second or base_credits")
+    return ModelSpec(
+        slug=slug,
+        name=str(raw.get("name", slug)),
+        modality=modality,
+        description=str(raw.get("description", "")),
+        price=price,
+        params=tuple(_param(p) for p in raw.get("params", [])),
+        bindings=tuple(Binding(**b) for b in raw.get("bindings", [])),
+        concurrency=int(raw.get("concurrency", 1)),
+        timeout_seconds=int(raw.get("timeout_seconds", 1800)),
+        context_tokens=raw.get("context_tokens"),
+    )
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge an operator document over the shipped one (models by slug, tables by key)."""
+    merged = dict(base)
+    for section in ("defaults", "templates"):
+        merged[section] = {**base.get(section, {}), **override.get(section, {})}
+    models = {m["slug"]: dict(m) for m in base.get("models", [])}
+    for entry in override.get("models", []):
+        models[entry["slug"]] = {**models.get(entry["slug"], {}), **entry}
+    merged["models"] = list(models.values())
+    return merged
+
+
+def parse_catalogue(document: Mapping[str, Any]) -> Catalogue:
+    """Build a catalogue from a parsed TOML document. Raises ValueError on bad entries."""
+    templates: Mapping[str, Mapping[str, Any]] = document.get("templates", {})
+    models: dict[str, ModelSpec] = {}
+    for entry in document.get("models", []):
+        template_name = entry.get("template")
+        if template_name is not None and template_name not in templates:
+            raise ValueError(f"model {entry.get('slug')!r}: unknown template {template_name!r}")
+        raw = {**templates.get(template_name or "", {}), **entry}
+        models[raw["slug"]] = _model(raw["slug"], raw)
+    defaults = dict(document.get("defaults", {}))
+    for modality, slug in defaults.items():
+        if slug not in models:
+            raise ValueError(f"default {modality} model {slug!r} is not in the catalogue")
+    return Catalogue(models=models, defaults=defaults)
+
+
+def load_catalogue(override_file: Path | None = None) -> Catalogue:
+    """The shipped catalogue, merged with the operator's file when one is given."""
+    shipped = tomllib.loads(resources.files("hypereal").joinpath("catalogue.toml").read_text())
+    if override_file is not None:
+        shipped = _merge(shipped, tomllib.loads(override_file.read_text()))
+    return parse_catalogue(shipped)
+
+
+# ------------------------------------------------------------------ parameter checks
+
+
+def _invalid(field_name: str, reason: str) -> BadRequest:
+    return BadRequest(f"Invalid value for '{field_name}': {reason}")
+
+
+def _check(param: Param, value: Any, field_name: str) -> Any:
+    kind = param.type
+    if kind in ("string", "media"):
+        if not isinstance(value, str):
+            raise _invalid(field_name, "must be a string")
+        if param.max_length is not None and len(value) > param.max_length:
+            raise _invalid(field_name, f"must be at most {param.max_length} characters")
+    elif kind == "media-list":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise _invalid(field_name, "must be a list of URLs")
+    elif kind == "boolean":
+        if not isinstance(value, bool):
+            raise _invalid(field_name, "must be true or false")
+    elif kind in ("integer", "number"):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _invalid(
+                field_name, f"must be a{'n integer' if kind == 'integer' else ' number'}"
+            )
+        if kind == "integer":
+            if float(value) != int(value):
+                raise _invalid(field_name, "must be an integer")
+            value = int(value)
+        if param.minimum is not None and value < param.minimum:
+            raise _invalid(field_name, f"must be >= {param.minimum}")
+        if param.maximum is not None and value > param.maximum:
+            raise _invalid(field_name, f"must be <= {param.maximum}")
+    if param.choices is not None and value not in param.choices:
+        allowed = ", ".join(str(c) for c in param.choices)
+        raise _invalid(field_name, f"must be one of: {allowed}")
+    return value
+
+
+def validate_params(spec: ModelSpec, values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Check ``values`` against the model's parameters and fill in defaults.
+
+    Unknown fields are dropped (real clients send extras); ``None`` counts as absent.
+    Raises BadRequest naming the field (with ``prefix``, e.g. ``input.duration``).
+    """
+    cleaned: dict[str, Any] = {}
+    for param in spec.params:
+        value = values.get(param.name)
+        field_name = f"{prefix}{param.name}"
+        if value is None or value == "":
+            if param.required:
+                raise BadRequest(f"Missing required field '{field_name}'")
+            if param.default is not None:
+                cleaned[param.name] = param.default
+            continue
+        cleaned[param.name] = _check(param, value, field_name)
+    return cleaned

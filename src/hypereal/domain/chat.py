@@ -1,0 +1,180 @@
+"""One chat turn as the ledger sees it: check the context, reserve the most it can cost,
+stream deltas, then settle to the real cost (refunding the difference) exactly once.
+
+The API formats the deltas (JSON or SSE); everything billable happens here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from hypereal.backends.base import BackendError, ChatBackend, ChatDelta, ChatMessage, ChatRequest
+from hypereal.domain import ledger
+from hypereal.domain.catalogue import ModelSpec
+from hypereal.domain.errors import BadRequest, GenerationFailed, UpstreamError
+from hypereal.domain.ids import new_id
+from hypereal.domain.pricing import chat_price
+from hypereal.store.db import Database
+
+ROLES = ("system", "user", "assistant")
+DEFAULT_CONTEXT_TOKENS = 32768
+
+
+def parse_messages(raw: object) -> list[ChatMessage]:
+    """Validate the ``messages`` field. Raises BadRequest naming the offending item."""
+    if raw is None:
+        raise BadRequest("Missing required field 'messages'")
+    if not isinstance(raw, list) or not raw:
+        raise BadRequest("Invalid value for 'messages': must be a non-empty array")
+    messages = []
+    for index, item in enumerate(raw):
+        where = f"messages[{index}]"
+        if not isinstance(item, dict):
+            raise BadRequest(f"Invalid value for '{where}': must be an object")
+        role, content = item.get("role"), item.get("content")
+        if role not in ROLES:
+            raise BadRequest(f"Invalid value for '{where}.role': must be one of {', '.join(ROLES)}")
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            parts = [p.get("text") for p in content if isinstance(p, dict)]
+            if not all(isinstance(p, str) for p in parts):
+                raise BadRequest(
+                    f"Invalid value for '{where}.content': only text parts are supported"
+                )
+            content = "".join(str(p) for p in parts)
+        if not isinstance(content, str):
+            raise BadRequest(f"Invalid value for '{where}.content': must be a string")
+        messages.append(ChatMessage(role=role, content=content))
+    return messages
+
+
+@dataclass
+class ChatTurn:
+    """A metered chat turn. Use :meth:`open`, iterate :meth:`deltas`, then :meth:`settle`."""
+
+    db: Database
+    account_id: str
+    spec: ModelSpec
+    backend: ChatBackend
+    request: ChatRequest
+    prompt_tokens: int
+    reserved: int
+    debit_entry_id: int
+    id: str
+    text: list[str] = field(default_factory=list)
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    credits_used: int | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        db: Database,
+        account_id: str,
+        spec: ModelSpec,
+        backend: ChatBackend,
+        messages: Sequence[ChatMessage],
+        temperature: float,
+        max_tokens: int,
+        upstream_model: str | None,
+    ) -> ChatTurn:
+        """Count the prompt, enforce the context limit and reserve the maximum cost.
+
+        Raises BadRequest (context exceeded) or InsufficientCredits (402) before any
+        generation starts.
+        """
+        request = ChatRequest(
+            messages=tuple(messages),
+            temperature=temperature,
+            max_tokens=max_tokens,
+            upstream_model=upstream_model,
+        )
+        try:
+            prompt_tokens = await backend.count_prompt_tokens(request)
+        except BackendError as exc:
+            raise UpstreamError(f"Could not count prompt tokens: {exc.message}") from exc
+        limit = spec.context_tokens or DEFAULT_CONTEXT_TOKENS
+        if prompt_tokens >= limit:
+            raise BadRequest(
+                f"This conversation is {prompt_tokens} tokens, over the {limit}-token context "
+                f"limit of {spec.slug}; shorten the messages"
+            )
+        # Never ask for more than the context has room for.
+        room = min(max_tokens, limit - prompt_tokens)
+        if room != max_tokens:
+            request = ChatRequest(request.messages, temperature, room, upstream_model)
+        turn_id = "chatcmpl-" + new_id("c")[2:]
+        reserved = chat_price(spec, prompt_tokens, room)
+        entry = await ledger.debit(
+            db, account_id, reserved, reference=turn_id, description=f"chat {spec.slug}"
+        )
+        return cls(
+            db=db,
+            account_id=account_id,
+            spec=spec,
+            backend=backend,
+            request=request,
+            prompt_tokens=prompt_tokens,
+            reserved=reserved,
+            debit_entry_id=entry.id,
+            id=turn_id,
+        )
+
+    async def deltas(self) -> AsyncIterator[ChatDelta]:
+        """The backend's deltas, counted as they pass. Closing this iterator closes the
+        backend's stream, which stops generation."""
+        stream = self.backend.stream(self.request)
+        try:
+            async for delta in stream:
+                if delta.text:
+                    self.text.append(delta.text)
+                    self.completion_tokens += 1
+                if delta.completion_tokens is not None:
+                    self.completion_tokens = delta.completion_tokens
+                if delta.prompt_tokens is not None:
+                    self.prompt_tokens = delta.prompt_tokens
+                if delta.finish_reason is not None:
+                    self.finish_reason = delta.finish_reason
+                yield delta
+        except BackendError as exc:
+            if exc.client_error:
+                raise BadRequest(exc.message) from exc
+            raise UpstreamError(f"Generation failed: {exc.message}") from exc
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    @property
+    def content(self) -> str:
+        return "".join(self.text)
+
+    async def settle(self) -> int:
+        """Charge what was generated (all of the reservation at most), refund the rest.
+
+        Idempotent: the first call decides. Returns the credits used.
+        """
+        if self.credits_used is not None:
+            return self.credits_used
+        if self.completion_tokens == 0 and self.finish_reason is None:
+            actual = 0  # nothing was generated: nothing is owed
+        else:
+            actual = min(
+                self.reserved, chat_price(self.spec, self.prompt_tokens, self.completion_tokens)
+            )
+        self.credits_used = actual
+        await ledger.refund(
+            self.db,
+            self.debit_entry_id,
+            amount=self.reserved - actual,
+            description=f"chat {self.spec.slug}: settled at {actual} of {self.reserved} reserved",
+        )
+        return actual
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+__all__ = ["ChatTurn", "GenerationFailed", "parse_messages"]

@@ -1,0 +1,193 @@
+"""Synchronous image generation and editing: validate, resolve the backend, fetch inputs,
+debit, generate, store, record; refund when generation fails.
+
+Everything that can be refused (bad field, unknown model, no backend, unreachable input
+image) is refused before any credit is taken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from hypereal.backends.base import BackendError, ImageRequest, MediaBlob
+from hypereal.domain import ledger
+from hypereal.domain.catalogue import ModelSpec, validate_params
+from hypereal.domain.errors import BadRequest, GenerationFailed
+from hypereal.domain.ids import new_id
+from hypereal.domain.pricing import price
+from hypereal.media.fetch import fetch_media
+from hypereal.media.sniff import sniff_content_type
+from hypereal.media.store import new_media_key
+from hypereal.store.models import Job, utcnow
+
+if TYPE_CHECKING:
+    from hypereal.services import Services
+
+MIN_SIDE, MAX_SIDE = 64, 4096
+FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg", "webp": "image/webp"}
+PIL_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
+SIZE_PATTERN = re.compile(r"^\s*(\d{1,5})\s*[*xX×]\s*(\d{1,5})\s*$")  # noqa: RUF001
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    result_id: str
+    created: int
+    urls: list[str]
+    credits: int
+    model: str
+
+
+def parse_size(value: object) -> tuple[int, int] | None:
+    """``"1024*1024"`` or ``"1024x1024"`` -> (1024, 1024). Raises BadRequest naming 'size'."""
+    if value is None or value == "":
+        return None
+    match = SIZE_PATTERN.match(str(value))
+    if not match:
+        raise BadRequest(
+            "Invalid value for 'size': expected WIDTHxHEIGHT or WIDTH*HEIGHT, e.g. 1024*1024"
+        )
+    width, height = int(match.group(1)), int(match.group(2))
+    if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
+        raise BadRequest(
+            f"Invalid value for 'size': each side must be between {MIN_SIDE} and {MAX_SIDE}"
+        )
+    return width, height
+
+
+def source_urls(image: object, images: object) -> list[str] | None:
+    """Merge the ``image`` and ``images`` fields (clients send either)."""
+    urls: list[Any] = []
+    for value in (images, image):
+        if value is None:
+            continue
+        urls.extend(value if isinstance(value, list) else [value])
+    if not urls:
+        return None
+    if not all(isinstance(u, str) and u for u in urls):
+        raise BadRequest("Invalid value for 'images': must be URLs or data: URIs")
+    return urls
+
+
+def _in_format(blob: MediaBlob, wanted: str) -> MediaBlob:
+    """The blob as ``wanted`` (a MIME type), converting when a backend answered otherwise."""
+    actual = sniff_content_type(blob.data)
+    if actual == wanted:
+        return MediaBlob(blob.data, wanted)
+    if actual is None or not actual.startswith("image/"):
+        raise BackendError(f"backend returned {actual or 'unrecognised data'}, not an image")
+    with Image.open(io.BytesIO(blob.data)) as img:
+        converted = img.convert("RGB") if wanted == "image/jpeg" else img.copy()
+    out = io.BytesIO()
+    converted.save(out, format=PIL_FORMATS[wanted])
+    return MediaBlob(out.getvalue(), wanted)
+
+
+async def _fetch_sources(services: Services, urls: Sequence[str]) -> list[MediaBlob]:
+    return list(
+        await asyncio.gather(
+            *(
+                fetch_media(url, services.settings, field=f"images[{i}]", expect="image")
+                for i, url in enumerate(urls)
+            )
+        )
+    )
+
+
+async def _record(
+    services: Services,
+    account_id: str,
+    spec: ModelSpec,
+    result_id: str,
+    params: Mapping[str, Any],
+    credits: int,
+    debit_entry_id: int,
+    stored: Sequence[tuple[str, str]],
+) -> None:
+    now = utcnow()
+    async with services.db.session.begin() as session:
+        session.add(
+            Job(
+                id=result_id,
+                account_id=account_id,
+                type="image",
+                model=spec.slug,
+                state="completed",
+                input={k: v for k, v in params.items() if k != "images"},
+                credits=credits,
+                debit_entry_id=debit_entry_id,
+                output_url=stored[0][1],
+                output_key=stored[0][0],
+                result={"urls": [url for _, url in stored]},
+                progress=1.0,
+                created_at=now,
+                started_at=now,
+                completed_at=now,
+            )
+        )
+
+
+async def generate(
+    services: Services, account_id: str, spec: ModelSpec, values: Mapping[str, Any]
+) -> ImageResult:
+    """Run one image request. Raises BadRequest/UnsupportedModel (400), ModelUnavailable
+    (503), InsufficientCredits (402) before charging; GenerationFailed (500, refunded) or
+    BadRequest (400, refunded) when the backend fails."""
+    params = validate_params(spec, values)
+    size = parse_size(params.get("size"))
+    resolved = services.backends.resolve(spec)
+    sources = await _fetch_sources(services, params.get("images") or [])
+    wanted = FORMATS[str(params.get("output_format") or "png")]
+    request = ImageRequest(
+        prompt=str(params.get("prompt") or ""),
+        width=size[0] if size else None,
+        height=size[1] if size else None,
+        aspect_ratio=params.get("aspect_ratio"),
+        output_format="jpeg" if wanted == "image/jpeg" else wanted.split("/")[1],
+        images=tuple(sources),
+        upstream_model=resolved.upstream_model,
+        params={k: v for k, v in params.items() if k not in ("prompt", "images", "size")},
+    )
+    credits = price(spec, params)
+    result_id = new_id("res")
+    debit = await ledger.debit(
+        services.db, account_id, credits, reference=result_id, description=f"image {spec.slug}"
+    )
+    try:
+        blobs = await asyncio.wait_for(
+            resolved.backend.generate_images(request), spec.timeout_seconds
+        )
+        if not blobs:
+            raise BackendError("the backend returned no images")
+        stored = []
+        for blob in blobs:
+            converted = _in_format(blob, wanted)
+            key = new_media_key("image", wanted)
+            stored.append((key, await services.media.put(key, converted.data, wanted)))
+    except BaseException as exc:
+        await ledger.refund(services.db, debit.id, description=f"image {spec.slug} failed")
+        if isinstance(exc, BackendError):
+            if exc.client_error:
+                raise BadRequest(exc.message) from exc
+            raise GenerationFailed(f"Image generation failed: {exc.message}") from exc
+        if isinstance(exc, TimeoutError):
+            raise GenerationFailed(
+                f"Image generation timed out after {spec.timeout_seconds} s"
+            ) from exc
+        raise
+    await _record(services, account_id, spec, result_id, params, credits, debit.id, stored)
+    return ImageResult(
+        result_id=result_id,
+        created=int(time.time()),
+        urls=[url for _, url in stored],
+        credits=credits,
+        model=spec.slug,
+    )

@@ -1,0 +1,164 @@
+"""Accounts and API keys. Keys are ``ck_<random>``; only their SHA-256 is stored."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select, update
+
+from hypereal.domain.errors import NotFound, Unauthorized
+from hypereal.domain.ids import new_id
+from hypereal.store.db import Database
+from hypereal.store.models import Account, ApiKey, utcnow
+
+KEY_PREFIX = "ck_"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key's account, resolved by :func:`authenticate`."""
+
+    account_id: str
+    key_id: str
+    is_admin: bool
+    rate_limit_per_hour: int | None
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    id: str
+    account_id: str
+    name: str
+    prefix: str
+    rate_limit_per_hour: int | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True)
+class CreatedKey:
+    info: KeyInfo
+    secret: str  # shown once, never stored
+
+
+def hash_key(raw_key: str) -> str:
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+def _info(row: ApiKey) -> KeyInfo:
+    return KeyInfo(
+        id=row.id,
+        account_id=row.account_id,
+        name=row.name,
+        prefix=row.prefix,
+        rate_limit_per_hour=row.rate_limit_per_hour,
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+    )
+
+
+async def create_account(db: Database, name: str, *, is_admin: bool = False) -> str:
+    """Create an empty account (balance 0) and return its id."""
+    async with db.session.begin() as session:
+        account = Account(id=new_id("acct"), name=name, is_admin=is_admin, balance=0)
+        session.add(account)
+    return account.id
+
+
+async def account_exists(db: Database, account_id: str) -> bool:
+    async with db.session() as session:
+        return await session.get(Account, account_id) is not None
+
+
+async def create_key(
+    db: Database, account_id: str, *, name: str = "", rate_limit_per_hour: int | None = None
+) -> CreatedKey:
+    """Create a key for an existing account. Raises NotFound for an unknown account."""
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    async with db.session.begin() as session:
+        if await session.get(Account, account_id) is None:
+            raise NotFound(f"Account not found: {account_id}")
+        row = ApiKey(
+            id=new_id("key"),
+            account_id=account_id,
+            key_hash=hash_key(secret),
+            prefix=secret[:10],
+            name=name,
+            rate_limit_per_hour=rate_limit_per_hour,
+            created_at=utcnow(),
+        )
+        session.add(row)
+    return CreatedKey(info=_info(row), secret=secret)
+
+
+async def authenticate(db: Database, authorization: str | None) -> Principal:
+    """Resolve an ``Authorization: Bearer ck_...`` header. Raises Unauthorized."""
+    if not authorization:
+        raise Unauthorized("Missing Authorization header; send 'Authorization: Bearer <api key>'")
+    scheme, _, raw_key = authorization.strip().partition(" ")
+    raw_key = raw_key.strip()
+    if scheme.lower() != "bearer" or not raw_key.startswith(KEY_PREFIX):
+        raise Unauthorized("Malformed Authorization header; expected 'Bearer ck_...'")
+    digest = hash_key(raw_key)
+    async with db.session() as session:
+        found = (
+            await session.execute(
+                select(ApiKey, Account.is_admin)
+                .join(Account, Account.id == ApiKey.account_id)
+                .where(ApiKey.key_hash == digest)
+            )
+        ).first()
+    # The lookup is by hash (an index seek); the compare below is constant-time anyway.
+    if found is None or not hmac.compare_digest(found[0].key_hash, digest):
+        raise Unauthorized("Invalid API key")
+    key, is_admin = found
+    if key.revoked_at is not None:
+        raise Unauthorized("This API key has been revoked")
+    return Principal(
+        account_id=key.account_id,
+        key_id=key.id,
+        is_admin=bool(is_admin),
+        rate_limit_per_hour=key.rate_limit_per_hour,
+    )
+
+
+async def list_keys(db: Database, account_id: str | None = None) -> list[KeyInfo]:
+    """Keys of one account, or of every account when ``account_id`` is None."""
+    query = select(ApiKey).order_by(ApiKey.created_at)
+    if account_id is not None:
+        query = query.where(ApiKey.account_id == account_id)
+    async with db.session() as session:
+        return [_info(row) for row in (await session.scalars(query)).all()]
+
+
+async def revoke_key(db: Database, key_id: str) -> KeyInfo:
+    """Revoke a key; effective on the next request. Raises NotFound."""
+    async with db.session.begin() as session:
+        await session.execute(
+            update(ApiKey)
+            .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+            .values(revoked_at=utcnow())
+        )
+        row = await session.get(ApiKey, key_id)
+        if row is None:
+            raise NotFound(f"API key not found: {key_id}")
+        return _info(row)
+
+
+async def set_key_rate_limit(db: Database, key_id: str, limit: int | None) -> KeyInfo:
+    """Override (or with None, reset) one key's requests-per-hour limit."""
+    async with db.session.begin() as session:
+        row = await session.get(ApiKey, key_id)
+        if row is None:
+            raise NotFound(f"API key not found: {key_id}")
+        row.rate_limit_per_hour = limit
+        return _info(row)
+
+
+async def has_accounts(db: Database) -> bool:
+    async with db.session() as session:
+        return (await session.scalar(select(Account.id).limit(1))) is not None

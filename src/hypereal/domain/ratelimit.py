@@ -1,0 +1,66 @@
+"""Per-key rate limits on a rolling hour (``limits`` moving window; memory or Redis)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from limits import RateLimitItemPerHour
+from limits.aio.storage import Storage
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.storage import storage_from_string
+
+
+@dataclass(frozen=True)
+class RateLimitDecision:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_at: int  # unix seconds when a slot frees up (the oldest hit leaves the window)
+
+    @property
+    def retry_after(self) -> int:
+        return max(1, math.ceil(self.reset_at - time.time()))
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "X-RateLimit-Limit": str(self.limit),
+            "X-RateLimit-Remaining": str(self.remaining),
+            "X-RateLimit-Reset": str(self.reset_at),
+        }
+
+
+class RateLimiter:
+    """Counts requests per API key in a moving one-hour window."""
+
+    def __init__(self, storage_url: str, default_per_hour: int) -> None:
+        options: dict[str, object] = {}
+        if storage_url.startswith("async+redis"):
+            import redis.asyncio
+
+            # A blocking pool: under a burst, callers wait for a connection instead of
+            # failing with "Too many connections".
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
+                storage_url.removeprefix("async+"), max_connections=200, timeout=30
+            )
+            options = {"implementation": "redispy", "connection_pool": pool}
+        self.storage: Storage = storage_from_string(storage_url, **options)  # type: ignore[arg-type,assignment]
+        self.strategy = MovingWindowRateLimiter(self.storage)
+        self.default_per_hour = default_per_hour
+
+    async def hit(self, key_id: str, per_hour: int | None = None) -> RateLimitDecision:
+        """Record one request for ``key_id`` unless its window is full."""
+        limit = per_hour if per_hour is not None else self.default_per_hour
+        item = RateLimitItemPerHour(limit)
+        allowed = await self.strategy.hit(item, "key", key_id)
+        stats = await self.strategy.get_window_stats(item, "key", key_id)
+        return RateLimitDecision(
+            allowed=allowed,
+            limit=limit,
+            remaining=max(0, stats.remaining),
+            reset_at=math.ceil(stats.reset_time),
+        )
+
+    async def reset(self) -> None:
+        await self.storage.reset()

@@ -1,0 +1,173 @@
+"""The job engine: puts job ids on the taskiq queue, runs them (when this process consumes),
+and keeps the database and the queue in step.
+
+A consuming process (``hypereal serve`` with the in-process broker, or ``hypereal worker``)
+also runs the maintenance loop: re-queue jobs whose worker died (lease expired), fail those
+out of attempts, re-send queued jobs whose message was lost, settle refunds an ender did
+not note, and send due webhook deliveries. Every step is a conditional UPDATE, so any
+number of processes may run it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from datetime import datetime, timedelta
+from typing import Any
+
+from hypereal.domain import jobs
+from hypereal.engine.broker import build_broker
+from hypereal.engine.runner import JobRunner
+from hypereal.services import Services
+from hypereal.store.models import utcnow
+from hypereal.webhooks.delivery import WebhookSender
+
+log = logging.getLogger("hypereal.engine")
+
+RUN_JOB_TASK = "hypereal.run_job"
+LOST_WORKER_ERROR = (
+    "The worker running this job stopped responding (its lease expired) {attempts} time(s); "
+    "giving up"
+)
+
+
+class Engine:
+    """``consume=False``: only enqueue (an API process in front of ``hypereal worker``s)."""
+
+    def __init__(self, services: Services, *, consume: bool) -> None:
+        self.services = services
+        self.settings = services.settings
+        self.consume = consume
+        self.broker = build_broker(self.settings)
+
+        async def run_job(job_id: str) -> None:  # a plain function: taskiq renames it
+            await self._run_job(job_id)
+
+        self.task = self.broker.register_task(run_job, task_name=RUN_JOB_TASK)
+        self.runner = JobRunner(services, self.job_ended)
+        self.webhooks = WebhookSender(self.settings, services.db)
+        self._background: set[asyncio.Task[Any]] = set()
+        self._maintainer: asyncio.Task[None] | None = None
+
+    @property
+    def worker_id(self) -> str:
+        return self.runner.worker_id
+
+    async def _run_job(self, job_id: str) -> None:
+        try:
+            await self.runner.run(job_id)
+        except Exception:
+            log.exception("job %s: the runner failed; the lease sweep will retry it", job_id)
+
+    async def start(self) -> None:
+        """Start the broker; a consumer also re-queues what an earlier run left behind."""
+        await self.broker.startup()
+        if self.consume:
+            await self.maintain(startup=True)
+            self._maintainer = asyncio.create_task(self._maintain_forever())
+
+    async def stop(self) -> None:
+        """Give running jobs back to the queue, stop maintenance, shut the broker down."""
+        if self._maintainer is not None:
+            self._maintainer.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._maintainer
+        if self.consume:
+            released = await self.runner.release_all()
+            if self.settings.broker_url:  # a shared queue: another worker takes them now
+                for job_id in released:
+                    await self.kick(job_id)
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.wait(self._background, timeout=5)
+        await self.broker.shutdown()
+
+    async def kick(self, job_id: str) -> None:
+        """Put a job on the queue (its row is already committed)."""
+        await self.task.kiq(job_id)
+
+    async def job_ended(self, ended: jobs.Ended) -> None:
+        """After a job ends: send its webhook now, and hand its slot to the next queued job."""
+        if ended.delivery_id is not None:
+            self._spawn(self.webhooks.deliver(ended.delivery_id))
+        await self._kick_queued(kicked_before=None, model=ended.job.model)
+
+    async def cancel(self, account_id: str, job_id: str) -> jobs.JobView:
+        """Cancel and refund a caller's job; stops its work if it runs in this process (other
+        workers stop at their next heartbeat)."""
+        job, changed = await jobs.cancel_job(self.services.db, account_id, job_id)
+        if changed:
+            self.runner.abort(job_id)
+            await self._kick_queued(kicked_before=None, model=job.model)
+        return job
+
+    # ----------------------------------------------------------------- maintenance
+
+    async def _maintain_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.engine_poll_seconds)
+            try:
+                await self.maintain()
+            except Exception:
+                log.exception("engine maintenance failed; retrying")
+
+    async def maintain(self, *, startup: bool = False) -> None:
+        """One maintenance pass (see the module doc). At start-up, every queued job with a
+        free slot is re-sent (an in-process queue does not outlive its process)."""
+        db = self.services.db
+        for job in await jobs.expired_jobs(db):
+            if job.attempts < self.settings.job_max_attempts:
+                if await jobs.requeue_expired(db, job):
+                    log.warning(
+                        "job %s: worker %s lost its lease; re-queued", job.id, job.worker_id
+                    )
+                continue
+            error = LOST_WORKER_ERROR.format(attempts=job.attempts)
+            ended = await jobs.fail_expired(db, job, error)
+            if ended is not None:
+                await self.job_ended(ended)
+        stale = None if startup else utcnow() - timedelta(seconds=self.settings.job_lease_seconds)
+        await self._kick_queued(kicked_before=stale)
+        for job in await jobs.unrefunded_jobs(db, older_than_seconds=30):
+            await jobs.settle_refund(db, job)
+        for delivery_id in await self.webhooks.due():
+            self._spawn(self.webhooks.deliver(delivery_id))
+
+    async def _kick_queued(
+        self, *, kicked_before: datetime | None, model: str | None = None
+    ) -> None:
+        limits = {slug: spec.concurrency for slug, spec in self.services.catalogue.models.items()}
+        for job_id in await jobs.jobs_to_kick(
+            self.services.db, limits, kicked_before=kicked_before, model=model
+        ):
+            await self.kick(job_id)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def engine_of(services: Services) -> Engine:
+    """The engine started for these services. Raises RuntimeError when none runs."""
+    engine = services.engine
+    if not isinstance(engine, Engine):
+        raise RuntimeError("the job engine is not running (create_app starts it)")
+    return engine
+
+
+@asynccontextmanager
+async def engine_lifespan(services: Services) -> AsyncIterator[Engine]:
+    """The app's engine: consuming in-process by default; enqueue-only when a broker URL
+    is set (``hypereal worker`` processes run the jobs)."""
+    engine = Engine(services, consume=not services.settings.broker_url)
+    await engine.start()
+    services.engine = engine
+    try:
+        yield engine
+    finally:
+        services.engine = None
+        await engine.stop()

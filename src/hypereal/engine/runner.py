@@ -1,0 +1,230 @@
+"""Runs one claimed job: fetch its stored inputs, call the backend under the model's timeout
+while renewing the lease, store the output, and end the job.
+
+The generation runs as a child task watched by a heartbeat loop. The heartbeat both renews
+the lease and tells the worker when the job is no longer its own (canceled by the user,
+re-queued after a lost lease); the work is then cancelled and its output discarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from dataclasses import dataclass
+
+from hypereal.backends.base import BackendError, JobRequest, JobResult, MediaBlob
+from hypereal.domain import jobs
+from hypereal.domain.catalogue import ModelSpec
+from hypereal.domain.errors import HyperealError
+from hypereal.domain.ids import new_id
+from hypereal.media.sniff import sniff_content_type
+from hypereal.media.store import new_media_key
+from hypereal.services import Services
+
+log = logging.getLogger("hypereal.engine")
+
+MODALITY_METHODS = {"video": "generate_video", "audio": "generate_audio", "3d": "generate_mesh"}
+MEDIA_KINDS = {"video": "video", "audio": "audio", "3d": "model"}
+PROGRESS_MIN_INTERVAL = 1.0
+
+JobEnded = Callable[[jobs.Ended], Awaitable[None]]
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{new_id('w')[2:8]}"
+
+
+@dataclass(frozen=True)
+class _Output:
+    url: str
+    key: str
+    result: JobResult
+
+
+class JobRunner:
+    """Claims and runs jobs for one process; ``on_end`` is told about every job it ends."""
+
+    def __init__(self, services: Services, on_end: JobEnded, worker_id: str | None = None) -> None:
+        self.services = services
+        self.settings = services.settings
+        self.on_end = on_end
+        self.worker_id = worker_id or new_worker_id()
+        self.lease = self.settings.job_lease_seconds
+        self.heartbeat_every = max(0.1, min(self.lease / 4, 2.0))
+        self.work: dict[str, asyncio.Task[_Output]] = {}
+        self.releasing = False
+        self.released: list[str] = []
+        self._executing = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def run(self, job_id: str) -> None:
+        """Run ``job_id`` if it is queued and its model has a free slot; otherwise do nothing
+        (a busy model's next free slot re-sends the oldest queued job)."""
+        if self.releasing:
+            return
+        db = self.services.db
+        job = await jobs.load_job(db, job_id)
+        if job is None or job.state != "queued":
+            return
+        spec = self.services.catalogue.models.get(job.model)
+        if spec is None:
+            await self._end(await jobs.fail_job(db, job_id, f"Model {job.model} was removed"))
+            return
+        claim = await jobs.claim_job(
+            db, job_id, self.worker_id, concurrency=spec.concurrency, lease_seconds=self.lease
+        )
+        if claim.job is None:
+            return
+        await self._execute(claim.job, spec)
+
+    def abort(self, job_id: str) -> None:
+        """Stop this process's work on a job that was just canceled (no wait for a heartbeat)."""
+        work = self.work.get(job_id)
+        if work is not None:
+            work.cancel()
+
+    async def release_all(self) -> list[str]:
+        """Shutting down: stop every running job and give it back to the queue; returns the
+        ids given back (to be re-sent for another worker)."""
+        self.releasing = True
+        for work in list(self.work.values()):
+            work.cancel()
+        with suppress(TimeoutError):  # let the executions record the releases
+            await asyncio.wait_for(self._idle.wait(), timeout=15)
+        return list(self.released)
+
+    async def _execute(self, job: jobs.JobView, spec: ModelSpec) -> None:
+        self._executing += 1
+        self._idle.clear()
+        try:
+            await self._execute_claimed(job, spec)
+        finally:
+            self._executing -= 1
+            if self._executing == 0:
+                self._idle.set()
+
+    async def _execute_claimed(self, job: jobs.JobView, spec: ModelSpec) -> None:
+        db = self.services.db
+        work = asyncio.create_task(self._generate(job, spec))
+        self.work[job.id] = work
+        try:
+            outcome = await self._watch(job, spec, work)
+        except asyncio.CancelledError:
+            work.cancel()
+            await asyncio.shield(self._release(job.id))
+            raise
+        finally:
+            self.work.pop(job.id, None)
+        if outcome == "timeout":
+            error = f"Generation timed out after {spec.timeout_seconds} seconds"
+            await self._end(await jobs.fail_job(db, job.id, error, worker_id=self.worker_id))
+        elif outcome == "lost":
+            log.info("job %s is no longer ours (canceled or re-queued); stopped", job.id)
+        elif work.cancelled():
+            if self.releasing:
+                await self._release(job.id)
+        elif (exc := work.exception()) is not None:
+            await self._end(
+                await jobs.fail_job(db, job.id, failure_message(exc), worker_id=self.worker_id)
+            )
+        else:
+            output = work.result()
+            ended = await jobs.complete_job(
+                db,
+                job.id,
+                self.worker_id,
+                output_url=output.url,
+                output_key=output.key,
+                result=output.result.data,
+            )
+            await self._end(ended)
+
+    async def _release(self, job_id: str) -> None:
+        if await jobs.release_job(self.services.db, job_id, self.worker_id):
+            self.released.append(job_id)
+
+    async def _watch(self, job: jobs.JobView, spec: ModelSpec, work: asyncio.Task[_Output]) -> str:
+        """Heartbeat until the work finishes; 'done', 'timeout' or 'lost' (not ours)."""
+        deadline = time.monotonic() + spec.timeout_seconds
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                work.cancel()
+                await asyncio.wait({work})
+                return "timeout"
+            await asyncio.wait({work}, timeout=min(self.heartbeat_every, remaining))
+            if work.done():
+                return "done"
+            if not await jobs.heartbeat(self.services.db, job.id, self.worker_id, self.lease):
+                work.cancel()
+                await asyncio.wait({work})
+                return "lost"
+
+    async def _generate(self, job: jobs.JobView, spec: ModelSpec) -> _Output:
+        resolved = self.services.backends.resolve(spec)
+        method = getattr(resolved.backend, MODALITY_METHODS[job.type])
+        media_fields = {field.split("[")[0] for field in job.media}
+        request = JobRequest(
+            job_id=job.id,
+            input={k: v for k, v in job.input.items() if k not in media_fields},
+            media=await self._inputs(job),
+            upstream_model=resolved.upstream_model,
+        )
+        result: JobResult = await method(request, self._progress_callback(job))
+        data = result.output.data
+        content_type = sniff_content_type(data) or result.output.content_type
+        key = new_media_key(MEDIA_KINDS.get(job.type, job.type), content_type)
+        url = await self.services.media.put(key, data, content_type)
+        return _Output(url, key, result)
+
+    async def _inputs(self, job: jobs.JobView) -> dict[str, MediaBlob]:
+        blobs: dict[str, MediaBlob] = {}
+        for field, key in job.media.items():
+            data = await self.services.media.get(key)
+            if data is None:
+                raise BackendError(f"The input '{field}' is no longer stored")
+            content_type = sniff_content_type(data) or "application/octet-stream"
+            blobs[field] = MediaBlob(data=data, content_type=content_type)
+        return blobs
+
+    def _progress_callback(self, job: jobs.JobView) -> Callable[[float, str], Awaitable[None]]:
+        last = 0.0
+
+        async def progress(fraction: float, message: str) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last < PROGRESS_MIN_INTERVAL and fraction < 1.0:
+                return
+            last = now
+            try:
+                await jobs.heartbeat(
+                    self.services.db,
+                    job.id,
+                    self.worker_id,
+                    self.lease,
+                    progress=(float(fraction), str(message)),
+                )
+            except Exception:  # progress is best-effort
+                log.warning("could not record progress of job %s", job.id, exc_info=True)
+
+        return progress
+
+    async def _end(self, ended: jobs.Ended | None) -> None:
+        if ended is not None:
+            await self.on_end(ended)
+
+
+def failure_message(exc: BaseException) -> str:
+    """The ``error`` a client sees for a failed generation."""
+    if isinstance(exc, BackendError):
+        return f"Generation failed: {exc.message}"
+    if isinstance(exc, HyperealError):
+        return exc.message
+    log.error("generation crashed", exc_info=exc)
+    return f"Generation failed: internal error ({exc.__class__.__name__})"

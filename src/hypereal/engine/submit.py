@@ -1,0 +1,145 @@
+"""Submitting an async generation: validate, price, fetch and store the input media, debit,
+create the job and put it on the queue.
+
+Input media (``input.image``, ``input.audio`` ...) are fetched here, through the SSRF guard,
+so a bad or refused URL is a 400 before anything is charged; the bytes go to the media
+store and the worker reads them from there (on any machine sharing the store).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from hypereal.domain import jobs, ledger, pricing
+from hypereal.domain.catalogue import ModelSpec, validate_params
+from hypereal.domain.errors import BadRequest, HyperealError, InsufficientCredits
+from hypereal.media.fetch import FetchRefused, fetch_media, parse_networks, vetted_addresses
+from hypereal.media.store import new_media_key
+from hypereal.services import Services
+
+log = logging.getLogger("hypereal.engine")
+
+MAX_WEBHOOK_URL_LENGTH = 2048
+
+
+class EngineNotRunning(HyperealError):
+    status = 503
+
+    def __init__(self) -> None:
+        super().__init__("The job engine is not running on this server")
+
+
+@dataclass(frozen=True)
+class Submission:
+    model: str | None
+    input: Mapping[str, Any]
+    webhook_url: str | None
+
+
+async def submit_generation(
+    services: Services, account_id: str, modality: str, submission: Submission
+) -> jobs.JobView:
+    """Create, charge and enqueue a job of ``modality`` (video | audio | 3d).
+
+    Raises ModelRequired / UnsupportedModel / BadRequest (400), InsufficientCredits (402),
+    ModelUnavailable or EngineNotRunning (503).
+    """
+    engine = services.engine
+    if engine is None:
+        raise EngineNotRunning()
+    spec = services.catalogue.get(submission.model, modality)
+    _check_available(services, spec, in_process=engine.consume)
+    params = validate_params(spec, submission.input, prefix="input.")
+    credits = pricing.price(spec, params)
+    webhook_url = await checked_webhook_url(services, submission.webhook_url)
+    available = await ledger.balance(services.db, account_id)
+    if available < credits:  # before fetching anything; the debit re-checks atomically
+        raise InsufficientCredits(required=credits, available=available)
+    media = await _store_inputs(services, spec, params)
+    job = await jobs.submit(
+        services.db,
+        jobs.NewJob(
+            account_id=account_id,
+            type=modality,
+            model=spec.slug,
+            input=params,
+            credits=credits,
+            media=media,
+            webhook_url=webhook_url,
+        ),
+    )
+    try:
+        await engine.kick(job.id)
+    except Exception:  # the job is safe in the database; maintenance re-sends it
+        log.exception("job %s: could not put it on the queue now", job.id)
+    return job
+
+
+def _check_available(services: Services, spec: ModelSpec, *, in_process: bool) -> None:
+    """In-process, the backend must load here; in front of remote workers, one of the
+    model's backends must at least be configured (it may only load on GPU hosts)."""
+    if in_process or not any(b.backend in services.backends.configs for b in spec.bindings):
+        services.backends.resolve(spec)
+
+
+async def checked_webhook_url(services: Services, url: object) -> str | None:
+    """An http(s) URL whose host passes the same SSRF guard as deliveries. Raises BadRequest."""
+    if url is None or url == "":
+        return None
+    if not isinstance(url, str) or len(url) > MAX_WEBHOOK_URL_LENGTH:
+        raise BadRequest("Invalid value for 'webhook_url': must be an http(s) URL")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadRequest("Invalid value for 'webhook_url': must be an http(s) URL")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        allowed = parse_networks(services.settings.allowed_private_networks)
+        await vetted_addresses(parts.hostname, port, allowed)
+    except FetchRefused as exc:
+        raise BadRequest(f"Invalid value for 'webhook_url': {exc.message}") from exc
+    except ValueError as exc:
+        raise BadRequest("Invalid value for 'webhook_url': must be an http(s) URL") from exc
+    return url
+
+
+def _expected_kind(field: str) -> str | None:
+    return next((kind for kind in ("image", "audio", "video") if kind in field), None)
+
+
+def _recorded(url: str, size: int) -> str:
+    """What the job row keeps of a media reference: the URL, or a stub for a data: URI."""
+    if url.startswith("data:"):
+        return f"{url[: url.find(',') + 1]}... ({size} bytes)"
+    return url
+
+
+async def _store_inputs(
+    services: Services, spec: ModelSpec, params: dict[str, Any]
+) -> dict[str, str]:
+    """Fetch every media parameter into the media store; returns field -> store key and
+    replaces data: URIs in ``params`` with a short stub."""
+    stored: dict[str, str] = {}
+    for param in spec.params:
+        value = params.get(param.name)
+        if value is None or param.type not in ("media", "media-list"):
+            continue
+        urls = [value] if param.type == "media" else list(value)
+        recorded: list[str] = []
+        for index, url in enumerate(urls):
+            field = param.name if param.type == "media" else f"{param.name}[{index}]"
+            blob = await fetch_media(
+                url,
+                services.settings,
+                field=f"input.{field}",
+                expect=_expected_kind(param.name),
+            )
+            key = new_media_key("inputs", blob.content_type)
+            await services.media.put(key, blob.data, blob.content_type)
+            stored[field] = key
+            recorded.append(_recorded(url, len(blob.data)))
+        params[param.name] = recorded[0] if param.type == "media" else recorded
+    return stored

@@ -1,0 +1,1 @@
+"""Object storage for generated media and content-type sniffing."""

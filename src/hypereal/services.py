@@ -1,0 +1,84 @@
+"""Everything a request, a CLI command or a worker needs, built once from the settings."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from hypereal.backends.registry import BackendRegistry
+from hypereal.domain import keys, ledger
+from hypereal.domain.catalogue import Catalogue, load_catalogue
+from hypereal.domain.ratelimit import RateLimiter
+from hypereal.media.store import LocalMediaStore, MediaStore, S3MediaStore
+from hypereal.settings import Settings
+from hypereal.store.db import Database
+from hypereal.store.migrate import upgrade_to_head
+
+log = logging.getLogger("hypereal")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    catalogue: Catalogue
+    backends: BackendRegistry
+    media: MediaStore
+    limiter: RateLimiter
+    # The job engine (hypereal.engine.engine.Engine) while the app or a worker runs.
+    engine: Any = None
+
+    async def migrate(self) -> None:
+        await upgrade_to_head(self.db.engine)
+
+    async def close(self) -> None:
+        await self.backends.aclose()
+        await self.db.dispose()
+
+
+def build_media_store(settings: Settings) -> MediaStore:
+    if settings.storage == "s3":
+        if not settings.s3_bucket:
+            raise ValueError("HYPEREAL_S3_BUCKET is required when HYPEREAL_STORAGE=s3")
+        return S3MediaStore(
+            settings.s3_bucket,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            access_key_id=settings.s3_access_key_id,
+            secret_access_key=settings.s3_secret_access_key,
+            public_url=settings.s3_public_url,
+        )
+    return LocalMediaStore(settings.resolved_media_dir, settings.base_url())
+
+
+def build_services(settings: Settings) -> Services:
+    catalogue = load_catalogue(settings.catalogue_file)
+    backends: dict[str, dict[str, Any]] = dict(settings.backends)
+    extra_types: dict[str, str] = {}
+    if settings.enable_test_backends:
+        from hypereal.backends import noop
+
+        extra_types.update(noop.NOOP_TYPES)
+        backends = {**noop.NOOP_INSTANCES, **backends}
+        noop.add_noop_models(catalogue)
+    return Services(
+        settings=settings,
+        db=Database(settings.resolved_database_url),
+        catalogue=catalogue,
+        backends=BackendRegistry(backends, extra_types=extra_types),
+        media=build_media_store(settings),
+        limiter=RateLimiter(settings.resolved_rate_limit_storage, settings.rate_limit_per_hour),
+    )
+
+
+async def bootstrap_admin(services: Services) -> keys.CreatedKey | None:
+    """On an empty database, create the admin account and key (the caller shows it once)."""
+    if not services.settings.bootstrap_admin or await keys.has_accounts(services.db):
+        return None
+    account_id = await keys.create_account(services.db, "admin", is_admin=True)
+    if services.settings.admin_initial_credits > 0:
+        await ledger.grant(
+            services.db, account_id, services.settings.admin_initial_credits, "initial credits"
+        )
+    return await keys.create_key(services.db, account_id, name="admin (bootstrap)")

@@ -1,0 +1,129 @@
+"""Server settings: environment variables (``HYPEREAL_*``) over an optional TOML file.
+
+The TOML file is named by ``HYPEREAL_CONFIG``; environment variables win over it.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HYPEREAL_", extra="ignore")
+
+    data_dir: Path = Path("data")
+    database_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str | None = None
+
+    # Rate limits: per key, moving window of one hour.
+    rate_limit_per_hour: int = 1000
+    redis_url: str | None = None
+    rate_limit_storage_url: str | None = None
+
+    # Async jobs: taskiq broker (in-process by default, Redis Streams when set).
+    broker_url: str | None = None
+    broker_queue: str = "hypereal:jobs"
+    # A running job's lease; its worker renews it, and a job whose lease ran out (the
+    # worker died) is re-queued, up to job_max_attempts runs, then failed and refunded.
+    job_lease_seconds: float = 60.0
+    job_max_attempts: int = 3
+    # How often a consuming process looks for expired leases, lost jobs and due webhooks.
+    engine_poll_seconds: float = 1.0
+    # Jobs one `hypereal worker` process (or `serve`, in-process) runs at once.
+    worker_concurrency: int = 8
+
+    # Webhooks: seconds before each attempt (the first is attempt 1), and per-attempt timeout.
+    webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
+    )
+    webhook_timeout_seconds: float = 15.0
+
+    # Bench/test configuration only: adds the `noop` backend and the `noop-*` models.
+    enable_test_backends: bool = False
+
+    # Media storage.
+    storage: Literal["local", "s3"] = "local"
+    media_dir: Path | None = None
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_public_url: str | None = None
+
+    # Model catalogue override (TOML, merged by slug) and backend instances.
+    catalogue_file: Path | None = None
+    backends: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    # Outbound fetches (image URLs, webhooks): CIDRs allowed despite being non-global.
+    allowed_private_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
+
+    # Chat streams: seconds of backend silence before a keep-alive comment is sent.
+    chat_keepalive_seconds: float = 15.0
+
+    # First start: create an admin account and print its key once.
+    bootstrap_admin: bool = True
+    admin_initial_credits: int = 0
+
+    @field_validator(
+        "allowed_private_networks", "cors_origins", "webhook_retry_schedule", mode="before"
+    )
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("HYPEREAL_CONFIG")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'hypereal.db').resolve()}"
+
+    @cached_property
+    def resolved_media_dir(self) -> Path:
+        return (self.media_dir or self.data_dir / "media").resolve()
+
+    @cached_property
+    def resolved_rate_limit_storage(self) -> str:
+        if self.rate_limit_storage_url:
+            return self.rate_limit_storage_url
+        if self.redis_url:
+            return "async+" + self.redis_url
+        return "async+memory://"
+
+    def base_url(self) -> str:
+        """The public base URL that absolute URLs (media, poll URLs) are built from."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        return f"http://{self.host}:{self.port}"

@@ -1,0 +1,334 @@
+"""Chat over HTTP: shapes, SSE streaming, billing (reserve then settle), disconnects,
+validation, the context limit, both prefixes, and the official OpenAI client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from hypereal.app import create_app
+from hypereal.backends.registry import BackendRegistry
+from hypereal.domain import keys, ledger
+from hypereal.services import Services, build_services
+from hypereal.settings import Settings
+from tests.support.chat_backends import ScriptedChat
+from tests.support.servers import serve_app
+
+TOKENS = [f" w{i}" for i in range(20)]
+CATALOGUE = """
+[[models]]
+slug = "test-chat"
+name = "scripted"
+modality = "chat"
+context_tokens = 1000
+# 1 credit per output token makes partial charges visible.
+price = { base_credits = 2, input_usd_per_million = 0, output_usd_per_million = 10000 }
+bindings = [{ backend = "scripted" }]
+
+[[models]]
+slug = "slow-chat"
+name = "scripted, slow"
+modality = "chat"
+price = { base_credits = 2, input_usd_per_million = 0, output_usd_per_million = 10000 }
+bindings = [{ backend = "slow" }]
+
+[[models]]
+slug = "broken-chat"
+name = "fails after 2 tokens"
+modality = "chat"
+price = { base_credits = 2, input_usd_per_million = 0, output_usd_per_million = 10000 }
+bindings = [{ backend = "broken" }]
+
+[[models]]
+slug = "quiet-chat"
+name = "silent before the first token"
+modality = "chat"
+price = { base_credits = 2, input_usd_per_million = 0, output_usd_per_million = 10000 }
+bindings = [{ backend = "quiet" }]
+
+[defaults]
+chat = "test-chat"
+"""
+
+
+@pytest.fixture
+async def chat_services(tmp_path: Path) -> AsyncIterator[Services]:
+    (tmp_path / "catalogue.toml").write_text(CATALOGUE)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        bootstrap_admin=False,
+        catalogue_file=tmp_path / "catalogue.toml",
+        chat_keepalive_seconds=0.05,
+        backends={
+            "scripted": {"type": "scripted", "tokens": TOKENS, "name": "scripted"},
+            "slow": {"type": "scripted", "tokens": TOKENS, "delay": 0.1, "name": "slow"},
+            "broken": {"type": "scripted", "tokens": TOKENS, "fail_after": 2, "name": "broken"},
+            "quiet": {"type": "scripted", "first_delay": 0.3, "name": "quiet"},
+        },
+    )
+    services = build_services(settings)
+    services.backends = BackendRegistry(
+        settings.backends, extra_types={"scripted": "tests.support.chat_backends:ScriptedChat"}
+    )
+    await services.migrate()
+    yield services
+    await services.close()
+
+
+async def new_key(services: Services, credits: int) -> tuple[str, str]:
+    account = await keys.create_account(services.db, "chat")
+    if credits:
+        await ledger.grant(services.db, account, credits)
+    return (await keys.create_key(services.db, account)).secret, account
+
+
+@pytest.fixture
+async def chat_client(chat_services: Services) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(chat_services.settings, services=chat_services)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            yield client
+
+
+@pytest.fixture
+def live_url(chat_services: Services) -> Iterator[str]:
+    with serve_app(create_app(chat_services.settings, services=chat_services)) as url:
+        yield url
+
+
+def events(body: str) -> list[Any]:
+    out: list[Any] = []
+    for line in body.splitlines():
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+MESSAGES = [{"role": "user", "content": "Hello, how are you?"}]
+
+
+@pytest.mark.parametrize("prefix", ["/v1", "/api/v1"])
+async def test_non_streaming_response_has_the_spec_shape_and_matches_the_ledger(
+    chat_client: httpx.AsyncClient, chat_services: Services, prefix: str
+) -> None:
+    key, account = await new_key(chat_services, 5000)
+    response = await chat_client.post(
+        f"{prefix}/spicy-chat", headers=bearer(key), json={"messages": MESSAGES, "stream": False}
+    )
+    assert response.status_code == 200
+    body = response.json()
+    assert body["id"].startswith("chatcmpl-")
+    assert body["choices"] == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "".join(TOKENS)},
+            "finish_reason": "stop",
+        }
+    ]
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 20, "total_tokens": 27}
+    assert body["creditsUsed"] == 2 + 20
+    assert body["object"] == "chat.completion" and body["model"] == "test-chat"
+    assert await ledger.balance(chat_services.db, account) == 5000 - body["creditsUsed"]
+    assert await ledger.ledger_sum(chat_services.db, account) == 5000 - body["creditsUsed"]
+
+
+async def test_chat_streams_by_default_and_chunks_concatenate(
+    chat_client: httpx.AsyncClient, chat_services: Services
+) -> None:
+    key, account = await new_key(chat_services, 5000)
+    response = await chat_client.post("/v1/chat", headers=bearer(key), json={"messages": MESSAGES})
+    assert response.headers["content-type"].startswith("text/event-stream")
+    stream = events(response.text)
+    assert stream[-1] == "[DONE]"
+    final = stream[-2]
+    chunks = stream[:-2]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == "".join(TOKENS)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert final["choices"][0]["finish_reason"] == "stop"
+    assert final["usage"]["completion_tokens"] == 20
+    assert final["creditsUsed"] == 22
+    assert await ledger.balance(chat_services.db, account) == 5000 - 22
+
+
+async def test_chat_completions_defaults_to_json_and_honours_max_tokens(
+    chat_client: httpx.AsyncClient, chat_services: Services
+) -> None:
+    key, account = await new_key(chat_services, 5000)
+    response = await chat_client.post(
+        "/v1/chat/completions", headers=bearer(key), json={"messages": MESSAGES, "max_tokens": 5}
+    )
+    body = response.json()
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 5 and body["creditsUsed"] == 7
+    # Reserved 2 + 5 at submission; settled to exactly that.
+    assert await ledger.balance(chat_services.db, account) == 5000 - 7
+
+
+async def test_402_before_any_generation(
+    chat_client: httpx.AsyncClient, chat_services: Services
+) -> None:
+    key, account = await new_key(chat_services, 10)
+    ScriptedChat.runs.pop("scripted", None)
+    response = await chat_client.post(
+        "/v1/chat/completions", headers=bearer(key), json={"messages": MESSAGES, "max_tokens": 100}
+    )
+    assert response.status_code == 402
+    assert response.json() == {"error": "Insufficient credits", "required": 102, "available": 10}
+    assert "scripted" not in ScriptedChat.runs  # the backend was never called
+    assert await ledger.balance(chat_services.db, account) == 10
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({}, "Missing required field 'messages'"),
+        ({"messages": []}, "Invalid value for 'messages'"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"messages": MESSAGES, "temperature": 2.5}, "'temperature'"),
+        ({"messages": MESSAGES, "temperature": -0.1}, "'temperature'"),
+        ({"messages": MESSAGES, "max_tokens": 0}, "'max_tokens'"),
+        ({"messages": MESSAGES, "model": "gpt-nope"}, "Unsupported chat model: gpt-nope"),
+        ({"messages": MESSAGES, "model": "flux-1-schnell"}, "Unsupported chat model"),
+    ],
+)
+async def test_validation_errors_are_400_naming_the_field(
+    chat_client: httpx.AsyncClient, chat_services: Services, body: dict[str, Any], message: str
+) -> None:
+    key, account = await new_key(chat_services, 5000)
+    response = await chat_client.post("/v1/spicy-chat", headers=bearer(key), json=body)
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+    assert await ledger.balance(chat_services.db, account) == 5000
+
+
+async def test_context_limit_is_enforced_with_the_models_tokenizer(
+    chat_client: httpx.AsyncClient, chat_services: Services
+) -> None:
+    key, account = await new_key(chat_services, 5000)
+    long = [{"role": "user", "content": "word " * 1200}]
+    response = await chat_client.post("/v1/chat", headers=bearer(key), json={"messages": long})
+    assert response.status_code == 400
+    assert "1203 tokens, over the 1000-token context limit" in response.json()["error"]
+    assert await ledger.balance(chat_services.db, account) == 5000
+
+
+async def test_model_without_a_backend_is_503(
+    chat_client: httpx.AsyncClient, chat_services: Services
+) -> None:
+    key, _ = await new_key(chat_services, 5000)
+    response = await chat_client.post(
+        "/v1/chat",
+        headers=bearer(key),
+        json={"messages": MESSAGES, "model": "smollm2-135m-instruct"},
+    )
+    # local-llama may or may not be installed here; when it isn't, it's a clear 503.
+    assert response.status_code in (200, 503)
+    if response.status_code == 503:
+        assert "not available" in response.json()["error"]
+
+
+async def test_error_mid_stream_arrives_as_an_event_and_bills_what_was_generated(
+    chat_client: httpx.AsyncClient, chat_services: Services
+) -> None:
+    key, account = await new_key(chat_services, 5000)
+    response = await chat_client.post(
+        "/v1/chat", headers=bearer(key), json={"messages": MESSAGES, "model": "broken-chat"}
+    )
+    stream = events(response.text)
+    assert "[DONE]" not in stream
+    assert stream[-1]["error"]["message"] == "Generation failed: the model crashed"
+    assert len(stream) == 3  # two content chunks, then the error
+    assert stream[-1]["creditsUsed"] == 4
+    assert await ledger.balance(chat_services.db, account) == 5000 - 4
+
+
+async def test_keep_alive_comments_while_the_backend_is_silent(
+    chat_client: httpx.AsyncClient, chat_services: Services
+) -> None:
+    key, _ = await new_key(chat_services, 5000)
+    response = await chat_client.post(
+        "/v1/chat", headers=bearer(key), json={"messages": MESSAGES, "model": "quiet-chat"}
+    )
+    assert ": keep-alive" in response.text.split("data:")[0]
+    assert events(response.text)[-1] == "[DONE]"
+
+
+async def test_first_chunk_arrives_before_generation_ends(
+    live_url: str, chat_services: Services
+) -> None:
+    key, _ = await new_key(chat_services, 5000)
+    async with httpx.AsyncClient(timeout=30) as client:
+        async with client.stream(
+            "POST",
+            f"{live_url}/v1/chat",
+            headers=bearer(key),
+            json={"messages": MESSAGES, "model": "slow-chat"},
+        ) as response:
+            lines = response.aiter_lines()
+            async for line in lines:
+                if line.startswith("data: "):
+                    break
+            run = ScriptedChat.runs["slow"]
+            assert run["produced"] < len(TOKENS) and not run["finished"]
+            rest = [line async for line in lines]
+    assert "data: [DONE]" in rest
+
+
+async def test_disconnect_stops_the_backend_and_bills_only_what_was_generated(
+    live_url: str, chat_services: Services
+) -> None:
+    key, account = await new_key(chat_services, 5000)
+    async with httpx.AsyncClient(timeout=30) as client:
+        async with client.stream(
+            "POST",
+            f"{live_url}/v1/chat",
+            headers=bearer(key),
+            json={"messages": MESSAGES, "model": "slow-chat"},
+        ) as response:
+            seen = 0
+            async for line in response.aiter_lines():
+                seen += line.startswith("data: ")
+                if seen == 3:
+                    break
+    run = ScriptedChat.runs["slow"]
+    for _ in range(100):  # the server notices the disconnect and settles
+        if run["stopped"] and await ledger.balance(chat_services.db, account) > 5000 - 995:
+            break
+        await asyncio.sleep(0.05)
+    produced = run["produced"]
+    await asyncio.sleep(0.3)
+    assert run["stopped"] and not run["finished"]
+    assert run["produced"] == produced < len(TOKENS)  # nothing generated after the stop
+    assert await ledger.balance(chat_services.db, account) == 5000 - (2 + produced)
+    assert await ledger.ledger_sum(chat_services.db, account) == 5000 - (2 + produced)
+
+
+async def test_official_openai_client_completes_and_streams(
+    live_url: str, chat_services: Services
+) -> None:
+    openai = pytest.importorskip("openai")
+    key, _ = await new_key(chat_services, 5000)
+
+    def use_sdk() -> tuple[str, str]:
+        client = openai.OpenAI(base_url=f"{live_url}/v1", api_key=key)
+        completion = client.chat.completions.create(model="test-chat", messages=MESSAGES)
+        streamed = client.chat.completions.create(model="test-chat", messages=MESSAGES, stream=True)
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices)
+        return completion.choices[0].message.content or "", text
+
+    full, streamed = await asyncio.to_thread(use_sdk)
+    assert full == streamed == "".join(TOKENS)

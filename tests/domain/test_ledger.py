@@ -1,0 +1,97 @@
+"""The ledger never overspends, sums to the balance, and refunds a debit at most once,
+on SQLite and on the real PostgreSQL server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from hypereal.domain import keys, ledger
+from hypereal.domain.errors import InsufficientCredits
+from hypereal.store.db import Database
+from hypereal.store.migrate import upgrade_to_head
+from tests.support.infra import ensure_postgres, temporary_postgres_database
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    if request.param == "sqlite":
+        database = Database(f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}")
+        await upgrade_to_head(database.engine)
+        yield database
+        await database.dispose()
+        return
+    if not ensure_postgres():
+        pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432 and could not be started")
+    with temporary_postgres_database() as url:
+        database = Database(url)
+        await upgrade_to_head(database.engine)
+        yield database
+        await database.dispose()
+
+
+async def test_debit_never_overspends_under_500_concurrent_debits(db: Database) -> None:
+    account = await keys.create_account(db, "concurrency")
+    await ledger.grant(db, account, 1000)
+    cost = 7
+
+    async def attempt(i: int) -> bool:
+        try:
+            await ledger.debit(db, account, cost, reference=f"r{i}", description="test")
+            return True
+        except InsufficientCredits:
+            return False
+
+    results = await asyncio.gather(*(attempt(i) for i in range(500)))
+    successes = sum(results)
+    assert successes == 1000 // cost
+    balance = await ledger.balance(db, account)
+    assert balance == 1000 - successes * cost
+    assert balance >= 0
+    assert await ledger.ledger_sum(db, account) == balance
+
+
+async def test_insufficient_credits_charges_nothing_and_reports_amounts(db: Database) -> None:
+    account = await keys.create_account(db, "poor")
+    await ledger.grant(db, account, 10)
+    with pytest.raises(InsufficientCredits) as caught:
+        await ledger.debit(db, account, 69, reference="job", description="video")
+    assert (caught.value.required, caught.value.available) == (69, 10)
+    assert caught.value.body() == {"error": "Insufficient credits", "required": 69, "available": 10}
+    assert await ledger.balance(db, account) == 10
+    assert [e.kind for e in await ledger.entries(db, account)] == ["grant"]
+
+
+async def test_refund_happens_exactly_once_even_when_raced(db: Database) -> None:
+    account = await keys.create_account(db, "refunds")
+    await ledger.grant(db, account, 100)
+    entry = await ledger.debit(db, account, 40, reference="job_1", description="video")
+    results = await asyncio.gather(*(ledger.refund(db, entry.id) for _ in range(20)))
+    refunds = [r for r in results if r is not None]
+    assert len(refunds) == 1
+    assert refunds[0].amount == 40 and refunds[0].refund_of == entry.id
+    assert await ledger.balance(db, account) == 100
+    assert await ledger.ledger_sum(db, account) == 100
+
+
+async def test_partial_refund_settles_a_reservation(db: Database) -> None:
+    account = await keys.create_account(db, "settle")
+    await ledger.grant(db, account, 50)
+    reserved = await ledger.debit(db, account, 10, reference="chat_1", description="chat")
+    refund = await ledger.refund(db, reserved.id, amount=7, description="settle")
+    assert refund is not None and refund.balance_after == 47
+    assert await ledger.refund(db, reserved.id) is None  # already settled once
+    assert await ledger.balance(db, account) == 47
+
+
+async def test_entries_are_paginated_newest_first(db: Database) -> None:
+    account = await keys.create_account(db, "pages")
+    for amount in range(1, 6):
+        await ledger.grant(db, account, amount)
+    first = await ledger.entries(db, account, limit=2)
+    second = await ledger.entries(db, account, limit=2, before_id=first[-1].id)
+    assert [e.amount for e in first] == [5, 4]
+    assert [e.amount for e in second] == [3, 2]

@@ -1,0 +1,415 @@
+"""A fake OpenAI-compatible server: a real FastAPI app speaking the OpenAI REST protocol.
+
+Endpoints (under ``/v1``, so the client's base URL is ``{url}/v1``; all but ``/files`` and
+``/tokenize`` want ``Authorization: Bearer <api_key>`` when ``api_key`` is set):
+
+- ``POST /v1/chat/completions``: with ``stream: true`` an SSE stream of ``chat.completion.chunk``
+  objects (a role chunk, one chunk per token, a ``finish_reason`` chunk, with
+  ``stream_options.include_usage`` a usage chunk with empty ``choices``, then ``[DONE]``);
+  without it one ``chat.completion`` object. ``max_tokens`` (or ``max_completion_tokens``)
+  truncates the answer with ``finish_reason: "length"``.
+- ``POST /v1/images/generations`` (JSON) and ``POST /v1/images/edits`` (multipart ``image`` or
+  ``image[]`` files): ``{"created", "data": [{"b64_json"} | {"url"}]}``; ``response_format``
+  picks, absent means ``b64_json`` (as GPT image models answer). Images are real PNG/JPEG/WEBP.
+- ``POST /v1/audio/speech``: real WAV bytes (stdlib ``wave``), or an MP3 frame for ``mp3``.
+- ``POST /tokenize``: vLLM's (``{count, max_model_len, tokens}``) or, with
+  ``tokenize_style="llama_cpp"``, llama.cpp's (``{tokens}`` of ``content``) tokenizer endpoint.
+- ``GET /files/{name}``: the images answered by URL.
+
+Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``. Usage::
+
+    fake = OpenAIFake(tokens=["Hel", "lo"], token_delay=0.01)
+    fake.failure = "server_error"      # or unauthorized, bad_request, rate_limited, slow,
+    fake.failure_times = 1             # error_mid_stream, cut_mid_stream; next request only
+    with serve_app(fake.app) as url:
+        backend = OpenAICompatible({"base_url": url + "/v1", "api_key": fake.api_key})
+    assert fake.tokens_sent == 2       # token chunks the server actually wrote
+
+Tokens are counted as one per whitespace-separated word of the message contents (prompt) and
+one per streamed token (completion), so tests can predict usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.parser
+import email.policy
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from tests.fakes.sample_media import MIME_BY_KIND, MediaStore, image_bytes, wav_bytes
+
+Failure = Literal[
+    "unauthorized",
+    "bad_request",
+    "server_error",
+    "rate_limited",
+    "slow",
+    "error_mid_stream",
+    "cut_mid_stream",
+]
+
+# Status, type, code and message of each failure, as OpenAI words them.
+_FAILURES: dict[str, tuple[int, str, str | None, str]] = {
+    "unauthorized": (
+        401,
+        "invalid_request_error",
+        "invalid_api_key",
+        "Incorrect API key provided. You can find your API key in your account settings.",
+    ),
+    "bad_request": (
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+        "This model's maximum context length is 4096 tokens. However, your messages resulted "
+        "in 5000 tokens. Please reduce the length of the messages.",
+    ),
+    "server_error": (
+        500,
+        "server_error",
+        None,
+        "The server had an error while processing your request. Sorry about that!",
+    ),
+    "rate_limited": (
+        429,
+        "requests",
+        "rate_limit_exceeded",
+        "Rate limit reached for requests. Please try again in 1ms.",
+    ),
+}
+DEFAULT_TOKENS = ("Hello", ",", " world", "!")
+# One MPEG-1 Layer III frame header (128 kbit/s, 44.1 kHz) padded to its 417-byte length.
+MP3_FRAME = b"\xff\xfb\x90\x64" + b"\x00" * 413
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One API request as the fake received it (``form`` and ``files`` for multipart)."""
+
+    path: str
+    authorization: str | None
+    headers: dict[str, str]
+    body: dict[str, Any]
+    files: list[tuple[str, str, bytes]] = field(default_factory=list)  # (field, type, bytes)
+
+
+def openai_error(status: int, message: str, type_: str, code: str | None = None) -> JSONResponse:
+    """An error answer in OpenAI's body format."""
+    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    headers = {"Retry-After": "0"} if status == 429 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+@dataclass
+class StreamStats:
+    """What the chat streams of one fake did; written by the server thread."""
+
+    tokens_sent: int = 0  # token chunks handed to the socket
+    started: int = 0
+    completed: int = 0  # streams that reached ``[DONE]``
+    aborted: int = 0  # streams stopped early because the client went away
+
+    async def wait_for_abort(self, count: int = 1, timeout: float = 5.0) -> None:
+        """Wait until ``count`` streams were stopped by their client going away (the server
+        notices a disconnect asynchronously). Raises AssertionError after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while self.aborted < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.aborted} streams aborted, expected {count}")
+            await asyncio.sleep(0.01)
+
+
+def prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """The fakes' prompt token count: whitespace-separated words of every content."""
+    return sum(len(str(m.get("content", "")).split()) for m in messages)
+
+
+async def chat_chunks(
+    stats: StreamStats,
+    *,
+    model: str,
+    answer: list[str],
+    finish: str,
+    usage_chunk: dict[str, int] | None = None,
+    token_delay: float = 0.0,
+    error_after: int | None = None,
+    cut_after: int | None = None,
+    finish_extra: dict[str, Any] | None = None,
+    keepalive: bool = False,
+) -> AsyncIterator[bytes]:
+    """An OpenAI ``chat.completion.chunk`` SSE stream of ``answer``: a role chunk, one chunk
+    per token (``token_delay`` apart), the ``finish`` chunk (with ``finish_extra`` fields), a
+    usage chunk with empty ``choices`` when ``usage_chunk`` is given, then ``[DONE]``. With
+    ``error_after`` the stream instead ends after that many tokens with an ``error`` chunk;
+    with ``cut_after`` it just ends there, as when the server dies mid-answer."""
+    chunk_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        chunk = {
+            "id": chunk_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": "fp_fake",
+            "choices": choices,
+            **extra,
+        }
+        if usage_chunk is not None:
+            chunk.setdefault("usage", None)  # with include_usage, other chunks carry null
+        return f"data: {json.dumps(chunk)}\n\n".encode()
+
+    def choice(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+    stats.started += 1
+    try:
+        if keepalive:
+            yield b": keep-alive\n\n"
+        yield event([choice({"role": "assistant", "content": ""})])
+        for index, token in enumerate(answer):
+            if index == error_after:
+                error = {"message": _FAILURES["server_error"][3], "type": "server_error"}
+                yield f"data: {json.dumps({'error': {**error, 'param': None}})}\n\n".encode()
+                return
+            if index == cut_after:
+                return
+            if token_delay:
+                await asyncio.sleep(token_delay)
+            yield event([choice({"content": token})])
+            stats.tokens_sent += 1  # resumed: the chunk above was handed to the socket
+        yield event([choice({}, finish)], **(finish_extra or {}))
+        if usage_chunk is not None:
+            yield event([], usage=usage_chunk)
+        yield b"data: [DONE]\n\n"
+        stats.completed += 1
+    except (asyncio.CancelledError, GeneratorExit):
+        stats.aborted += 1
+        raise
+
+
+@dataclass
+class OpenAIFake:
+    """Configuration, recorded traffic and app of one fake OpenAI-compatible server.
+
+    Attributes may be changed between requests; counters are written by the server thread.
+    """
+
+    api_key: str | None = "sk-test"
+    tokens: tuple[str, ...] | list[str] = DEFAULT_TOKENS
+    token_delay: float = 0.0  # seconds between streamed token chunks
+    failure: Failure | None = None
+    failure_times: int | None = None  # the failure hits the next N requests; None: every one
+    error_after_tokens: int = 2  # tokens streamed before ``error_mid_stream``/``cut_mid_stream``
+    slow_seconds: float = 5.0  # delay before a ``slow`` request answers
+    tokenize_style: Literal["vllm", "llama_cpp"] = "vllm"
+    keepalive_comments: bool = True  # interleave ``: keep-alive`` SSE comments (as OpenRouter)
+
+    requests: list[RecordedRequest] = field(default_factory=list)
+    stats: StreamStats = field(default_factory=StreamStats)
+    media: MediaStore = field(default_factory=MediaStore)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def app(self) -> FastAPI:
+        """A new ASGI app over this fake's state."""
+        app = FastAPI(title="fake OpenAI-compatible server")
+        self.media.mount(app)
+        app.post("/v1/chat/completions")(self._chat)
+        app.post("/v1/images/generations")(self._generations)
+        app.post("/v1/images/edits")(self._edits)
+        app.post("/v1/audio/speech")(self._speech)
+        app.post("/tokenize")(self._tokenize)
+        return app
+
+    @property
+    def tokens_sent(self) -> int:
+        """Token chunks written to the wire, across all streams."""
+        return self.stats.tokens_sent
+
+    # ------------------------------------------------------------------- plumbing
+
+    def _record(self, request: Request, body: dict[str, Any], files: Any = ()) -> None:
+        self.requests.append(
+            RecordedRequest(
+                path=request.url.path,
+                authorization=request.headers.get("authorization"),
+                headers=dict(request.headers),
+                body=body,
+                files=list(files),
+            )
+        )
+
+    async def _gate(self, request: Request) -> Response | None:
+        """The error answer this request gets (auth, injected failure), or None."""
+        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return openai_error(*_error_args("unauthorized"))
+        failure = self._take_failure()
+        if failure == "slow":
+            await asyncio.sleep(self.slow_seconds)
+        elif failure in _FAILURES:
+            return openai_error(*_error_args(failure))
+        return None
+
+    def _take_failure(self) -> Failure | None:
+        with self._lock:
+            failure = self.failure
+            if failure is not None and self.failure_times is not None:
+                self.failure_times -= 1
+                if self.failure_times <= 0:
+                    self.failure, self.failure_times = None, None
+            return failure
+
+    # ----------------------------------------------------------------------- chat
+
+    async def _chat(self, request: Request) -> Response:
+        body = await request.json()
+        self._record(request, body)
+        mid_stream = self.failure
+        if (denied := await self._gate(request)) is not None:
+            return denied
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        answer = list(self.tokens)[: limit or None]
+        finish = "length" if limit is not None and limit < len(self.tokens) else "stop"
+        usage = {
+            "prompt_tokens": prompt_tokens(body.get("messages") or []),
+            "completion_tokens": len(answer),
+        }
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        model = str(body.get("model") or "fake-model")
+        if not body.get("stream"):
+            return JSONResponse(_completion(model, "".join(answer), finish, usage))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        events = chat_chunks(
+            self.stats,
+            model=model,
+            answer=answer,
+            finish=finish,
+            usage_chunk=usage if include_usage else None,
+            token_delay=self.token_delay,
+            error_after=self.error_after_tokens if mid_stream == "error_mid_stream" else None,
+            cut_after=self.error_after_tokens if mid_stream == "cut_mid_stream" else None,
+            keepalive=self.keepalive_comments,
+        )
+        return StreamingResponse(events, media_type="text/event-stream")
+
+    # --------------------------------------------------------------------- images
+
+    async def _generations(self, request: Request) -> Response:
+        body = await request.json()
+        self._record(request, body)
+        if (denied := await self._gate(request)) is not None:
+            return denied
+        return self._images_answer(request, body)
+
+    async def _edits(self, request: Request) -> Response:
+        form, files = parse_multipart(request.headers.get("content-type", ""), await request.body())
+        self._record(request, form, files)
+        if (denied := await self._gate(request)) is not None:
+            return denied
+        if not any(name in ("image", "image[]") for name, _, _ in files):
+            return openai_error(
+                400, "Missing required parameter: 'image'.", "invalid_request_error"
+            )
+        return self._images_answer(request, form)
+
+    def _images_answer(self, request: Request, body: dict[str, Any]) -> Response:
+        if not body.get("prompt"):
+            return openai_error(
+                400, "Missing required parameter: 'prompt'.", "invalid_request_error"
+            )
+        fmt = str(body.get("output_format") or "png")
+        width, _, height = str(body.get("size") or "64x64").partition("x")
+        data = image_bytes(min(int(width), 64), min(int(height), 64), fmt)
+        items = []
+        for _ in range(int(body.get("n") or 1)):
+            if body.get("response_format") == "url":
+                items.append({"url": self.media.add(request, data, MIME_BY_KIND[fmt], fmt)})
+            else:
+                items.append({"b64_json": base64.b64encode(data).decode()})
+        return JSONResponse({"created": int(time.time()), "data": items})
+
+    # --------------------------------------------------------------------- speech
+
+    async def _speech(self, request: Request) -> Response:
+        body = await request.json()
+        self._record(request, body)
+        if (denied := await self._gate(request)) is not None:
+            return denied
+        missing = [name for name in ("model", "input", "voice") if not body.get(name)]
+        if missing:
+            message = f"Missing required parameter: '{missing[0]}'."
+            return openai_error(400, message, "invalid_request_error")
+        if body.get("response_format") == "mp3":
+            return Response(MP3_FRAME * 4, media_type="audio/mpeg")
+        return Response(wav_bytes(), media_type="audio/wav")
+
+    # ------------------------------------------------------------------- tokenize
+
+    async def _tokenize(self, request: Request) -> Response:
+        body = await request.json()
+        self._record(request, body)
+        if self.tokenize_style == "llama_cpp":
+            words = str(body.get("content", "")).split()
+            return JSONResponse({"tokens": list(range(len(words)))})
+        count = prompt_tokens(body.get("messages") or []) + 5  # + chat template tokens
+        return JSONResponse(
+            {
+                "count": count,
+                "max_model_len": 4096,
+                "tokens": list(range(count)),
+                "token_strs": None,
+            }
+        )
+
+
+def _error_args(failure: str) -> tuple[int, str, str, str | None]:
+    status, type_, code, message = _FAILURES[failure]
+    return status, message, type_, code
+
+
+def _completion(model: str, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        ],
+        "usage": usage,
+    }
+
+
+def parse_multipart(
+    content_type: str, body: bytes
+) -> tuple[dict[str, Any], list[tuple[str, str, bytes]]]:
+    """Form fields and ``(field, content type, bytes)`` files of a multipart/form-data body,
+    parsed with the stdlib so the fake needs no multipart package."""
+    head = f"Content-Type: {content_type}\r\n\r\n".encode()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    form: dict[str, Any] = {}
+    files: list[tuple[str, str, bytes]] = []
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        if not isinstance(name, str) or not isinstance(payload, bytes):
+            continue
+        if part.get_filename() is not None:
+            files.append((name, part.get_content_type(), payload))
+        else:
+            form[name] = payload.decode()
+    return form, files

@@ -1,0 +1,271 @@
+"""Test backends for the job engine, and an app wired to them.
+
+``ScriptedJobs`` implements the video, audio and 3D protocols for real: it returns real small
+files (an ISO BMFF MP4, a PCM WAV via ``wave``, an MP3 frame, a binary glTF) or fails, hangs
+or runs slowly, as its instance options say. Every call is recorded in ``CALLS`` so tests can
+see what the engine handed the backend and whether the work was cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from hypereal.app import create_app
+from hypereal.backends.base import BackendError, JobRequest, JobResult, MediaBlob
+from hypereal.backends.registry import BackendRegistry
+from hypereal.domain import keys, ledger
+from hypereal.services import Services, build_services
+from hypereal.settings import Settings
+from tests.fakes.sample_media import glb_bytes, image_bytes, mp4_bytes, wav_bytes
+
+# One MPEG-1 Layer III frame header (128 kbit/s, 44.1 kHz) behind an ID3v2 tag.
+MP3_BYTES = b"ID3\x03\x00\x00\x00\x00\x00\x00" + b"\xff\xfb\x90\x64" + bytes(413)
+
+
+@dataclass
+class Call:
+    request: JobRequest
+    modality: str
+    cancelled: bool = False
+    finished: bool = False
+
+
+@dataclass
+class Recorder:
+    calls: list[Call] = field(default_factory=list)
+    running: int = 0
+    max_running: int = 0
+
+
+CALLS = Recorder()
+
+
+class ScriptedJobs:
+    """Options: ``mode`` = ok | fail | hang | crash, ``delay`` (seconds, for ok)."""
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self.mode = str(options.get("mode", "ok"))
+        self.delay = float(options.get("delay", 0))
+
+    async def _run(self, request: JobRequest, modality: str, progress: Any) -> None:
+        call = Call(request, modality)
+        CALLS.calls.append(call)
+        CALLS.running += 1
+        CALLS.max_running = max(CALLS.max_running, CALLS.running)
+        try:
+            await progress(0.5, "half way")
+            if self.mode == "hang":
+                await asyncio.sleep(3600)
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            if self.mode == "fail":
+                raise BackendError("the fake backend was told to fail")
+            if self.mode == "crash":
+                raise RuntimeError("unexpected crash")
+            call.finished = True
+        except asyncio.CancelledError:
+            call.cancelled = True
+            raise
+        finally:
+            CALLS.running -= 1
+
+    async def generate_video(self, request: JobRequest, progress: Any) -> JobResult:
+        await self._run(request, "video", progress)
+        return JobResult(MediaBlob(mp4_bytes(), "video/mp4"))
+
+    async def generate_audio(self, request: JobRequest, progress: Any) -> JobResult:
+        await self._run(request, "audio", progress)
+        if request.input.get("format") == "mp3":
+            return JobResult(MediaBlob(MP3_BYTES, "audio/mpeg"))
+        return JobResult(MediaBlob(wav_bytes(), "audio/wav"), data={"text": request.input["text"]})
+
+    async def generate_mesh(self, request: JobRequest, progress: Any) -> JobResult:
+        await self._run(request, "3d", progress)
+        return JobResult(MediaBlob(glb_bytes(), "model/gltf-binary"))
+
+
+TEST_TYPES = {"test_jobs": "tests.fakes_jobs:ScriptedJobs"}
+TEST_BACKENDS: dict[str, dict[str, Any]] = {
+    "fake-ok": {"type": "test_jobs"},
+    "fake-fail": {"type": "test_jobs", "mode": "fail"},
+    "fake-crash": {"type": "test_jobs", "mode": "crash"},
+    "fake-hang": {"type": "test_jobs", "mode": "hang"},
+    "fake-slow": {"type": "test_jobs", "delay": 0.4},
+}
+
+TEST_CATALOGUE = textwrap.dedent(
+    """
+    [[models]]
+    slug = "test-video"
+    name = "Test video"
+    modality = "video"
+    concurrency = 4
+    price = { credits_per_second = 2, minimum = 3 }
+    params = [
+      { name = "prompt", type = "string" },
+      { name = "image", type = "media" },
+      { name = "duration", type = "integer", default = 5, minimum = 1, maximum = 10 },
+    ]
+    bindings = [{ backend = "fake-ok" }]
+
+    [[models]]
+    slug = "test-tts"
+    name = "Test speech"
+    modality = "audio"
+    price = { credits = 3 }
+    concurrency = 4
+    params = [
+      { name = "text", type = "string", required = true },
+      { name = "voice", type = "string" },
+      { name = "audio", type = "media" },
+      { name = "format", type = "string", default = "wav", choices = ["wav", "mp3"] },
+    ]
+    bindings = [{ backend = "fake-ok" }]
+
+    [[models]]
+    slug = "test-3d"
+    name = "Test 3D"
+    modality = "3d"
+    price = { credits = 7 }
+    params = [{ name = "image", type = "media", required = true }]
+    bindings = [{ backend = "fake-ok" }]
+
+    [[models]]
+    slug = "test-fail"
+    name = "Always fails"
+    modality = "video"
+    price = { credits = 10 }
+    params = [{ name = "prompt", type = "string" }]
+    bindings = [{ backend = "fake-fail" }]
+
+    [[models]]
+    slug = "test-crash"
+    name = "Crashes"
+    modality = "video"
+    price = { credits = 10 }
+    params = [{ name = "prompt", type = "string" }]
+    bindings = [{ backend = "fake-crash" }]
+
+    [[models]]
+    slug = "test-hang"
+    name = "Hangs"
+    modality = "video"
+    price = { credits = 10 }
+    timeout_seconds = 3600
+    params = [{ name = "prompt", type = "string" }]
+    bindings = [{ backend = "fake-hang" }]
+
+    [[models]]
+    slug = "test-timeout"
+    name = "Hangs past its timeout"
+    modality = "video"
+    price = { credits = 10 }
+    timeout_seconds = 1
+    params = [{ name = "prompt", type = "string" }]
+    bindings = [{ backend = "fake-hang" }]
+
+    [[models]]
+    slug = "test-slow"
+    name = "Slow, one at a time"
+    modality = "video"
+    price = { credits = 1 }
+    concurrency = 1
+    params = [{ name = "prompt", type = "string" }]
+    bindings = [{ backend = "fake-slow" }]
+    """
+)
+
+
+def png_data_uri() -> str:
+    return "data:image/png;base64," + base64.b64encode(image_bytes(16, 16)).decode()
+
+
+def wav_data_uri() -> str:
+    return "data:audio/wav;base64," + base64.b64encode(wav_bytes()).decode()
+
+
+def job_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    catalogue = tmp_path / "test-catalogue.toml"
+    catalogue.write_text(TEST_CATALOGUE)
+    values: dict[str, Any] = {
+        "data_dir": tmp_path / "data",
+        "bootstrap_admin": False,
+        "public_url": "http://testserver",
+        "catalogue_file": catalogue,
+        "backends": TEST_BACKENDS,
+        "engine_poll_seconds": 0.2,
+        "webhook_retry_schedule": [0, 0.2, 0.2, 0.2],
+        **overrides,
+    }
+    return Settings(**values)
+
+
+def job_services(settings: Settings) -> Services:
+    services = build_services(settings)
+    return replace(services, backends=BackendRegistry(settings.backends, extra_types=TEST_TYPES))
+
+
+@dataclass
+class JobEnv:
+    services: Services
+    client: httpx.AsyncClient
+
+    async def new_key(self, credits: int = 100) -> tuple[str, dict[str, str]]:
+        """A new account with ``credits``: (account id, auth headers)."""
+        account_id = await keys.create_account(self.services.db, "test")
+        if credits:
+            await ledger.grant(self.services.db, account_id, credits, "test grant")
+        created = await keys.create_key(self.services.db, account_id)
+        return account_id, {"Authorization": f"Bearer {created.secret}"}
+
+    async def wait_for(
+        self, job_id: str, headers: Mapping[str, str], *, stage: str | None = None
+    ) -> dict[str, Any]:
+        """Poll the job until it is finished (or reaches ``stage``); 20 s at most."""
+        async with asyncio.timeout(20):
+            while True:
+                job: dict[str, Any] = (
+                    await self.client.get(f"/v1/jobs/{job_id}", headers=dict(headers))
+                ).json()
+                if stage is not None and job["stage"] == stage:
+                    return job
+                if stage is None and job["status"] != "processing":
+                    return job
+                await asyncio.sleep(0.05)
+
+
+@asynccontextmanager
+async def job_app(tmp_path: Path, **overrides: Any) -> AsyncIterator[JobEnv]:
+    """The real app (in-process engine) on a fresh SQLite file with the test backends."""
+    CALLS.calls.clear()
+    CALLS.max_running = 0
+    settings = job_settings(tmp_path, **overrides)
+    services = job_services(settings)
+    app = create_app(settings, services=services)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            yield JobEnv(services, c)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 20) -> None:
+    """Wait until ``await check()`` is true; fails the test after ``seconds``."""
+    async with asyncio.timeout(seconds):
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(0.05)
+
+
+async def ledger_kinds(services: Services, account_id: str) -> list[str]:
+    """The account's ledger entry kinds, oldest first."""
+    return [e.kind for e in reversed(await ledger.entries(services.db, account_id))]

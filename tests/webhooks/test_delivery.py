@@ -1,0 +1,238 @@
+"""Webhook delivery against a real receiver on 127.0.0.1 that verifies Standard Webhooks
+signatures: retries with the same id, 3xx not followed, 410 stops, restarts resume."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI, Request, Response
+from sqlalchemy import update
+from standardwebhooks import Webhook, WebhookVerificationError
+from typer.testing import CliRunner
+
+from hypereal.cli import app as cli_app
+from hypereal.store.models import WebhookDelivery, utcnow
+from tests.fakes_jobs import JobEnv, eventually, job_app
+from tests.support.servers import serve_app
+
+PRIVATE_OK = {"allowed_private_networks": ["127.0.0.1/32"]}
+
+
+@dataclass
+class Receiver:
+    """Answers ``statuses`` in turn (then 200) and records each verified delivery."""
+
+    statuses: list[int] = field(default_factory=list)
+    secret: str | None = None
+    received: list[dict[str, Any]] = field(default_factory=list)
+    redirect_target_hits: int = 0
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.post("/hook")
+        async def hook(request: Request) -> Response:
+            body = await request.body()
+            headers = dict(request.headers)
+            try:
+                payload = Webhook(self.secret or "").verify(body, headers) if self.secret else None
+                verified = True
+            except WebhookVerificationError:
+                payload, verified = json.loads(body), False
+            self.received.append(
+                {
+                    "id": headers["webhook-id"],
+                    "payload": payload,
+                    "ok": verified,
+                    "raw": (body, headers),
+                }
+            )
+            status = self.statuses.pop(0) if self.statuses else 200
+            extra = {"location": "/elsewhere"} if 300 <= status < 400 else {}
+            return Response(status_code=status, headers=extra)
+
+        @app.api_route("/elsewhere", methods=["GET", "POST"])
+        async def elsewhere() -> Response:
+            self.redirect_target_hits += 1
+            return Response(status_code=200)
+
+        return app
+
+
+@contextmanager
+def receiving(receiver: Receiver) -> Iterator[str]:
+    with serve_app(receiver.app()) as base:
+        yield f"{base}/hook"
+
+
+async def _submit(env: JobEnv, headers: dict[str, str], url: str, model: str = "test-video") -> str:
+    body = {"model": model, "input": {"duration": 1}, "webhook_url": url}
+    response = await env.client.post("/v1/videos/generate", json=body, headers=headers)
+    assert response.status_code == 202, response.text
+    assert response.json()["message"].endswith("sent to your webhook URL.")
+    job_id: str = response.json()["jobId"]
+    return job_id
+
+
+async def _deliveries(env: JobEnv, job_id: str, headers: dict[str, str]) -> list[dict[str, Any]]:
+    response = await env.client.get(f"/v1/jobs/{job_id}/deliveries", headers=headers)
+    assert response.status_code == 200
+    data: list[dict[str, Any]] = response.json()["data"]
+    return data
+
+
+async def _settled(env: JobEnv, job_id: str, headers: dict[str, str]) -> dict[str, Any]:
+    async with asyncio.timeout(20):
+        while True:
+            deliveries = await _deliveries(env, job_id, headers)
+            if deliveries and deliveries[0]["status"] != "pending":
+                return deliveries[0]
+            await asyncio.sleep(0.05)
+
+
+async def test_signed_webhook_is_retried_until_delivered_with_one_id(tmp_path: Path) -> None:
+    receiver = Receiver(statuses=[500, 503])
+    with receiving(receiver) as url:
+        async with job_app(tmp_path, **PRIVATE_OK) as env:
+            _, headers = await env.new_key()
+            secret = (await env.client.get("/v1/webhooks/secret", headers=headers)).json()
+            receiver.secret = secret["secret"]
+            assert receiver.secret.startswith("whsec_")
+            job_id = await _submit(env, headers, url)
+            delivery = await _settled(env, job_id, headers)
+
+    assert delivery["status"] == "delivered" and delivery["attempts"] == 3
+    assert [a["statusCode"] for a in delivery["attemptLog"]] == [500, 503, 200]
+    assert [r["id"] for r in receiver.received] == [delivery["id"]] * 3
+    assert all(r["ok"] for r in receiver.received)
+    job = receiver.received[-1]["payload"]
+    assert job["status"] == "completed" and job["jobId"] == job_id
+    assert job["type"] == "video" and job["model"] == "test-video" and job["creditsUsed"] == 3
+    assert job["outputUrl"].startswith("http://testserver/files/video/")
+    assert "error" not in job
+
+
+async def test_failure_payload_carries_the_error(tmp_path: Path) -> None:
+    receiver = Receiver()
+    with receiving(receiver) as url:
+        async with job_app(tmp_path, **PRIVATE_OK) as env:
+            _, headers = await env.new_key()
+            receiver.secret = (await env.client.get("/v1/webhooks/secret", headers=headers)).json()[
+                "secret"
+            ]
+            job_id = await _submit(env, headers, url, model="test-fail")
+            await _settled(env, job_id, headers)
+    (received,) = receiver.received
+    assert received["ok"]
+    assert received["payload"] == {
+        "status": "failed",
+        "outputUrl": None,
+        "jobId": job_id,
+        "type": "video",
+        "model": "test-fail",
+        "creditsUsed": 0,
+        "error": "Generation failed: the fake backend was told to fail",
+    }
+
+
+async def test_redirects_are_not_followed_but_retried_and_410_stops(tmp_path: Path) -> None:
+    receiver = Receiver(statuses=[302, 410, 500])
+    with receiving(receiver) as url:
+        async with job_app(tmp_path, **PRIVATE_OK) as env:
+            _, headers = await env.new_key()
+            job_id = await _submit(env, headers, url)
+            delivery = await _settled(env, job_id, headers)
+            await asyncio.sleep(0.5)  # a wrong retry after 410 would land in this window
+            delivery = (await _deliveries(env, job_id, headers))[0]
+    assert delivery["status"] == "failed"
+    assert [a["statusCode"] for a in delivery["attemptLog"]] == [302, 410]
+    assert "410" in delivery["lastError"]
+    assert receiver.redirect_target_hits == 0
+    assert len(receiver.received) == 2
+
+
+async def test_retries_stop_after_the_schedule(tmp_path: Path) -> None:
+    receiver = Receiver(statuses=[500] * 10)
+    with receiving(receiver) as url:
+        async with job_app(tmp_path, **PRIVATE_OK, webhook_retry_schedule=[0, 0.1, 0.1]) as env:
+            _, headers = await env.new_key()
+            job_id = await _submit(env, headers, url)
+            delivery = await _settled(env, job_id, headers)
+    assert delivery["status"] == "failed" and delivery["attempts"] == 3
+    assert len(receiver.received) == 3
+
+
+async def test_pending_retries_survive_a_restart(tmp_path: Path) -> None:
+    receiver = Receiver(statuses=[500])
+    with receiving(receiver) as url:
+        # First run: one failed attempt; the retry is due far in the future.
+        async with job_app(tmp_path, **PRIVATE_OK, webhook_retry_schedule=[0, 3600]) as env:
+            _, headers = await env.new_key()
+            job_id = await _submit(env, headers, url)
+
+            async def attempted() -> bool:
+                deliveries = await _deliveries(env, job_id, headers)
+                return bool(deliveries and deliveries[0]["attemptLog"])
+
+            await eventually(attempted)
+            key = headers
+        # Make the retry due, as if the hour had passed while the server was down.
+        async with job_app(tmp_path, **PRIVATE_OK, webhook_retry_schedule=[0, 3600]) as env:
+            async with env.services.db.session.begin() as session:
+                await session.execute(
+                    update(WebhookDelivery).values(next_attempt_at=utcnow() - timedelta(seconds=1))
+                )
+            delivery = await _settled(env, job_id, key)
+    assert delivery["status"] == "delivered" and delivery["attempts"] == 2
+    assert receiver.received[0]["id"] == receiver.received[1]["id"] == delivery["id"]
+
+
+async def test_rotated_secret_signs_later_deliveries(tmp_path: Path) -> None:
+    receiver = Receiver()
+    with receiving(receiver) as url:
+        async with job_app(tmp_path, **PRIVATE_OK) as env:
+            _, headers = await env.new_key()
+            old = (await env.client.get("/v1/webhooks/secret", headers=headers)).json()["secret"]
+            again = (await env.client.get("/api/v1/webhooks/secret", headers=headers)).json()
+            assert again["secret"] == old
+            rotated = await env.client.post("/v1/webhooks/secret/rotate", headers=headers)
+            new = rotated.json()["secret"]
+            assert new != old and new.startswith("whsec_")
+            receiver.secret = new
+            job_id = await _submit(env, headers, url)
+            await _settled(env, job_id, headers)
+    assert receiver.received[0]["ok"]
+    body, received_headers = receiver.received[0]["raw"]
+    with pytest.raises(WebhookVerificationError):
+        Webhook(old).verify(body, received_headers)
+
+
+def test_cli_prints_and_rotates_an_accounts_webhook_secret(tmp_path: Path) -> None:
+    env_vars = {"HYPEREAL_DATA_DIR": str(tmp_path / "data"), "HYPEREAL_BOOTSTRAP_ADMIN": "0"}
+    runner = CliRunner()
+    created = runner.invoke(cli_app, ["keys", "create", "--name", "w"], env=env_vars)
+    assert created.exit_code == 0, created.output
+    account = created.output.split("account: ")[1].split()[0]
+
+    def secret(*extra: str) -> str:
+        result = runner.invoke(
+            cli_app, ["webhooks", "secret", "--account", account, *extra], env=env_vars
+        )
+        assert result.exit_code == 0, result.output
+        return result.output.strip()
+
+    first = secret()
+    assert first.startswith("whsec_") and secret() == first
+    rotated = secret("--rotate")
+    assert rotated.startswith("whsec_") and rotated != first
+    assert secret() == rotated
+    unknown = runner.invoke(cli_app, ["webhooks", "secret", "--account", "acct_nope"], env=env_vars)
+    assert unknown.exit_code == 1
