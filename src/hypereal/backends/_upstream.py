@@ -23,6 +23,7 @@ import httpx
 from httpx_retries import Retry, RetryTransport
 
 from hypereal.backends.base import BackendError, BackendUnavailable, MediaBlob, ProgressCallback
+from hypereal.media.sniff import sniff_content_type
 
 logger = logging.getLogger(__name__)
 
@@ -337,36 +338,10 @@ def decode_data_uri(uri: str) -> tuple[bytes, str | None]:
 
 
 def sniff_media_type(data: bytes) -> str | None:
-    """The MIME type named by the file's magic number, or ``None`` when unrecognised."""
-    head = data[:16]
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
-        return "audio/wav"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "image/gif"
-    if head[:4] == b"glTF":
-        return "model/gltf-binary"
-    if head[4:8] == b"ftyp":
-        brand = head[8:12]
-        if brand == b"qt  ":
-            return "video/quicktime"
-        if brand in (b"M4A ", b"M4B "):
-            return "audio/mp4"
-        return "video/mp4"
-    if head.startswith(b"\x1a\x45\xdf\xa3"):
-        return "video/webm"
-    if head.startswith(b"ID3") or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
-        return "audio/mpeg"
-    if head.startswith(b"OggS"):
-        return "audio/ogg"
-    if head.startswith(b"fLaC"):
-        return "audio/flac"
-    return None
+    """The media type named by the file's magic number, or ``None`` when unrecognised
+    (JSON is not media: an upstream error body must not pass for a result)."""
+    content_type = sniff_content_type(data)
+    return None if content_type == "application/json" else content_type
 
 
 # -------------------------------------------------------------------------- progress

@@ -9,6 +9,8 @@ EXTENSIONS: dict[str, str] = {
     "image/gif": "gif",
     "video/mp4": "mp4",
     "video/webm": "webm",
+    "video/quicktime": "mov",
+    "audio/mp4": "m4a",
     "audio/wav": "wav",
     "audio/mpeg": "mp3",
     "audio/ogg": "ogg",
@@ -35,6 +37,11 @@ def sniff_content_type(data: bytes) -> str | None:
     if head[:6] in (b"GIF87a", b"GIF89a"):
         return "image/gif"
     if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand == b"qt  ":
+            return "video/quicktime"
+        if brand in (b"M4A ", b"M4B "):
+            return "audio/mp4"
         return "video/mp4"
     if head.startswith(b"\x1a\x45\xdf\xa3"):
         return "video/webm"
