@@ -1,0 +1,121 @@
+"""Scenario 5, the ledger over HTTP: concurrent debits (POST /v1/images/generate on the no-op
+`bench-debit` model, 3 credits) against one account at concurrency 8 to 64. The account holds
+a balance that is not a multiple of the cost and more requests are sent than it can pay for:
+successes must equal floor(balance / cost), the rest must be 402, and the ledger (read back
+over GET /v1/usage) must sum to the final balance.
+
+Env: BENCH_LEDGER_DEBITS (paid debits per concurrency level, 400), BENCH_LEDGER_LEVELS
+("8,16,32,64"; quick "8,64"), BENCH_LEDGER_DATABASES ("sqlite,postgres").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import (
+    Result,
+    env_int,
+    hypereal_server,
+    postgres_available,
+    scenario_args,
+    server_env,
+    temporary_pg_database,
+    workdir,
+)
+from bench.load import closed_loop, post_json
+
+COST = 3
+
+
+async def ledger_sum(url: str, key: str) -> tuple[int, int, int]:
+    """(sum of all entries, entry count, balance) read over HTTP."""
+    headers = {"authorization": f"Bearer {key}"}
+    total = count = 0
+    before: int | None = None
+    async with httpx.AsyncClient(timeout=60) as http:
+        for _ in range(10_000):  # bounded paging
+            params: dict[str, Any] = {"limit": 200}
+            if before is not None:
+                params["before"] = before
+            page = (await http.get(f"{url}/v1/usage", params=params, headers=headers)).json()
+            total += sum(int(e["amount"]) for e in page["data"])
+            count += len(page["data"])
+            before = page.get("nextCursor")
+            if not page.get("hasMore") or before is None:
+                break
+        balance = (await http.get(f"{url}/v1/credits", headers=headers)).json()["balance"]
+    return total, count, int(balance)
+
+
+def run_database(result: Result, label: str, env: dict[str, str], work: Path, quick: bool) -> None:
+    paid = env_int("LEDGER_DEBITS", 400, 60, quick)
+    default_levels = "8,64" if quick else "8,16,32,64"
+    levels = [int(x) for x in os.environ.get("BENCH_LEDGER_LEVELS", default_levels).split(",")]
+    with hypereal_server(work, env) as server:
+        for concurrency in levels:
+            balance = paid * COST + COST - 1  # not a multiple of the cost
+            expected = balance // COST
+            key = server.key(credits=balance)
+            call = post_json(
+                f"{server.url}/v1/images/generate",
+                {"model": "bench-debit", "prompt": "x"},
+                {"authorization": f"Bearer {key}"},
+            )
+            sent = expected + max(10, expected // 5)
+            run = asyncio.run(closed_loop(call, concurrency=concurrency, total=sent, seconds=300))
+            statuses = run.statuses()
+            ok = statuses.get(200, 0)
+            total, entries, final = asyncio.run(ledger_sum(server.url, key))
+            result.check(ok == expected, f"{label} c={concurrency}: {ok} debits, want {expected}")
+            result.check(
+                statuses.get(402, 0) == sent - expected,
+                f"{label} c={concurrency}: statuses {statuses}",
+            )
+            result.check(total == final, f"{label} c={concurrency}: ledger {total} != {final}")
+            result.check(
+                final == balance - COST * expected, f"{label} c={concurrency}: balance {final}"
+            )
+            debits_per_s = ok / run.wall
+            result.raw[f"{label}-c{concurrency}"] = {
+                "statuses": statuses,
+                "wall": run.wall,
+                "ledger_sum": total,
+                "balance": final,
+                "entries": entries,
+            }
+            sums = "ledger sums" if total == final else f"LEDGER {total} != {final}"
+            result.add(
+                f"debits/s at c={concurrency} ({label})",
+                f"{debits_per_s:.0f}/s",
+                notes=(
+                    f"{ok} ok = floor({balance}/{COST}) = {expected}"
+                    f"{'' if ok == expected else ' MISMATCH'}; "
+                    f"{statuses.get(402, 0)} x 402; {sums} ({entries} entries)"
+                ),
+            )
+
+
+def main() -> None:
+    args = scenario_args(__doc__ or "")
+    result = Result("5 ledger over HTTP")
+    databases = os.environ.get("BENCH_LEDGER_DATABASES", "sqlite,postgres").split(",")
+    if "sqlite" in databases:
+        with workdir("ledger-sqlite") as work:
+            run_database(result, "SQLite", server_env(work), work, args.quick)
+    if "postgres" in databases:
+        if not postgres_available():
+            result.add("debits/s (PostgreSQL)", "skipped", notes="PostgreSQL not reachable")
+        else:
+            with workdir("ledger-pg") as work, temporary_pg_database() as url:
+                env = server_env(work, HYPEREAL_DATABASE_URL=url)
+                run_database(result, "PostgreSQL", env, work, args.quick)
+    result.write(args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Profile the gateway under load with py-spy (from bench/.venv; bench/setup.sh installs it).
+
+``python -m bench.profile ROUTE [--seconds 15] [--concurrency 64]`` (ROUTE: chat, sse, credits,
+debit or jobs) starts
+the mock upstream and ``hypereal serve``, drives load at the chosen route, samples the server
+with ``py-spy record --format raw --gil`` meanwhile (only the thread holding the GIL: the
+Python code that costs CPU, not threads waiting on queues), and prints the hottest frames by
+own time and hypereal's own code by inclusive time. The collapsed stacks are kept in
+bench/work/ (flame graphs: ``flamegraph.pl`` or speedscope).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import subprocess
+from pathlib import Path
+
+from bench.common import (
+    BENCH_DIR,
+    BENCH_VENV,
+    hypereal_server,
+    mock_upstream,
+    server_env,
+    upstream_backends,
+    workdir,
+)
+from bench.load import closed_loop, get, post_json, stream_sse
+
+
+def summarize(collapsed: Path, top: int = 25) -> str:
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        total += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    out = [f"{total} samples"]
+    for title, counter, only_ours in (
+        ("own time (leaf frames)", own, False),
+        ("inclusive time, hypereal code", inclusive, True),
+    ):
+        out.append(f"\n-- {title}")
+        shown = 0
+        for frame, count in counter.most_common():
+            if only_ours and "hypereal/" not in frame:
+                continue
+            out.append(f"{100 * count / max(total, 1):6.1f}%  {frame}")
+            shown += 1
+            if shown >= top:
+                break
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    routes = ["chat", "sse", "credits", "debit", "jobs"]
+    parser.add_argument("route", choices=routes, default="chat")
+    parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument("--concurrency", type=int, default=64)
+    args = parser.parse_args()
+    py_spy = BENCH_VENV / "bin" / "py-spy"
+    if not py_spy.exists():
+        raise SystemExit("py-spy is missing: run bash bench/setup.sh")
+    out_dir = BENCH_DIR / "work"
+    out_dir.mkdir(exist_ok=True)
+    collapsed = out_dir / f"profile-{args.route}.txt"
+    with (
+        workdir("profile") as work,
+        mock_upstream(work, 16) as upstream,
+        hypereal_server(work, server_env(work, HYPEREAL_BACKENDS=upstream_backends(upstream))) as s,
+    ):
+        key = s.key(credits=10**12)
+        headers = {"authorization": f"Bearer {key}"}
+        chat = {"model": "bench-chat", "messages": [{"role": "user", "content": "hi"}]}
+        call = {
+            "chat": lambda: post_json(f"{s.url}/v1/chat/completions", chat, headers),
+            "sse": lambda: stream_sse(
+                f"{s.url}/v1/chat/completions", {**chat, "stream": True}, headers
+            ),
+            "credits": lambda: get(f"{s.url}/v1/credits", headers),
+            "debit": lambda: post_json(
+                f"{s.url}/v1/images/generate", {"model": "bench-debit", "prompt": "x"}, headers
+            ),
+            "jobs": lambda: post_json(
+                f"{s.url}/v1/videos/generate",
+                {"model": "noop-video", "input": {"prompt": "x"}},
+                headers,
+            ),
+        }[args.route]()
+        asyncio.run(closed_loop(call, concurrency=8, total=50, seconds=30))
+        spy = subprocess.Popen(
+            [
+                *(str(py_spy), "record", "--pid", str(s.proc.pid)),
+                *("--duration", str(args.seconds), "--format", "raw", "--rate", "200"),
+                *("--output", str(collapsed), "--nonblocking", "--gil"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        run = asyncio.run(
+            closed_loop(
+                call,
+                concurrency=args.concurrency,
+                total=10**7,
+                seconds=float(args.seconds),
+            )
+        )
+        spy.wait(timeout=args.seconds + 60)
+    print(f"{args.route}: {run.per_second:.0f} req/s at c={args.concurrency} {run.statuses()}")
+    print(summarize(collapsed))
+    print(f"collapsed stacks: {collapsed}")
+
+
+if __name__ == "__main__":
+    main()

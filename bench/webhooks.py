@@ -1,0 +1,104 @@
+"""Scenario 4, webhooks: N no-op jobs (`noop-audio`) with a `webhook_url` at a local verifying
+receiver (bench/receiver.py, its own process) that answers 500 to 20% of the deliveries; the
+retry schedule is in milliseconds. Counts: delivered (unique webhook-ids answered 2xx),
+duplicates, invalid signatures; and deliveries/s (first submission to last 2xx).
+
+Env: BENCH_WEBHOOKS (jobs, 500), BENCH_WEBHOOK_FAIL_RATE (0.2), BENCH_WEBHOOKS_TIMEOUT (300),
+BENCH_WEBHOOK_SCHEDULE (seconds, comma separated), BENCH_ENGINE_POLL (seconds, 0.05).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import httpx
+
+from bench.common import (
+    HOST,
+    PY,
+    Result,
+    env_int,
+    free_port,
+    hypereal_server,
+    process,
+    scenario_args,
+    server_env,
+    wait_http,
+    workdir,
+)
+from bench.load import closed_loop, post_json
+
+SCHEDULE = "0,0.001,0.002,0.005,0.01,0.02,0.05,0.1,0.2,0.5"
+
+
+async def wait_delivered(stats_url: str, total: int, seconds: float) -> dict[str, Any]:
+    deadline = time.monotonic() + seconds
+    async with httpx.AsyncClient(timeout=10) as http:
+        while True:
+            stats: dict[str, Any] = (await http.get(stats_url)).json()
+            if stats["delivered"] >= total or time.monotonic() > deadline:
+                # a short grace period to catch late duplicates
+                await asyncio.sleep(1.0)
+                return dict((await http.get(stats_url)).json())
+            await asyncio.sleep(0.2)
+
+
+def main() -> None:
+    args = scenario_args(__doc__ or "")
+    result = Result("4 webhooks")
+    total = env_int("WEBHOOKS", 500, 50, args.quick)
+    fail_rate = float(os.environ.get("BENCH_WEBHOOK_FAIL_RATE", "0.2"))
+    timeout = float(os.environ.get("BENCH_WEBHOOKS_TIMEOUT", "300"))
+    schedule = os.environ.get("BENCH_WEBHOOK_SCHEDULE", SCHEDULE)
+    with workdir("webhooks") as work:
+        env = server_env(
+            work,
+            HYPEREAL_WEBHOOK_RETRY_SCHEDULE=schedule,
+            HYPEREAL_ENGINE_POLL_SECONDS=os.environ.get("BENCH_ENGINE_POLL", "0.05"),
+        )
+        with hypereal_server(work, env) as server:
+            key = server.key(credits=total * 2)
+            headers = {"authorization": f"Bearer {key}"}
+            secret = httpx.get(f"{server.url}/v1/webhooks/secret", headers=headers).json()["secret"]
+            port = free_port()
+            receiver_args = [PY, "-m", "bench.receiver", "--port", str(port), "--secret", secret]
+            receiver_args += ["--fail-rate", str(fail_rate)]
+            log = work / "receiver.log"
+            with process(receiver_args, log=log) as receiver:
+                base = f"http://{HOST}:{port}"
+                wait_http(f"{base}/stats", receiver, log)
+                call = post_json(
+                    f"{server.url}/v1/audio/generate",
+                    {"model": "noop-audio", "input": {"text": "hi"}, "webhook_url": f"{base}/hook"},
+                    headers,
+                )
+                start = time.time()
+                submitted = asyncio.run(
+                    closed_loop(call, concurrency=16, total=total, seconds=timeout)
+                )
+                accepted = sum(1 for s in submitted.samples if s.status == 202)
+                stats = asyncio.run(wait_delivered(f"{base}/stats", accepted, timeout))
+    result.raw = {"stats": stats, "accepted": accepted, "schedule": schedule}
+    span = (stats["last_ok_at"] or start) - start
+    delivered = stats["delivered"]
+    result.check(accepted == total, f"{accepted} of {total} jobs accepted")
+    result.check(delivered == total, f"{delivered} of {total} delivered")
+    result.check(stats["duplicates"] == 0, f"{stats['duplicates']} duplicates")
+    result.check(stats["invalid_signatures"] == 0, f"{stats['invalid_signatures']} invalid")
+    result.add(
+        f"{total} jobs, {fail_rate:.0%} injected 500s, ms retry schedule",
+        f"{delivered / span:.0f} deliveries/s" if span > 0 else "n/a",
+        notes=(
+            f"delivered {delivered}/{total}, duplicates {stats['duplicates']}, invalid "
+            f"signatures {stats['invalid_signatures']}; {stats['received']} POSTs, "
+            f"{stats['injected_500']} injected 500s; {span:.1f} s"
+        ),
+    )
+    result.write(args.json)
+
+
+if __name__ == "__main__":
+    main()
