@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from hypereal.api.errors import install_error_handlers
+from hypereal.api.errors import InternalErrorMiddleware, install_error_handlers
 from hypereal.api.middleware import AuthRateLimitMiddleware
 from hypereal.api.routes import account, admin, chat, files, images, jobs, models
 from hypereal.engine.engine import engine_lifespan
@@ -88,6 +88,8 @@ def create_app(
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    # Added first, so innermost: its JSON 500 passes through the two below (headers).
+    app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(AuthRateLimitMiddleware, services=services)
     app.add_middleware(
         CORSMiddleware,
