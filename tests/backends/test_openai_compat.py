@@ -117,6 +117,17 @@ async def test_stream_yields_one_delta_per_upstream_token_and_concatenates(
     assert "".join(texts) == "Hello, world!"
 
 
+async def test_finished_streams_reuse_one_upstream_connection(
+    backend: OpenAICompatible, fake: OpenAIFake
+) -> None:
+    for _ in range(3):
+        deltas = await collect(backend, chat())
+        assert deltas[-1].finish_reason == "stop"
+    peers = {r.client for r in fake.requests if r.path == "/v1/chat/completions"}
+    # A body left unread after [DONE] would make httpx drop the connection every time.
+    assert len(fake.requests) == 3 and len(peers) == 1
+
+
 async def test_stream_sends_model_sampling_and_usage_request(
     backend: OpenAICompatible, fake: OpenAIFake
 ) -> None:

@@ -100,6 +100,7 @@ class RecordedRequest:
     headers: dict[str, str]
     body: dict[str, Any]
     files: list[tuple[str, str, bytes]] = field(default_factory=list)  # (field, type, bytes)
+    client: tuple[str, int] | None = None  # the peer address: one per TCP connection
 
 
 def openai_error(status: int, message: str, type_: str, code: str | None = None) -> JSONResponse:
@@ -245,6 +246,7 @@ class OpenAIFake:
                 headers=dict(request.headers),
                 body=body,
                 files=list(files),
+                client=(request.client.host, request.client.port) if request.client else None,
             )
         )
 

@@ -28,6 +28,8 @@ Options (``[backends.NAME]`` with ``type = "openai"``):
     Retries of transient failures (2) and the exponential backoff factor (0.5 s).
 ``max_download_bytes``
     Largest image accepted when the server answers with a URL (64 MiB).
+``max_connections``
+    Upstream connections open (and kept alive) at once, one per request in flight (1000).
 ``tokenize_endpoint``
     URL (or path on the ``base_url`` host) of a ``/tokenize`` endpoint, see
     :meth:`OpenAICompatible.count_prompt_tokens`.
@@ -53,6 +55,7 @@ from contextlib import aclosing, asynccontextmanager
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+import anyio
 import httpx
 from httpx_retries import Retry, RetryTransport
 
@@ -348,9 +351,19 @@ async def chat_deltas(response: httpx.Response, provider: str) -> AsyncGenerator
                 finish_reason = str(choice["finish_reason"])
                 if finish_reason == "error":  # OpenRouter's mark of a failed generation
                     raise BackendError(f"The {provider} failed mid-stream: {_error_text(chunk)}")
+        if done:
+            # Read the body to its end (the chunked terminator follows [DONE]): a body left
+            # unread makes httpx close the connection instead of keeping it for the next call.
+            with anyio.move_on_after(_DRAIN_SECONDS):
+                async for _ in events:
+                    pass
     if not done and finish_reason is None:
         raise BackendError(f"The {provider} closed the stream before the answer was complete")
     yield _final_delta(finish_reason, usage)
+
+
+# How long the rest of a finished stream may take to arrive before the connection is dropped.
+_DRAIN_SECONDS = 1.0
 
 
 def _completion_deltas(body: Mapping[str, Any], provider: str) -> list[ChatDelta]:
@@ -497,8 +510,14 @@ class UpstreamHttp:
             backoff_factor=backoff,
             max_backoff_wait=30.0,
         )
+        # A gateway holds one upstream connection per request in flight: keep as many alive as
+        # it opens (httpx keeps 20, so past 20 concurrent requests every call reconnected).
+        connections = int(option_number(options, "max_connections", 1000, provider))
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
         self._client = httpx.AsyncClient(
-            transport=RetryTransport(transport=httpx.AsyncHTTPTransport(), retry=retry),
+            transport=RetryTransport(
+                transport=httpx.AsyncHTTPTransport(limits=limits), retry=retry
+            ),
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             follow_redirects=True,
         )

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from hypereal.domain.errors import BadRequest, InsufficientCredits, NotFound
 from hypereal.store.db import Database
@@ -54,29 +55,81 @@ async def balance(db: Database, account_id: str) -> int:
     return int(value)
 
 
+# Largest single grant: keeps every balance far inside a signed 64-bit integer.
+MAX_GRANT = 10**12
+
+# Reads and writes here are Core statements on a plain connection: a debit and a settlement
+# run on every chat turn and image, where the ORM unit of work cost more than the SQL itself.
+Executor = AsyncSession | AsyncConnection
+
+_ledger = cast(Table, LedgerEntry.__table__)
+_accounts = cast(Table, Account.__table__)
+
+
+async def _append(
+    conn: Executor,
+    *,
+    account_id: str,
+    kind: str,
+    amount: int,
+    balance_after: int,
+    reference: str | None = None,
+    description: str = "",
+    refund_of: int | None = None,
+) -> Entry:
+    created_at = utcnow()
+    entry_id = await conn.scalar(
+        insert(_ledger)
+        .values(
+            account_id=account_id,
+            kind=kind,
+            amount=amount,
+            balance_after=balance_after,
+            reference=reference,
+            description=description,
+            refund_of=refund_of,
+            created_at=created_at,
+        )
+        .returning(_ledger.c.id)
+    )
+    assert entry_id is not None
+    return Entry(
+        id=int(entry_id),
+        account_id=account_id,
+        kind=kind,
+        amount=amount,
+        balance_after=balance_after,
+        reference=reference,
+        description=description,
+        refund_of=refund_of,
+        created_at=created_at,
+    )
+
+
 async def grant(db: Database, account_id: str, amount: int, description: str = "grant") -> Entry:
-    """Add credits. Raises BadRequest for a non-positive amount, NotFound for no account."""
-    if amount <= 0:
-        raise BadRequest("Invalid value for 'amount': must be a positive integer")
-    async with db.session.begin() as session:
-        new_balance = await session.scalar(
-            update(Account)
-            .where(Account.id == account_id)
-            .values(balance=Account.balance + amount)
-            .returning(Account.balance)
+    """Add credits. Raises BadRequest for an amount outside 1..MAX_GRANT, NotFound for no
+    account."""
+    if not 0 < amount <= MAX_GRANT:
+        raise BadRequest(
+            f"Invalid value for 'amount': must be a positive integer of at most {MAX_GRANT}"
+        )
+    async with db.engine.begin() as conn:
+        new_balance = await conn.scalar(
+            update(_accounts)
+            .where(_accounts.c.id == account_id)
+            .values(balance=_accounts.c.balance + amount)
+            .returning(_accounts.c.balance)
         )
         if new_balance is None:
             raise NotFound(f"Account not found: {account_id}")
-        row = LedgerEntry(
+        return await _append(
+            conn,
             account_id=account_id,
             kind="grant",
             amount=amount,
-            balance_after=new_balance,
+            balance_after=int(new_balance),
             description=description,
-            created_at=utcnow(),
         )
-        session.add(row)
-    return _entry(row)
 
 
 async def debit(
@@ -88,31 +141,29 @@ async def debit(
     """
     if amount < 0:
         raise ValueError("debit amount must be >= 0")
-    async with db.session.begin() as session:
-        new_balance = await session.scalar(
-            update(Account)
-            .where(Account.id == account_id, Account.balance >= amount)
-            .values(balance=Account.balance - amount)
-            .returning(Account.balance)
+    async with db.engine.begin() as conn:
+        new_balance = await conn.scalar(
+            update(_accounts)
+            .where(_accounts.c.id == account_id, _accounts.c.balance >= amount)
+            .values(balance=_accounts.c.balance - amount)
+            .returning(_accounts.c.balance)
         )
         if new_balance is None:
-            available = await session.scalar(
-                select(Account.balance).where(Account.id == account_id)
+            available = await conn.scalar(
+                select(_accounts.c.balance).where(_accounts.c.id == account_id)
             )
             if available is None:
                 raise NotFound(f"Account not found: {account_id}")
             raise InsufficientCredits(required=amount, available=int(available))
-        row = LedgerEntry(
+        return await _append(
+            conn,
             account_id=account_id,
             kind="debit",
             amount=-amount,
-            balance_after=new_balance,
+            balance_after=int(new_balance),
             reference=reference,
             description=description,
-            created_at=utcnow(),
         )
-        session.add(row)
-    return _entry(row)
 
 
 async def refund(
@@ -124,15 +175,17 @@ async def refund(
     is 0). The unique ``refund_of`` column makes a second refund of one debit impossible,
     also when two workers race.
     """
+    if amount == 0:
+        return None  # nothing to give back (a chat turn that used all it reserved)
     try:
-        async with db.session.begin() as session:
-            return await refund_in(session, debit_entry_id, amount=amount, description=description)
+        async with db.engine.begin() as conn:
+            return await refund_in(conn, debit_entry_id, amount=amount, description=description)
     except IntegrityError:
         return None
 
 
 async def refund_in(
-    session: AsyncSession,
+    conn: Executor,
     debit_entry_id: int,
     *,
     amount: int | None = None,
@@ -141,38 +194,44 @@ async def refund_in(
     """:func:`refund` inside the caller's transaction, so that the refund commits together
     with what caused it (a job ending failed or canceled). A concurrent duplicate makes the
     caller's commit fail on the unique ``refund_of``; one already committed returns None."""
-    original = await session.get(LedgerEntry, debit_entry_id)
+    earlier = _ledger.alias("earlier")
+    original = (
+        await conn.execute(
+            select(
+                _ledger.c.account_id,
+                _ledger.c.kind,
+                _ledger.c.amount,
+                _ledger.c.reference,
+                select(earlier.c.id)
+                .where(earlier.c.refund_of == _ledger.c.id)
+                .scalar_subquery()
+                .label("refunded_by"),
+            ).where(_ledger.c.id == debit_entry_id)
+        )
+    ).first()
     if original is None or original.kind != "debit":
         raise NotFound(f"Debit entry not found: {debit_entry_id}")
     value = -original.amount if amount is None else amount
     if not 0 <= value <= -original.amount:
         raise ValueError(f"refund of {value} exceeds the debit of {-original.amount}")
-    if value == 0:
+    if value == 0 or original.refunded_by is not None:
         return None
-    done = await session.scalar(
-        select(LedgerEntry.id).where(LedgerEntry.refund_of == debit_entry_id)
+    new_balance = await conn.scalar(
+        update(_accounts)
+        .where(_accounts.c.id == original.account_id)
+        .values(balance=_accounts.c.balance + value)
+        .returning(_accounts.c.balance)
     )
-    if done is not None:
-        return None
-    new_balance = await session.scalar(
-        update(Account)
-        .where(Account.id == original.account_id)
-        .values(balance=Account.balance + value)
-        .returning(Account.balance)
-    )
-    row = LedgerEntry(
+    return await _append(
+        conn,
         account_id=original.account_id,
         kind="refund",
         amount=value,
         balance_after=int(new_balance or 0),
         reference=original.reference,
         description=description,
-        refund_of=original.id,
-        created_at=utcnow(),
+        refund_of=debit_entry_id,
     )
-    session.add(row)
-    await session.flush()
-    return _entry(row)
 
 
 async def entries(
