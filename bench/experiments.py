@@ -34,11 +34,9 @@ from bench.load import closed_loop, get, post_json
 
 VARIANTS = [
     ("unpatched", ""),
-    ("async-deps", "async-deps"),
-    ("upstream-pool", "upstream-pool"),
     ("auth-cache", "auth-cache"),
     ("no-access-log", "no-access-log"),
-    ("all four", "async-deps,upstream-pool,auth-cache,no-access-log"),
+    ("both", "auth-cache,no-access-log"),
 ]
 
 

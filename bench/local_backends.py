@@ -1,5 +1,7 @@
 """Scenario 7, local backends: tokens/s of the local chat model (llama.cpp, SmolLM2-135M)
-through the API (streamed /v1/chat/completions) against the raw backend call in this process;
+through the API (streamed /v1/chat/completions) against the raw ``llama_cpp.Llama`` call on the
+same GGUF with the same context and threads in this process (and our backend class called
+directly, which shows what the wrapper itself costs);
 seconds per text-to-speech (Piper), per camera-motion video and per GLB (relief mesh) through
 the API (submit, poll until completed) against the raw backend call. A backend this install
 cannot serve (the API answers 503) is reported as skipped with the reason.
@@ -94,6 +96,36 @@ async def raw_chat(max_tokens: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
+_RAW_LLAMA: list[Any] = []
+
+
+def raw_llama_chat(max_tokens: int) -> float:
+    """llama-cpp-python's own ``create_chat_completion`` (greedy, the GGUF's chat template),
+    loaded once like the server's model; tokens/s from its usage count."""
+    try:
+        import llama_cpp
+
+        from hypereal.backends.llama_cpp import _available_cpus, default_model_path
+    except ImportError as exc:
+        raise Skip(f"llama-cpp-python is not installed: {exc}") from exc
+    if not _RAW_LLAMA:
+        threads = _available_cpus()
+        _RAW_LLAMA.append(
+            llama_cpp.Llama(
+                model_path=str(default_model_path()),
+                n_ctx=8192,  # what the server's model runs with (SmolLM2's training context)
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+            )
+        )
+    start = time.perf_counter()
+    answer = _RAW_LLAMA[0].create_chat_completion(
+        messages=CHAT_MESSAGES, max_tokens=max_tokens, temperature=0.0
+    )
+    return int(answer["usage"]["completion_tokens"]) / (time.perf_counter() - start)
+
+
 async def api_job(
     http: httpx.AsyncClient, headers: dict[str, str], route: str, body: dict[str, Any]
 ) -> float:
@@ -170,9 +202,15 @@ async def measure(result: Result, url: str, key: str, runs: int, max_tokens: int
         metric = f"tokens/s, local chat (SmolLM2-135M, {max_tokens} tok)"
         try:
             api = await median_of(runs, lambda: api_chat(http, headers, max_tokens))
-            raw = await median_of(runs, lambda: raw_chat(max_tokens))
+            ours = await median_of(runs, lambda: raw_chat(max_tokens))
+            raw = await median_of(runs, lambda: asyncio.to_thread(raw_llama_chat, max_tokens))
             result.add(
-                metric, f"{api:.1f} tok/s", f"{raw:.1f} tok/s (raw)", "", f"API/raw {api / raw:.2f}"
+                metric,
+                f"{api:.1f} tok/s",
+                f"{raw:.1f} tok/s (raw llama_cpp)",
+                "",
+                f"API/raw {api / raw:.2f}; our backend class called directly {ours:.1f} tok/s "
+                f"(backend/raw {ours / raw:.2f})",
             )
         except Skip as exc:
             result.add(metric, "skipped", notes=str(exc)[:160])

@@ -1,66 +1,22 @@
 """``hypereal serve`` with candidate hot-path fixes applied as patches at start-up, so that their
 effect can be measured before anyone changes src/ (see bench/experiments.py). Bench only.
 
-``python -m bench.patched_serve --port P --patches async-deps,upstream-pool,auth-cache,...``
+``python -m bench.patched_serve --port P --patches auth-cache,no-access-log``
 
-- ``async-deps``: the FastAPI dependencies of hypereal.api.deps as ``async def`` (FastAPI runs a
-  plain ``def`` dependency in the thread pool: two thread hops per request).
-- ``upstream-pool``: the upstream httpx client keeps as many connections alive as it opens
-  (httpx keeps 20 by default, so at concurrency 64 most upstream calls open a new one).
-- ``auth-cache``: API key lookups cached for 5 s per key hash (a revocation then takes up to
-  5 s to apply in another process).
-- ``no-access-log``: uvicorn without its per-request access log line.
+Two earlier candidates were measured here and then adopted in src/ (async FastAPI dependencies,
+an upstream pool that keeps its connections); the two left are measured but not adopted:
+
+- ``auth-cache``: API key lookups cached for 5 s per key hash. Not adopted: a revocation must
+  take effect on the next request, in every API process, and a cache cannot promise that.
+- ``no-access-log``: uvicorn without its per-request access log line. Not adopted: operators
+  expect the access log.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from typing import Annotated, Any
-
-# Module level: FastAPI resolves the patched dependencies' (string) annotations here.
-from fastapi import Depends, Request
-
-
-def patch_async_deps() -> None:
-    import hypereal.api.deps as deps
-
-    sync_services, sync_principal, sync_admin = (
-        deps.get_services,
-        deps.get_principal,
-        deps.get_admin,
-    )
-
-    async def get_services(request: Request) -> Any:
-        return sync_services(request)
-
-    async def get_principal(request: Request) -> Any:
-        return sync_principal(request)
-
-    async def get_admin(principal: Annotated[Any, Depends(get_principal)]) -> Any:
-        return sync_admin(principal)
-
-    vars(deps).update(
-        get_services=get_services,
-        get_principal=get_principal,
-        get_admin=get_admin,
-        ServicesDep=Annotated[Any, Depends(get_services)],
-        PrincipalDep=Annotated[Any, Depends(get_principal)],
-        AdminDep=Annotated[Any, Depends(get_admin)],
-    )
-
-
-def patch_upstream_pool() -> None:
-    import httpx
-
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-
-    class PooledTransport(httpx.AsyncHTTPTransport):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs.setdefault("limits", limits)
-            super().__init__(*args, **kwargs)
-
-    vars(httpx).update(AsyncHTTPTransport=PooledTransport)
+from typing import Any
 
 
 def patch_auth_cache(ttl: float = 5.0) -> None:
@@ -89,10 +45,6 @@ def main() -> None:
     parser.add_argument("--patches", default="")
     args = parser.parse_args()
     patches = {p for p in args.patches.split(",") if p}
-    if "async-deps" in patches:
-        patch_async_deps()
-    if "upstream-pool" in patches:
-        patch_upstream_pool()
     if "auth-cache" in patches:
         patch_auth_cache()
 

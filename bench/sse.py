@@ -72,7 +72,13 @@ async def measure(result: Result, targets: dict[str, Target], tokens: int, quick
             f"{ms(values['direct'])} (abs)",
             ms(added["litellm"]) if has_litellm else "not installed",
             f"absolute: hypereal {ms(values['hypereal'])}"
-            + (f", litellm {ms(values['litellm'])}" if has_litellm else ""),
+            + (f", litellm {ms(values['litellm'])}" if has_litellm else "")
+            + f"; TTFT hypereal/direct {ratio(values['hypereal'], values['direct'])}"
+            + (
+                f", litellm/direct {ratio(values['litellm'], values['direct'])}"
+                if has_litellm
+                else ""
+            ),
         )
     litellm_chunks = sorted(chunk_counts.get("litellm", set()))
     result.add(

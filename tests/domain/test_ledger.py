@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from hypereal.domain import keys, ledger
-from hypereal.domain.errors import InsufficientCredits
+from hypereal.domain.errors import BadRequest, InsufficientCredits
+from hypereal.services import Services
 from hypereal.store.db import Database
 from hypereal.store.migrate import upgrade_to_head
 from tests.support.infra import ensure_postgres, temporary_postgres_database
@@ -95,3 +96,16 @@ async def test_entries_are_paginated_newest_first(db: Database) -> None:
     second = await ledger.entries(db, account, limit=2, before_id=first[-1].id)
     assert [e.amount for e in first] == [5, 4]
     assert [e.amount for e in second] == [3, 2]
+
+
+@pytest.mark.parametrize("amount", [0, -1, ledger.MAX_GRANT + 1, 2**63])
+async def test_grant_outside_1_to_max_is_refused_and_changes_nothing(
+    services: Services, amount: int
+) -> None:
+    account = await keys.create_account(services.db, "bounded")
+    await ledger.grant(services.db, account, ledger.MAX_GRANT)
+    with pytest.raises(BadRequest):
+        await ledger.grant(services.db, account, amount)
+    balance = await ledger.balance(services.db, account)
+    assert balance == ledger.MAX_GRANT and isinstance(balance, int)
+    assert await ledger.ledger_sum(services.db, account) == balance
