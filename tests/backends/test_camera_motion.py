@@ -3,6 +3,7 @@ and measuring the camera move between the first and the last frame."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import itertools
 from collections.abc import Mapping
@@ -321,3 +322,24 @@ def test_unknown_encoder_option_makes_the_backend_unavailable() -> None:
         CameraMotionVideo({"codec": "no-such-encoder"})
     with pytest.raises(BackendUnavailable):
         CameraMotionVideo({"crf": 99})
+
+
+async def test_cancelling_the_job_stops_the_encoder_thread() -> None:
+    progress = Progress()
+    task = asyncio.ensure_future(
+        animate({"prompt": "pan left", "duration": 20, "fps": 24}, textured(), progress=progress)
+    )
+    for _ in range(600):  # until the encoder has reported some frames (bounded)
+        if any(message.startswith("encoded") for _, message in progress.calls):
+            break
+        await asyncio.sleep(0.05)
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.5)  # a frame in flight may still report
+    reported = len(progress.calls)
+    await asyncio.sleep(1.5)
+    # A thread left rendering would go on posting "encoded n/480 frames" every 24 frames.
+    assert len(progress.calls) == reported
+    assert progress.calls[-1][0] < 0.95

@@ -42,12 +42,14 @@ from __future__ import annotations
 import math
 import re
 import tempfile
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import anyio
 import anyio.from_thread
 import anyio.to_thread
 from PIL import Image, ImageFilter
@@ -467,8 +469,14 @@ class CameraMotionVideo:
         frames = max(1, round(duration * fps))
         await progress(0.0, f"rendering {frames} frames ({motion})")
 
+        # Set when the job is cancelled or times out: the encoder thread stops at the next frame
+        # (cancelling the awaiting task alone leaves a thread rendering on).
+        stop = threading.Event()
+
         def report(done: int) -> None:
             # Runs in the worker thread: check for cancellation, post progress every ~5%.
+            if stop.is_set():
+                raise anyio.get_cancelled_exc_class()()
             anyio.from_thread.check_cancelled()
             step = max(1, frames // 20)
             if done % step == 0 or done == frames:
@@ -496,7 +504,11 @@ class CameraMotionVideo:
                 raise BackendError(f"H.264 encoding failed ({self.encoder}): {exc}") from exc
             return data, plan
 
-        data, plan = await anyio.to_thread.run_sync(work)
+        try:
+            data, plan = await anyio.to_thread.run_sync(work)
+        except BaseException:
+            stop.set()
+            raise
         await progress(1.0, "encoded")
         return JobResult(
             output=MediaBlob(data, "video/mp4"),
