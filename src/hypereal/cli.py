@@ -8,6 +8,7 @@ from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from hypereal.domain import keys, ledger
@@ -27,6 +28,26 @@ app.add_typer(webhooks_app, name="webhooks")
 
 console = Console()
 T = TypeVar("T")
+
+# The admin API's bounds (ledger.MAX_GRANT for credits): checked before anything is created.
+MAX_CREDITS = 10**12
+MAX_RATE_LIMIT_PER_HOUR = 10**9
+
+
+def fail(message: str) -> typer.Exit:
+    """Print ``error: message`` and return the exit (status 1) for the caller to raise."""
+    console.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(1)
+
+
+def print_table(table: Table) -> None:
+    """Print ``table`` at least as wide as its unbreakable columns (ids), so that without a
+    terminal (80 columns) ids are printed whole instead of cut to ``key_…``."""
+    needed = Measurement.get(console, console.options.update(width=10**4), table).minimum
+    if needed <= console.width:
+        console.print(table)
+    else:
+        Console(width=needed).print(table)
 
 
 def run(action: Callable[[Services], Awaitable[T]]) -> T:
@@ -120,6 +141,10 @@ def keys_create(
     rate_limit: Annotated[int | None, typer.Option(help="Requests per hour")] = None,
 ) -> None:
     """Create a key (and a new account unless --account). The key is the last line printed."""
+    if not 0 <= credits <= MAX_CREDITS:
+        raise fail(f"--credits must be between 0 and {MAX_CREDITS}")
+    if rate_limit is not None and not 1 <= rate_limit <= MAX_RATE_LIMIT_PER_HOUR:
+        raise fail(f"--rate-limit must be between 1 and {MAX_RATE_LIMIT_PER_HOUR}")
 
     async def _create(services: Services) -> keys.CreatedKey:
         account_id = account
@@ -142,12 +167,17 @@ def keys_list(
 ) -> None:
     """List keys (never their secrets)."""
     rows = run(lambda s: keys.list_keys(s.db, account))
-    table = Table("key id", "prefix", "account", "name", "limit/h", "status")
+    table = Table()
+    for column in ("key id", "prefix", "account"):
+        table.add_column(column, no_wrap=True)  # ids are copied to `keys revoke`: never cut
+    table.add_column("name", overflow="fold")
+    table.add_column("limit/h", no_wrap=True)
+    table.add_column("status", no_wrap=True)
     for k in rows:
         status = "revoked" if k.revoked_at else "active"
         limit = str(k.rate_limit_per_hour or "default")
         table.add_row(k.id, k.prefix + "...", k.account_id, k.name, limit, status)
-    console.print(table)
+    print_table(table)
 
 
 @keys_app.command("revoke")
@@ -164,6 +194,8 @@ def credits_grant(
     description: Annotated[str, typer.Option(help="Ledger description")] = "grant (CLI)",
 ) -> None:
     """Add credits to an account."""
+    if not 1 <= amount <= MAX_CREDITS:
+        raise fail(f"amount must be between 1 and {MAX_CREDITS}")
     entry = run(lambda s: ledger.grant(s.db, account_id, amount, description))
     console.print(f"{account_id}: +{amount}, balance {entry.balance_after}")
 
@@ -186,10 +218,14 @@ def models_list() -> None:
             rows.append((spec.slug, spec.modality, _price_text(spec), state))
         return rows
 
-    table = Table("model", "modality", "price (credits)", "available")
+    table = Table()
+    table.add_column("model", no_wrap=True)
+    table.add_column("modality", no_wrap=True)
+    table.add_column("price (credits)")
+    table.add_column("available")
     for row in run(_list):
         table.add_row(*row)
-    console.print(table)
+    print_table(table)
 
 
 def _price_text(spec: object) -> str:

@@ -5,6 +5,7 @@ The TOML file is named by ``HYPEREAL_CONFIG``; environment variables win over it
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from functools import cached_property
 from pathlib import Path
@@ -71,6 +72,9 @@ class Settings(BaseSettings):
 
     # Outbound fetches (image URLs, webhooks): CIDRs allowed despite being non-global.
     allowed_private_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Input media (image/audio URLs and data: URIs): seconds per URL fetch, largest file.
+    fetch_timeout_seconds: float = Field(default=30.0, gt=0)
+    fetch_max_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
 
     # Chat streams: seconds of backend silence before a keep-alive comment is sent.
@@ -87,6 +91,19 @@ class Settings(BaseSettings):
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("allowed_private_networks")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        for cidr in (entry for entry in value if entry.strip()):
+            try:
+                ipaddress.ip_network(cidr.strip(), strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"HYPEREAL_ALLOWED_PRIVATE_NETWORKS (allowed_private_networks): {cidr!r} is "
+                    "not a network; use comma-separated CIDRs such as 127.0.0.0/8,10.0.0.0/8"
+                ) from None
         return value
 
     @classmethod

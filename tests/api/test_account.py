@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -94,15 +95,16 @@ async def test_admin_creates_keys_grants_credits_and_reads_ledgers(
     assert missing.status_code == 404
 
 
+@pytest.mark.parametrize("prefix", ["/v1", "/api/v1"])
 async def test_402_body_is_exact_and_nothing_is_charged(
-    services: Services, make_key: MakeKey
+    services: Services, make_key: MakeKey, prefix: str
 ) -> None:
     key = await make_key(credits=10)
     async with await charging_client(services) as c:
-        response = await c.post("/v1/test-charge", headers=auth(key), json={"cost": 69})
+        response = await c.post(f"{prefix}/test-charge", headers=auth(key), json={"cost": 69})
         assert response.status_code == 402
         assert response.json() == {"error": "Insufficient credits", "required": 69, "available": 10}
-        assert (await c.get("/v1/credits", headers=auth(key))).json()["balance"] == 10
+        assert (await c.get(f"{prefix}/credits", headers=auth(key))).json()["balance"] == 10
 
 
 async def test_idempotency_key_replays_and_charges_once(
@@ -149,3 +151,69 @@ async def test_failed_request_releases_its_idempotency_key(
         await ledger.grant(services.db, account, 10)
         retried = await c.post("/v1/test-charge", headers=headers, json={"cost": 10})
         assert retried.status_code == 200
+
+
+async def _account_ids(client: httpx.AsyncClient, admin: dict[str, str]) -> list[str]:
+    accounts = (await client.get("/v1/admin/accounts", headers=admin)).json()["data"]
+    return [a["accountId"] for a in accounts]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/admin/accounts", {"credits": 9223372036854775807}, "credits"),
+        ("/admin/accounts", {"credits": 10**12 + 1}, "credits"),
+        ("/admin/accounts", {"credits": 10**30}, "credits"),
+        ("/admin/keys", {"credits": 9223372036854775807}, "credits"),
+        ("/admin/keys", {"credits": 10**12 + 1}, "credits"),
+        ("/admin/keys", {"rateLimitPerHour": 9223372036854775807}, "rateLimitPerHour"),
+        ("/admin/keys", {"rateLimitPerHour": 10**9 + 1}, "rateLimitPerHour"),
+        ("/admin/keys", {"credits": -3}, "credits"),
+    ],
+)
+async def test_admin_create_refuses_out_of_range_numbers_and_creates_nothing(
+    client: httpx.AsyncClient, make_key: MakeKey, path: str, body: dict[str, int], field: str
+) -> None:
+    admin = auth(await make_key(admin=True))
+    before = await _account_ids(client, admin)
+    keys_before = (await client.get("/v1/admin/keys", headers=admin)).json()["data"]
+    response = await client.post(f"/v1{path}", headers=admin, json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"].startswith(f"Invalid value for '{field}': ")
+    assert await _account_ids(client, admin) == before
+    assert (await client.get("/v1/admin/keys", headers=admin)).json()["data"] == keys_before
+
+
+async def test_admin_rate_limit_update_refuses_huge_numbers(
+    client: httpx.AsyncClient, make_key: MakeKey
+) -> None:
+    admin = auth(await make_key(admin=True))
+    created = (await client.post("/v1/admin/keys", headers=admin, json={})).json()
+    for value in (9223372036854775807, 10**9 + 1):
+        response = await client.patch(
+            f"/v1/admin/keys/{created['id']}", headers=admin, json={"rateLimitPerHour": value}
+        )
+        assert response.status_code == 400, response.text
+        assert response.json()["error"].startswith("Invalid value for 'rateLimitPerHour': ")
+    ok = await client.patch(
+        f"/v1/admin/keys/{created['id']}", headers=admin, json={"rateLimitPerHour": 10**9}
+    )
+    assert ok.status_code == 200
+
+
+async def test_admin_grant_refuses_huge_amounts_and_the_balance_stays_an_int(
+    client: httpx.AsyncClient, make_key: MakeKey
+) -> None:
+    admin = auth(await make_key(admin=True))
+    account = (await client.post("/v1/admin/accounts", headers=admin, json={"credits": 5})).json()
+    url = f"/v1/admin/accounts/{account['accountId']}/credits"
+    for amount in (9223372036854775807, 10**12 + 1, 10**40):
+        response = await client.post(url, headers=admin, json={"amount": amount})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"].startswith("Invalid value for 'amount': ")
+    granted = (await client.post(url, headers=admin, json={"amount": 10**12})).json()
+    assert granted["balance"] == 10**12 + 5 and type(granted["balance"]) is int
+    balance = (
+        await client.get(f"/v1/admin/accounts/{account['accountId']}/balance", headers=admin)
+    ).json()["balance"]
+    assert balance == 10**12 + 5 and type(balance) is int

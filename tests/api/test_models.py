@@ -90,3 +90,90 @@ bindings = [{ backend = "hypereal", upstream_model = "kling-3-0-std-i2v" }]
     assert catalogue.models["flux-1-schnell"].modality == "image"
     assert price(catalogue.models["my-video"], {"duration": 10}) == 30
     assert catalogue.models["sora-2-i2v"].price.credits_per_second == 13.8
+
+
+PREFIXES = ["/v1", "/api/v1"]
+IMAGE = "http://127.0.0.1/in.png"
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+@pytest.mark.parametrize("path", ["videos/generate", "audio/generate", "3d/generate"])
+async def test_missing_model_is_400_on_both_prefixes(
+    client: httpx.AsyncClient, make_key: MakeKey, prefix: str, path: str
+) -> None:
+    key = auth(await make_key(credits=1000))
+    response = await client.post(f"{prefix}/{path}", headers=key, json={"input": {"text": "x"}})
+    assert response.status_code == 400
+    assert response.json() == {"error": "Model is required"}
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+@pytest.mark.parametrize(
+    ("path", "modality"),
+    [
+        ("videos/generate", "video"),
+        ("audio/generate", "audio"),
+        ("3d/generate", "3d"),
+        ("images/generate", "image"),
+    ],
+)
+async def test_unsupported_model_is_400_on_both_prefixes(
+    client: httpx.AsyncClient, make_key: MakeKey, prefix: str, path: str, modality: str
+) -> None:
+    key = auth(await make_key(credits=1000))
+    body = {"model": "x", "prompt": "x", "input": {"prompt": "x"}}
+    response = await client.post(f"{prefix}/{path}", headers=key, json=body)
+    assert response.status_code == 400
+    assert response.json() == {"error": f"Unsupported {modality} model: x"}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        (
+            "videos/generate",
+            f'{{"model": "camera-motion-i2v", "input": {{"image": "{IMAGE}", "duration": 1e400}}}}',
+            "input.duration",
+        ),
+        (
+            "videos/generate",
+            f'{{"model": "camera-motion-i2v", "input": {{"image": "{IMAGE}", "duration": NaN}}}}',
+            "input.duration",
+        ),
+        (
+            "videos/generate",
+            f'{{"model": "camera-motion-i2v", "input": {{"image": "{IMAGE}", "fps": -Infinity}}}}',
+            "input.fps",
+        ),
+        (
+            "videos/generate",
+            f'{{"model": "camera-motion-i2v", "input": {{"image": "{IMAGE}", '
+            f'"duration": 1{"0" * 400}}}}}',
+            "input.duration",
+        ),
+        (
+            "audio/generate",
+            '{"model": "audio-tts", "input": {"text": "hi", "speed": NaN}}',
+            "input.speed",
+        ),
+        (
+            "audio/generate",
+            '{"model": "audio-tts", "input": {"text": "hi", "speed": Infinity}}',
+            "input.speed",
+        ),
+    ],
+    ids=["int-1e400", "int-nan", "int-neg-inf", "int-huge", "number-nan", "number-inf"],
+)
+async def test_non_finite_numbers_are_400_naming_the_field_and_charge_nothing(
+    client: httpx.AsyncClient, make_key: MakeKey, path: str, body: str, field: str
+) -> None:
+    key = auth(await make_key(credits=1000))
+    response = await client.post(
+        f"/v1/{path}",
+        headers={**key, "content-type": "application/json"},
+        content=body.encode(),
+    )
+    assert response.status_code == 400, response.text
+    assert response.json() == {"error": f"Invalid value for '{field}': must be a finite number"}
+    assert (await client.get("/v1/credits", headers=key)).json()["balance"] == 1000
+    assert (await client.get("/v1/jobs", headers=key)).json()["data"] == []

@@ -12,7 +12,10 @@ from hypereal.backends.base import BackendError, ChatDelta, ChatRequest
 
 class ScriptedChat:
     """Options: ``tokens`` (list of strings), ``delay`` seconds per token, ``first_delay``,
-    ``fail_after`` (raise BackendError after that many tokens), ``name``."""
+    ``fail_after`` (raise BackendError after that many tokens; with ``client_error`` true it
+    is one the request caused), ``context_length`` (the context the "model" holds, exposed
+    as the optional ``context_length`` of chat backends), ``bug_after`` (raise a
+    RuntimeError, as a bug would, after that many tokens), ``name``."""
 
     runs: ClassVar[dict[str, dict[str, Any]]] = {}
 
@@ -21,6 +24,10 @@ class ScriptedChat:
         self.delay = float(options.get("delay", 0.0))
         self.first_delay = float(options.get("first_delay", 0.0))
         self.fail_after: int | None = options.get("fail_after")
+        self.client_error = bool(options.get("client_error", False))
+        self.bug_after: int | None = options.get("bug_after")
+        length = options.get("context_length")
+        self.context_length: int | None = int(length) if length is not None else None
         self.name = str(options.get("name", "scripted"))
 
     async def count_prompt_tokens(self, request: ChatRequest) -> int:
@@ -37,7 +44,11 @@ class ScriptedChat:
             await asyncio.sleep(self.first_delay)
             for index in range(limit):
                 if self.fail_after is not None and index == self.fail_after:
+                    if self.client_error:
+                        raise BackendError("the prompt is too long", client_error=True)
                     raise BackendError("the model crashed")
+                if self.bug_after is not None and index == self.bug_after:
+                    raise RuntimeError("secret internals at /srv/hypereal/secret.py")
                 if index:
                     await asyncio.sleep(self.delay)
                 run["produced"] += 1

@@ -67,6 +67,11 @@ class ChatDelta:
 
 @runtime_checkable
 class ChatBackend(Protocol):
+    """A chat model. Optional: a backend that knows how many tokens of context its model
+    holds (prompt and answer together) exposes it as ``context_length: int | None`` (None
+    while unknown). It is read after :meth:`count_prompt_tokens`, which may load the model
+    to learn it; the smaller of it and the catalogue's ``context_tokens`` is enforced."""
+
     async def count_prompt_tokens(self, request: ChatRequest) -> int:
         """Tokens the prompt takes with the model's own tokenizer and chat template."""
         ...

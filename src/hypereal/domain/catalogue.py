@@ -7,6 +7,7 @@ Entries may name a ``template`` whose fields they inherit.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -221,6 +222,14 @@ def _invalid(field_name: str, reason: str) -> BadRequest:
     return BadRequest(f"Invalid value for '{field_name}': {reason}")
 
 
+def _finite(value: int | float) -> bool:
+    """False for NaN, +-Infinity and integers too large for a float (JSON ``1e400``, ...)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _check(param: Param, value: Any, field_name: str) -> Any:
     kind = param.type
     if kind in ("string", "media"):
@@ -241,8 +250,10 @@ def _check(param: Param, value: Any, field_name: str) -> Any:
             raise _invalid(
                 field_name, f"must be a{'n integer' if kind == 'integer' else ' number'}"
             )
-        if kind == "integer":
-            if float(value) != int(value):
+        if not _finite(value):
+            raise _invalid(field_name, "must be a finite number")
+        if kind == "integer" and isinstance(value, float):
+            if not value.is_integer():
                 raise _invalid(field_name, "must be an integer")
             value = int(value)
         if param.minimum is not None and value < param.minimum:

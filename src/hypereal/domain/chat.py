@@ -6,7 +6,7 @@ The API formats the deltas (JSON or SSE); everything billable happens here.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
 from hypereal.backends.base import BackendError, ChatBackend, ChatDelta, ChatMessage, ChatRequest
@@ -48,6 +48,16 @@ def parse_messages(raw: object) -> list[ChatMessage]:
     return messages
 
 
+def context_limit(spec: ModelSpec, backend: ChatBackend) -> int:
+    """Tokens of context the turn may use: the catalogue's ``context_tokens`` (32768 when
+    unset), or less when the backend knows its model holds less (``context_length``)."""
+    limit = spec.context_tokens or DEFAULT_CONTEXT_TOKENS
+    real = getattr(backend, "context_length", None)
+    if isinstance(real, int) and not isinstance(real, bool) and real > 0:
+        limit = min(limit, real)
+    return limit
+
+
 @dataclass
 class ChatTurn:
     """A metered chat turn. Use :meth:`open`, iterate :meth:`deltas`, then :meth:`settle`."""
@@ -78,7 +88,8 @@ class ChatTurn:
         max_tokens: int,
         upstream_model: str | None,
     ) -> ChatTurn:
-        """Count the prompt, enforce the context limit and reserve the maximum cost.
+        """Count the prompt, enforce the context limit (:func:`context_limit`) and reserve the
+        maximum cost (``max_tokens``, cut to the room the context leaves, as completion).
 
         Raises BadRequest (context exceeded) or InsufficientCredits (402) before any
         generation starts.
@@ -93,7 +104,7 @@ class ChatTurn:
             prompt_tokens = await backend.count_prompt_tokens(request)
         except BackendError as exc:
             raise UpstreamError(f"Could not count prompt tokens: {exc.message}") from exc
-        limit = spec.context_tokens or DEFAULT_CONTEXT_TOKENS
+        limit = context_limit(spec, backend)
         if prompt_tokens >= limit:
             raise BadRequest(
                 f"This conversation is {prompt_tokens} tokens, over the {limit}-token context "
@@ -104,7 +115,7 @@ class ChatTurn:
         if room != max_tokens:
             request = ChatRequest(request.messages, temperature, room, upstream_model)
         turn_id = "chatcmpl-" + new_id("c")[2:]
-        reserved = chat_price(spec, prompt_tokens, room)
+        reserved = chat_price(spec, len(request.messages), prompt_tokens, room)
         entry = await ledger.debit(
             db, account_id, reserved, reference=turn_id, description=f"chat {spec.slug}"
         )
@@ -120,7 +131,7 @@ class ChatTurn:
             id=turn_id,
         )
 
-    async def deltas(self) -> AsyncIterator[ChatDelta]:
+    async def deltas(self) -> AsyncGenerator[ChatDelta]:
         """The backend's deltas, counted as they pass. Closing this iterator closes the
         backend's stream, which stops generation."""
         stream = self.backend.stream(self.request)
@@ -147,19 +158,22 @@ class ChatTurn:
     def content(self) -> str:
         return "".join(self.text)
 
-    async def settle(self) -> int:
+    async def settle(self, *, delivered: bool = True) -> int:
         """Charge what was generated (all of the reservation at most), refund the rest.
 
+        ``delivered=False`` means the client received none of it (a failed non-streaming
+        request, or a failure before a stream began): everything is refunded.
         Idempotent: the first call decides. Returns the credits used.
         """
         if self.credits_used is not None:
             return self.credits_used
-        if self.completion_tokens == 0 and self.finish_reason is None:
-            actual = 0  # nothing was generated: nothing is owed
+        if not delivered or (self.completion_tokens == 0 and self.finish_reason is None):
+            actual = 0  # nothing was generated or nothing reached the client: nothing is owed
         else:
-            actual = min(
-                self.reserved, chat_price(self.spec, self.prompt_tokens, self.completion_tokens)
+            cost = chat_price(
+                self.spec, len(self.request.messages), self.prompt_tokens, self.completion_tokens
             )
+            actual = min(self.reserved, cost)
         self.credits_used = actual
         await ledger.refund(
             self.db,
@@ -177,4 +191,4 @@ class ChatTurn:
         }
 
 
-__all__ = ["ChatTurn", "GenerationFailed", "parse_messages"]
+__all__ = ["ChatTurn", "GenerationFailed", "context_limit", "parse_messages"]

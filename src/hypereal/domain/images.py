@@ -1,5 +1,5 @@
 """Synchronous image generation and editing: validate, resolve the backend, fetch inputs,
-debit, generate, store, record; refund when generation fails.
+debit, generate, store, record; refund when generation, storing or recording fails.
 
 Everything that can be refused (bad field, unknown model, no backend, unreachable input
 image) is refused before any credit is taken.
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from hypereal.backends.base import BackendError, ImageRequest, MediaBlob
-from hypereal.domain import ledger
+from hypereal.domain import jobs, ledger
 from hypereal.domain.catalogue import ModelSpec, validate_params
 from hypereal.domain.errors import BadRequest, GenerationFailed
 from hypereal.domain.ids import new_id
@@ -26,7 +26,6 @@ from hypereal.domain.pricing import price
 from hypereal.media.fetch import fetch_media
 from hypereal.media.sniff import sniff_content_type
 from hypereal.media.store import new_media_key
-from hypereal.store.models import Job, utcnow
 
 if TYPE_CHECKING:
     from hypereal.services import Services
@@ -77,13 +76,21 @@ def source_urls(image: object, images: object) -> list[str] | None:
     return urls
 
 
-def _in_format(blob: MediaBlob, wanted: str) -> MediaBlob:
-    """The blob as ``wanted`` (a MIME type), converting when a backend answered otherwise."""
+def in_format(blob: MediaBlob, wanted: str | None) -> MediaBlob:
+    """The blob as ``wanted`` (a MIME type), converting when a backend answered otherwise.
+
+    With ``wanted`` None (the client named no ``output_format``) the backend's PNG, JPEG or
+    WEBP is kept as it is (a local edit may pick the format from the prompt, e.g. "convert
+    to webp"); any other image type is converted to PNG. The content type always comes
+    from the bytes. Raises BackendError when the bytes are not an image.
+    """
     actual = sniff_content_type(blob.data)
-    if actual == wanted:
-        return MediaBlob(blob.data, wanted)
     if actual is None or not actual.startswith("image/"):
         raise BackendError(f"backend returned {actual or 'unrecognised data'}, not an image")
+    if wanted is None:
+        wanted = actual if actual in PIL_FORMATS else "image/png"
+    if actual == wanted:
+        return MediaBlob(blob.data, wanted)
     with Image.open(io.BytesIO(blob.data)) as img:
         converted = img.convert("RGB") if wanted == "image/jpeg" else img.copy()
     out = io.BytesIO()
@@ -102,6 +109,16 @@ async def _fetch_sources(services: Services, urls: Sequence[str]) -> list[MediaB
     )
 
 
+def request_size(params: Mapping[str, Any], values: Mapping[str, Any]) -> tuple[int, int] | None:
+    """Width and height to ask the backend for: the ``size`` the client sent, else a
+    catalogue default for ``size`` unless the client sent ``aspect_ratio`` (then the
+    backend picks a size of that shape). None leaves the size to the backend."""
+    sent_size = values.get("size") not in (None, "")
+    if not sent_size and params.get("aspect_ratio"):
+        return None
+    return parse_size(params.get("size"))
+
+
 async def _record(
     services: Services,
     account_id: str,
@@ -112,27 +129,20 @@ async def _record(
     debit_entry_id: int,
     stored: Sequence[tuple[str, str]],
 ) -> None:
-    now = utcnow()
-    async with services.db.session.begin() as session:
-        session.add(
-            Job(
-                id=result_id,
-                account_id=account_id,
-                type="image",
-                model=spec.slug,
-                state="completed",
-                input={k: v for k, v in params.items() if k != "images"},
-                credits=credits,
-                debit_entry_id=debit_entry_id,
-                output_url=stored[0][1],
-                output_key=stored[0][0],
-                result={"urls": [url for _, url in stored]},
-                progress=1.0,
-                created_at=now,
-                started_at=now,
-                completed_at=now,
-            )
-        )
+    """The result as a completed ``image`` job, so ``GET /v1/jobs/{resultId}`` finds it."""
+    await jobs.record_completed(
+        services.db,
+        job_id=result_id,
+        account_id=account_id,
+        type="image",
+        model=spec.slug,
+        input={k: v for k, v in params.items() if k != "images"},
+        credits=credits,
+        debit_entry_id=debit_entry_id,
+        output_url=stored[0][1],
+        output_key=stored[0][0],
+        result={"urls": [url for _, url in stored]},
+    )
 
 
 async def generate(
@@ -142,16 +152,18 @@ async def generate(
     (503), InsufficientCredits (402) before charging; GenerationFailed (500, refunded) or
     BadRequest (400, refunded) when the backend fails."""
     params = validate_params(spec, values)
-    size = parse_size(params.get("size"))
+    size = request_size(params, values)
     resolved = services.backends.resolve(spec)
     sources = await _fetch_sources(services, params.get("images") or [])
-    wanted = FORMATS[str(params.get("output_format") or "png")]
+    # Only an output_format the request (or the model's catalogue default) names is forced.
+    named_format = params.get("output_format")
+    wanted = FORMATS[str(named_format)] if named_format else None
     request = ImageRequest(
         prompt=str(params.get("prompt") or ""),
         width=size[0] if size else None,
         height=size[1] if size else None,
         aspect_ratio=params.get("aspect_ratio"),
-        output_format="jpeg" if wanted == "image/jpeg" else wanted.split("/")[1],
+        output_format=(wanted or "image/png").split("/")[1],
         images=tuple(sources),
         upstream_model=resolved.upstream_model,
         params={k: v for k, v in params.items() if k not in ("prompt", "images", "size")},
@@ -169,9 +181,12 @@ async def generate(
             raise BackendError("the backend returned no images")
         stored = []
         for blob in blobs:
-            converted = _in_format(blob, wanted)
-            key = new_media_key("image", wanted)
-            stored.append((key, await services.media.put(key, converted.data, wanted)))
+            converted = in_format(blob, wanted)
+            key = new_media_key("image", converted.content_type)
+            url = await services.media.put(key, converted.data, converted.content_type)
+            stored.append((key, url))
+        # Inside the refunded section: a result that cannot be recorded is not charged.
+        await _record(services, account_id, spec, result_id, params, credits, debit.id, stored)
     except BaseException as exc:
         await ledger.refund(services.db, debit.id, description=f"image {spec.slug} failed")
         if isinstance(exc, BackendError):
@@ -183,7 +198,6 @@ async def generate(
                 f"Image generation timed out after {spec.timeout_seconds} s"
             ) from exc
         raise
-    await _record(services, account_id, spec, result_id, params, credits, debit.id, stored)
     return ImageResult(
         result_id=result_id,
         created=int(time.time()),

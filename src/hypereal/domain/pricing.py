@@ -23,8 +23,17 @@ def price(spec: ModelSpec, params: Mapping[str, Any]) -> int:
     return rule.credits
 
 
-def chat_price(spec: ModelSpec, prompt_tokens: int, completion_tokens: int) -> int:
-    """Credits for a chat turn: the base per message plus the token cost, rounded up."""
+def chat_price(spec: ModelSpec, messages: int, prompt_tokens: int, completion_tokens: int) -> int:
+    """Credits for a chat turn: ``base_credits`` per message of the conversation sent
+    (``messages``), plus the token cost in whole credits (the fraction of a credit below one
+    is not charged):
+
+        base_credits * messages + floor((prompt * input_usd + completion * output_usd)
+                                        / 1M / usd_per_credit)
+
+    With the spec's prices (2 credits, $0.20 / $0.90 per 1M tokens, $0.01 a credit) one short
+    message costs 2, three cost 6; a token cost of $0.01 or more adds whole credits.
+    """
     rule = spec.price
     if rule.kind != "per_token":
         return price(spec, {})
@@ -33,4 +42,5 @@ def chat_price(spec: ModelSpec, prompt_tokens: int, completion_tokens: int) -> i
         prompt_tokens * (rule.input_usd_per_million or 0.0)
         + completion_tokens * (rule.output_usd_per_million or 0.0)
     ) / 1_000_000
-    return rule.base_credits + math.ceil(round(usd / rule.usd_per_credit, 9))
+    # Round to 9 places first so a cost of exactly 20 credits is 20, not 19.999999999999996.
+    return rule.base_credits * messages + math.floor(round(usd / rule.usd_per_credit, 9))

@@ -11,17 +11,26 @@ from limits.aio.storage import Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
 
+WINDOW_SECONDS = 3600
+
 
 @dataclass(frozen=True)
 class RateLimitDecision:
     allowed: bool
     limit: int
     remaining: int
-    reset_at: int  # unix seconds when a slot frees up (the oldest hit leaves the window)
+    reset_time: float  # unix time when a slot frees up (the oldest hit leaves the window)
+
+    @property
+    def reset_at(self) -> int:
+        """``reset_time`` rounded up to whole unix seconds (the X-RateLimit-Reset header)."""
+        return math.ceil(self.reset_time)
 
     @property
     def retry_after(self) -> int:
-        return max(1, math.ceil(self.reset_at - time.time()))
+        """Whole seconds to wait, from the raw reset time (rounding twice could give 3601);
+        never more than the window, even with a storage clock slightly ahead of ours."""
+        return min(WINDOW_SECONDS, max(1, math.ceil(self.reset_time - time.time())))
 
     def headers(self) -> dict[str, str]:
         return {
@@ -59,7 +68,7 @@ class RateLimiter:
             allowed=allowed,
             limit=limit,
             remaining=max(0, stats.remaining),
-            reset_at=math.ceil(stats.reset_time),
+            reset_time=stats.reset_time,
         )
 
     async def reset(self) -> None:

@@ -27,8 +27,7 @@ from hypereal.media.sniff import sniff_content_type
 from hypereal.settings import Settings
 
 MAX_REDIRECTS = 5
-DEFAULT_MAX_BYTES = 50 * 1024 * 1024
-DEFAULT_TIMEOUT = 30.0
+DEFAULT_TIMEOUT = 30.0  # webhooks and other guarded clients; fetches use the settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -43,11 +42,45 @@ def parse_networks(cidrs: Sequence[str]) -> list[IPNetwork]:
     return [ipaddress.ip_network(c.strip(), strict=False) for c in cidrs if c.strip()]
 
 
+# IPv6 prefixes whose last 32 bits are an IPv4 address the packets end up at.
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated, RFC 4291
+_IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")  # SIIT, RFC 2765
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # well-known NAT64 prefix, RFC 6052
+# Local-use NAT64 (RFC 8215): never global, whatever it embeds.
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries traffic to: IPv4-mapped
+    (``::ffff:a.b.c.d``), IPv4-compatible (``::a.b.c.d``), IPv4-translated, NAT64
+    (``64:ff9b::a.b.c.d``), 6to4 (``2002:AABB:CCDD::``) and Teredo (server and client).
+    Empty for an ordinary IPv6 address."""
+    if address.ipv4_mapped is not None:
+        return [address.ipv4_mapped]
+    if address.sixtofour is not None:
+        return [address.sixtofour]
+    if address.teredo is not None:
+        return list(address.teredo)
+    if any(address in net for net in (_IPV4_COMPATIBLE, _IPV4_TRANSLATED, _NAT64)):
+        return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
+    return []
+
+
 def address_allowed(address: IPAddress, allowed: Sequence[IPNetwork]) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """Whether we may connect to ``address``: allow-listed, or global and not multicast.
+
+    An IPv6 address embedding an IPv4 one (see :func:`embedded_ipv4`) is judged by the
+    IPv4 address(es) it embeds, so ``::ffff:127.0.0.1``, ``::7f00:1``, ``64:ff9b::7f00:1``
+    and ``2002:7f00:1::`` are loopback, unless the IPv6 address itself is allow-listed.
+    """
     if any(address in network for network in allowed):
         return True
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in _NAT64_LOCAL:
+            return False
+        embedded = embedded_ipv4(address)
+        if embedded:
+            return all(address_allowed(inner, allowed) for inner in embedded)
     return address.is_global and not address.is_multicast
 
 
@@ -108,11 +141,23 @@ def guarded_http_client(settings: Settings, timeout: float = DEFAULT_TIMEOUT) ->
     )
 
 
-def _decode_data_uri(uri: str, field: str) -> bytes:
+def _too_large(field: str, max_bytes: int) -> FetchRefused:
+    return FetchRefused(f"'{field}' is larger than the {max_bytes} byte limit")
+
+
+def _decode_data_uri(uri: str, field: str, max_bytes: int) -> bytes:
+    """The bytes of a ``data:`` URI; one too large is refused from its encoded length,
+    before anything is decoded."""
     header, comma, payload = uri[5:].partition(",")
     if not comma:
         raise FetchRefused(f"Invalid data: URI in '{field}'")
-    if header.endswith(";base64"):
+    base64_encoded = header.endswith(";base64")
+    # Base64 decodes to 3 bytes per 4 characters (padding aside); percent-encoding to at
+    # least one byte per 3 characters.
+    least = (len(payload.rstrip("=")) * 3) // 4 if base64_encoded else len(payload) // 3
+    if least > max_bytes:
+        raise _too_large(field, max_bytes)
+    if base64_encoded:
         try:
             return base64.b64decode(payload, validate=False)
         except (binascii.Error, ValueError) as exc:
@@ -139,12 +184,12 @@ async def _download(client: httpx.AsyncClient, url: str, field: str, max_bytes: 
                 )
             declared = int(response.headers.get("content-length") or 0)
             if declared > max_bytes:
-                raise FetchRefused(f"'{field}' is larger than the {max_bytes} byte limit")
+                raise _too_large(field, max_bytes)
             body = bytearray()
             async for chunk in response.aiter_bytes():
                 body.extend(chunk)
                 if len(body) > max_bytes:
-                    raise FetchRefused(f"'{field}' is larger than the {max_bytes} byte limit")
+                    raise _too_large(field, max_bytes)
             return bytes(body)
     raise FetchRefused(f"Could not fetch '{field}': too many redirects")
 
@@ -155,20 +200,24 @@ async def fetch_media(
     *,
     field: str = "image",
     expect: str | None = None,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    timeout: float = DEFAULT_TIMEOUT,
+    max_bytes: int | None = None,
+    timeout: float | None = None,
 ) -> MediaBlob:
     """Bytes of an ``http(s)`` URL or ``data:`` URI, with the type sniffed from the bytes.
 
-    ``expect`` ('image', 'audio', 'video') refuses other kinds of content. Raises
-    FetchRefused (400) with a clear reason for every refusal.
+    ``expect`` ('image', 'audio', 'video') refuses other kinds of content. ``max_bytes`` and
+    ``timeout`` (seconds for the whole fetch, redirects included) default to the settings
+    ``fetch_max_bytes`` and ``fetch_timeout_seconds``. Raises FetchRefused (400) with a clear
+    reason for every refusal.
     """
+    max_bytes = settings.fetch_max_bytes if max_bytes is None else max_bytes
+    timeout = settings.fetch_timeout_seconds if timeout is None else timeout
     if not isinstance(url, str) or not url:
         raise FetchRefused(f"'{field}' must be a URL or a data: URI")
     if url.startswith("data:"):
-        data = _decode_data_uri(url, field)
+        data = _decode_data_uri(url, field, max_bytes)
         if len(data) > max_bytes:
-            raise FetchRefused(f"'{field}' is larger than the {max_bytes} byte limit")
+            raise _too_large(field, max_bytes)
     else:
         scheme = url.split(":", 1)[0].lower()
         if scheme not in ("http", "https"):
@@ -176,8 +225,10 @@ async def fetch_media(
         try:
             async with guarded_http_client(settings, timeout) as client:
                 data = await asyncio.wait_for(_download(client, url, field, max_bytes), timeout)
-        except TimeoutError as exc:
-            raise FetchRefused(f"Timed out fetching '{field}'") from exc
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            raise FetchRefused(
+                f"Timed out fetching '{field}': no complete answer within {timeout:g} s"
+            ) from exc
         except httpx.HTTPError as exc:
             raise FetchRefused(f"Could not fetch '{field}': {exc.__class__.__name__}") from exc
     if not data:

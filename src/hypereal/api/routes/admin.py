@@ -15,6 +15,11 @@ from hypereal.store.models import Account
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
+# Upper bounds, so huge numbers answer 400 instead of overflowing SQLite's 64-bit INTEGER
+# (MAX_CREDITS matches ledger.MAX_GRANT).
+MAX_CREDITS = 10**12
+MAX_RATE_LIMIT_PER_HOUR = 10**9
+
 
 class Body(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
@@ -22,23 +27,29 @@ class Body(BaseModel):
 
 class CreateAccount(Body):
     name: str = Field(default="", max_length=200)
-    credits: int = Field(default=0, ge=0)
+    credits: int = Field(default=0, ge=0, le=MAX_CREDITS)
     is_admin: bool = Field(default=False, alias="isAdmin")
 
 
 class CreateKey(Body):
     account_id: str | None = Field(default=None, alias="accountId")
     name: str = Field(default="", max_length=200)
-    credits: int = Field(default=0, ge=0, description="Granted when a new account is created")
-    rate_limit_per_hour: int | None = Field(default=None, ge=1, alias="rateLimitPerHour")
+    credits: int = Field(
+        default=0, ge=0, le=MAX_CREDITS, description="Granted when a new account is created"
+    )
+    rate_limit_per_hour: int | None = Field(
+        default=None, ge=1, le=MAX_RATE_LIMIT_PER_HOUR, alias="rateLimitPerHour"
+    )
 
 
 class UpdateKey(Body):
-    rate_limit_per_hour: int | None = Field(default=None, ge=1, alias="rateLimitPerHour")
+    rate_limit_per_hour: int | None = Field(
+        default=None, ge=1, le=MAX_RATE_LIMIT_PER_HOUR, alias="rateLimitPerHour"
+    )
 
 
 class Grant(Body):
-    amount: int = Field(gt=0)
+    amount: int = Field(gt=0, le=MAX_CREDITS)
     description: str = Field(default="admin grant", max_length=300)
 
 

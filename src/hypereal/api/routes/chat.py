@@ -6,22 +6,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import Receive, Scope, Send
 
 from hypereal.api.deps import PrincipalDep, ServicesDep
 from hypereal.api.idempotency import idempotent
+from hypereal.backends.base import ChatDelta
 from hypereal.domain.chat import ChatTurn, parse_messages
 from hypereal.domain.errors import HyperealError
 from hypereal.services import Services
 
 router = APIRouter(tags=["chat"])
+logger = logging.getLogger(__name__)
+
+# nginx's status for "the client closed the connection before the answer was ready".
+CLIENT_CLOSED_REQUEST = 499
 
 
 class ChatBody(BaseModel):
@@ -29,9 +36,10 @@ class ChatBody(BaseModel):
 
     messages: Any = None
     model: str | None = None
-    temperature: float = Field(default=0.8, ge=0.0, le=2.0)
-    max_tokens: int = Field(default=4096, ge=1, le=32768)
-    stream: bool | None = None
+    # Strict: "stream": "false" or "temperature": true is a 400, not silently coerced.
+    temperature: float = Field(default=0.8, ge=0.0, le=2.0, strict=True)
+    max_tokens: int = Field(default=4096, ge=1, le=32768, strict=True)
+    stream: bool | None = Field(default=None, strict=True)
 
 
 def _chunk(turn: ChatTurn, created: int, choice: dict[str, Any], **extra: Any) -> bytes:
@@ -46,66 +54,191 @@ def _chunk(turn: ChatTurn, created: int, choice: dict[str, Any], **extra: Any) -
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
 
-async def _settle(turn: ChatTurn) -> int:
+async def _settle(turn: ChatTurn, *, delivered: bool = True) -> int:
     # Runs even when the client went away and the stream task is being cancelled.
     credits = 0
     with anyio.CancelScope(shield=True):
-        credits = await turn.settle()
+        credits = await turn.settle(delivered=delivered)
     return credits
 
 
-async def _sse(turn: ChatTurn, keepalive: float) -> AsyncIterator[bytes]:
-    """Chunks as the backend yields them, keep-alive comments while it is silent, the final
-    chunk with finish_reason/usage/creditsUsed, then ``[DONE]``. An error after the stream
-    began arrives as a ``data:`` event with ``error``."""
-    created = int(time.time())
-    deltas = turn.deltas().__aiter__()
-    pending: asyncio.Future[Any] | None = None
-    first = True
-    try:
-        while True:
-            pending = asyncio.ensure_future(deltas.__anext__())
-            while not (await asyncio.wait({pending}, timeout=keepalive))[0]:
-                yield b": keep-alive\n\n"
-            try:
-                delta = pending.result()
-            except StopAsyncIteration:
-                break
-            if delta.text:
-                content = (
-                    {"role": "assistant", "content": delta.text}
-                    if first
-                    else {"content": delta.text}
-                )
-                first = False
-                yield _chunk(turn, created, {"delta": content, "finish_reason": None})
-        credits = await _settle(turn)
-        yield _chunk(
-            turn,
-            created,
-            {"delta": {}, "finish_reason": turn.finish_reason or "stop"},
-            usage=turn.usage(),
-            creditsUsed=credits,
-        )
-        yield b"data: [DONE]\n\n"
-    except HyperealError as exc:
-        credits = await _settle(turn)
-        error = {"error": {"message": exc.message, "code": exc.status}, "creditsUsed": credits}
-        yield f"data: {json.dumps(error)}\n\n".encode()
-    finally:
-        if pending is not None and not pending.done():
-            pending.cancel()  # the client left: stop the backend
+async def _next(deltas: AsyncGenerator[ChatDelta]) -> ChatDelta:
+    return await deltas.__anext__()
+
+
+async def _stop(
+    pending: asyncio.Future[Any] | None, deltas: AsyncGenerator[ChatDelta] | None
+) -> None:
+    """Cancel a pending ``__anext__`` and close the deltas (which stops the backend), shielded
+    from the cancellation that usually brings us here; waits until the backend let go."""
+    with anyio.CancelScope(shield=True):
+        if pending is not None:
+            pending.cancel()
             with contextlib.suppress(BaseException):
                 await pending
-        await _settle(turn)
+        if deltas is not None:
+            try:
+                await deltas.aclose()
+            except Exception:
+                logger.exception("Closing a chat stream failed")
 
 
-async def _complete(turn: ChatTurn) -> JSONResponse:
+async def _client_gone(request: Request) -> None:
+    """Return when the client disconnects (the body has been read: ``receive`` only answers
+    ``http.disconnect`` now)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _ChatStream(StreamingResponse):
+    """The SSE answer of a turn whose first delta was awaited for a while (``pending``).
+
+    Chunks as the backend yields them, keep-alive comments while it is silent, the final
+    chunk with finish_reason/usage/creditsUsed, then ``[DONE]``. An error after the stream
+    began arrives as a ``data:`` event with ``error``. However the response ends (finished,
+    client gone, never started), the backend is stopped and the turn settled."""
+
+    def __init__(
+        self,
+        turn: ChatTurn,
+        deltas: AsyncGenerator[ChatDelta],
+        pending: asyncio.Future[ChatDelta],
+        keepalive: float,
+    ) -> None:
+        self._turn = turn
+        self._deltas = deltas
+        self._pending: asyncio.Future[ChatDelta] | None = pending
+        self._keepalive = keepalive
+        self._events = self._sse()
+        super().__init__(
+            self._events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                with contextlib.suppress(RuntimeError):  # still running: it closes itself
+                    await self._events.aclose()
+                await self._release()
+                await _settle(self._turn)
+
+    async def _release(self) -> None:
+        pending, self._pending = self._pending, None
+        await _stop(pending, self._deltas)
+
+    async def _sse(self) -> AsyncGenerator[bytes]:
+        turn = self._turn
+        created = int(time.time())
+        first = True
+        async with contextlib.aclosing(self._deltas) as deltas:
+            try:
+                while True:
+                    pending = self._pending
+                    if pending is None:
+                        pending = self._pending = asyncio.ensure_future(_next(deltas))
+                    while not (await asyncio.wait({pending}, timeout=self._keepalive))[0]:
+                        yield b": keep-alive\n\n"
+                    self._pending = None
+                    try:
+                        delta = pending.result()
+                    except StopAsyncIteration:
+                        break
+                    if delta.text:
+                        content = (
+                            {"role": "assistant", "content": delta.text}
+                            if first
+                            else {"content": delta.text}
+                        )
+                        first = False
+                        yield _chunk(turn, created, {"delta": content, "finish_reason": None})
+                credits = await _settle(turn)
+                yield _chunk(
+                    turn,
+                    created,
+                    {"delta": {}, "finish_reason": turn.finish_reason or "stop"},
+                    usage=turn.usage(),
+                    creditsUsed=credits,
+                )
+                yield b"data: [DONE]\n\n"
+            except HyperealError as exc:
+                yield _error_event(exc.message, exc.status, await _settle(turn))
+            except Exception:
+                logger.exception("Chat stream %s failed", turn.id)
+                yield _error_event("Internal server error", 500, await _settle(turn))
+            finally:
+                # Before aclosing closes the deltas: a pending __anext__ must end first.
+                await self._release()
+                await _settle(turn)
+
+
+def _error_event(message: str, status: int, credits: int) -> bytes:
+    error = {"error": {"message": message, "code": status}, "creditsUsed": credits}
+    return f"data: {json.dumps(error)}\n\n".encode()
+
+
+async def _stream(turn: ChatTurn, keepalive: float) -> Response:
+    """Wait up to one keep-alive interval for the first delta, so that a backend failing
+    before its first token (upstream 4xx/5xx, context errors) is a JSON error with its own
+    status, fully refunded, not a 200 stream carrying an error event. A first token slower
+    than that starts the stream, whose keep-alives then cover the wait."""
+    deltas = turn.deltas()
+    first: asyncio.Future[ChatDelta] = asyncio.ensure_future(_next(deltas))
     try:
-        async for _ in turn.deltas():
-            pass
+        await asyncio.wait({first}, timeout=keepalive)
+    except BaseException:
+        await _stop(first, deltas)
+        await _settle(turn)
+        raise
+    if first.done() and not first.cancelled():
+        exc = first.exception()
+        if exc is not None and not isinstance(exc, StopAsyncIteration):
+            await _stop(None, deltas)
+            await _settle(turn, delivered=False)
+            raise exc
+    return _ChatStream(turn, deltas, first, keepalive)
+
+
+async def _complete(turn: ChatTurn, request: Request) -> Response:
+    """Generate the whole answer unless the client leaves first: then generation stops and
+    the turn is billed for what was generated. A failure refunds everything (the client
+    got nothing)."""
+
+    async def consume() -> None:
+        async with contextlib.aclosing(turn.deltas()) as deltas:
+            async for _ in deltas:
+                pass
+
+    work = asyncio.ensure_future(consume())
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        await _stop(work, None)  # cancelled (server shutdown): stop, bill the part
+        await _settle(turn)
+        raise
     finally:
+        gone.cancel()
+    if not work.done():
+        # The client disconnected: stop the backend, bill what it generated. Nobody reads
+        # this answer; a non-2xx status keeps it out of the idempotency store.
+        with anyio.CancelScope(shield=True):
+            work.cancel()
+            with contextlib.suppress(BaseException):
+                await work
         credits = await _settle(turn)
+        return JSONResponse(
+            {"error": "Client closed the request", "creditsUsed": credits},
+            status_code=CLIENT_CLOSED_REQUEST,
+        )
+    exc = work.exception()
+    if exc is not None:
+        await _settle(turn, delivered=False)
+        raise exc
+    credits = await _settle(turn)
     return JSONResponse(
         {
             "id": turn.id,
@@ -148,12 +281,8 @@ async def _chat(
             resolved.upstream_model,
         )
         if body.stream if body.stream is not None else stream_default:
-            return StreamingResponse(
-                _sse(turn, services.settings.chat_keepalive_seconds),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        return await _complete(turn)
+            return await _stream(turn, services.settings.chat_keepalive_seconds)
+        return await _complete(turn, request)
 
     return await idempotent(request, principal, services, produce)
 
