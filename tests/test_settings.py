@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from hypereal.settings import Settings
 
@@ -25,3 +26,26 @@ def test_toml_file_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert settings.allowed_private_networks == ["127.0.0.0/8", "10.0.0.0/8"]
     assert settings.resolved_database_url.endswith(str(tmp_path / "d" / "hypereal.db"))
     assert settings.base_url() == "http://127.0.0.1:9001"
+
+
+def test_a_bad_allowed_private_network_fails_at_start_up_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HYPEREAL_ALLOWED_PRIVATE_NETWORKS", "127.0.0.0/8, bogus")
+    with pytest.raises(ValidationError) as error:
+        Settings()
+    assert "HYPEREAL_ALLOWED_PRIVATE_NETWORKS" in str(error.value)
+    assert "'bogus' is not a network" in str(error.value)
+    with pytest.raises(ValidationError, match=r"'10\.0\.0\.0/33' is not a network"):
+        Settings(allowed_private_networks=["10.0.0.0/33"])
+    monkeypatch.setenv("HYPEREAL_ALLOWED_PRIVATE_NETWORKS", "127.0.0.0/8,, ::1/128")
+    assert Settings().allowed_private_networks == ["127.0.0.0/8", "::1/128"]
+
+
+def test_fetch_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HYPEREAL_FETCH_TIMEOUT_SECONDS", "2.5")
+    monkeypatch.setenv("HYPEREAL_FETCH_MAX_BYTES", "1000")
+    settings = Settings()
+    assert (settings.fetch_timeout_seconds, settings.fetch_max_bytes) == (2.5, 1000)
+    with pytest.raises(ValidationError, match="fetch_timeout_seconds"):
+        Settings(fetch_timeout_seconds=0)

@@ -1,11 +1,14 @@
 """Images over HTTP: the spec's response shape, stored media served with the right type,
-local edits, an upstream (fal protocol) end to end, refunds, 402, 503 and input guards."""
+local edits, upstreams (fal and OpenAI protocols) end to end, size/aspect_ratio/format
+handling, results recorded as jobs, refunds, 402, 503 and input guards (fetch timeout)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from hypereal.domain import keys, ledger
 from hypereal.services import Services, build_services
 from hypereal.settings import Settings
 from tests.fakes.fal_server import FalFake, FalScenario
+from tests.fakes.openai_server import OpenAIFake
 from tests.support.servers import serve_app
 
 
@@ -35,7 +39,16 @@ def fal() -> Iterator[tuple[FalFake, str]]:
 
 
 @pytest.fixture
-async def image_services(tmp_path: Path, fal: tuple[FalFake, str]) -> AsyncIterator[Services]:
+def openai() -> Iterator[tuple[OpenAIFake, str]]:
+    fake = OpenAIFake()
+    with serve_app(fake.app) as url:
+        yield fake, url
+
+
+@pytest.fixture
+async def image_services(
+    tmp_path: Path, fal: tuple[FalFake, str], openai: tuple[OpenAIFake, str]
+) -> AsyncIterator[Services]:
     settings = Settings(
         data_dir=tmp_path / "data",
         bootstrap_admin=False,
@@ -46,7 +59,8 @@ async def image_services(tmp_path: Path, fal: tuple[FalFake, str]) -> AsyncItera
                 "api_key": "fal-test-key",
                 "base_url": fal[1],
                 "poll_interval": 0.01,
-            }
+            },
+            "openai": {"type": "openai", "api_key": "sk-test", "base_url": openai[1] + "/v1"},
         },
     )
     services = build_services(settings)
@@ -259,3 +273,170 @@ async def test_bad_requests_are_400_and_charge_nothing(
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
     assert await ledger.balance(image_services.db, account) == 10
+
+
+async def test_aspect_ratio_reaches_the_backend_as_a_wide_request(
+    client: httpx.AsyncClient,
+    image_services: Services,
+    fal: tuple[FalFake, str],
+    openai: tuple[OpenAIFake, str],
+) -> None:
+    headers, _ = await user(image_services, 100)
+    wide = {"prompt": "a beach", "aspect_ratio": "16:9"}
+    response = await client.post(
+        "/v1/images/generate", headers=headers, json={**wide, "model": "gpt-image-1"}
+    )
+    assert response.status_code == 200, response.text
+    assert openai[0].requests[-1].body["size"] == "1536x1024"  # GPT image's landscape size
+
+    response = await client.post(
+        "/v1/images/generate", headers=headers, json={**wide, "model": "flux-1-schnell"}
+    )
+    assert response.status_code == 200, response.text
+    payload = fal[0].submissions[-1].payload
+    assert payload["aspect_ratio"] == "16:9"
+    assert "image_size" not in payload  # no square size contradicting the ratio
+
+
+async def test_size_is_sent_only_when_the_client_names_one(
+    client: httpx.AsyncClient,
+    image_services: Services,
+    fal: tuple[FalFake, str],
+    openai: tuple[OpenAIFake, str],
+) -> None:
+    headers, _ = await user(image_services, 100)
+    response = await client.post(
+        "/v1/images/generate", headers=headers, json={"prompt": "x", "model": "gpt-image-1"}
+    )
+    assert response.status_code == 200, response.text
+    assert "size" not in openai[0].requests[-1].body  # the model's own default
+
+    response = await client.post(
+        "/v1/images/generate",
+        headers=headers,
+        json={"prompt": "x", "model": "flux-1-schnell", "size": "640*480"},
+    )
+    assert response.status_code == 200, response.text
+    assert fal[0].submissions[-1].payload["image_size"] == {"width": 640, "height": 480}
+
+
+@pytest.mark.parametrize(
+    ("extra", "content_type"),
+    [
+        ({}, "image/webp"),  # the prompt's format is kept
+        ({"output_format": "png"}, "image/png"),  # an explicit output_format wins
+    ],
+)
+async def test_a_format_named_in_the_prompt_is_kept_unless_output_format_is_sent(
+    client: httpx.AsyncClient,
+    image_services: Services,
+    extra: dict[str, str],
+    content_type: str,
+) -> None:
+    headers, _ = await user(image_services, 10)
+    response = await client.post(
+        "/v1/images/generate",
+        headers=headers,
+        json={"prompt": "convert to webp", "model": "image-transform", "image": png_uri(), **extra},
+    )
+    assert response.status_code == 200, response.text
+    url = response.json()["data"][0]["url"]
+    assert url.endswith("." + content_type.split("/")[1])
+    file = await download(client, url)
+    assert file.headers["content-type"] == content_type
+    assert Image.open(io.BytesIO(file.content)).format == content_type.split("/")[1].upper()
+
+
+@pytest.mark.parametrize("path", ["/v1/images/generate", "/v1/images/edit"])
+async def test_a_result_is_recorded_as_a_completed_image_job(
+    client: httpx.AsyncClient, image_services: Services, path: str
+) -> None:
+    headers, _ = await user(image_services, 10)
+    response = await client.post(
+        path,
+        headers=headers,
+        json={"prompt": "rotate 90", "model": "image-transform", "image": png_uri()},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    job = await client.get(f"/v1/jobs/{body['resultId']}?type=image", headers=headers)
+    assert job.status_code == 200, job.text
+    assert job.json()["status"] == "completed"
+    assert job.json()["type"] == "image" and job.json()["model"] == "image-transform"
+    assert job.json()["outputUrl"] == body["data"][0]["url"]
+    assert job.json()["creditsUsed"] == 2
+    other, _ = await user(image_services, 0)
+    hidden = await client.get(f"/v1/jobs/{body['resultId']}?type=image", headers=other)
+    assert hidden.status_code == 404
+
+
+async def test_a_result_that_cannot_be_recorded_is_refunded(
+    client: httpx.AsyncClient, image_services: Services
+) -> None:
+    headers, account = await user(image_services, 10)
+    async with image_services.db.engine.begin() as connection:
+        await connection.exec_driver_sql("DROP TABLE jobs")  # recording now fails for real
+    response = await client.post(
+        "/v1/images/generate",
+        headers=headers,
+        json={"prompt": "upscale 2x", "model": "image-transform", "image": png_uri()},
+    )
+    assert response.status_code == 500
+    assert await ledger.balance(image_services.db, account) == 10
+    kinds = [e.kind for e in await ledger.entries(image_services.db, account)]
+    assert kinds == ["refund", "debit", "grant"]
+
+
+@asynccontextmanager
+async def silent_server() -> AsyncIterator[str]:
+    """A loopback TCP server that accepts connections and never answers."""
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client gives up and closes
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+
+
+async def test_an_input_url_that_never_answers_is_a_400_after_the_fetch_timeout(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        bootstrap_admin=False,
+        public_url="http://testserver",
+        allowed_private_networks=["127.0.0.0/8"],
+        fetch_timeout_seconds=0.3,
+    )
+    services = build_services(settings)
+    await services.migrate()
+    app = create_app(settings, services=services)
+    try:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+            ) as http,
+            silent_server() as base,
+        ):
+            headers, account = await user(services, 10)
+            # The default fetch timeout is 30 s: returning at all within 10 s shows the
+            # setting is used.
+            response = await asyncio.wait_for(
+                http.post(
+                    "/v1/images/generate",
+                    headers=headers,
+                    json={"prompt": "upscale 2x", "model": "image-transform", "image": base},
+                ),
+                10,
+            )
+            assert response.status_code == 400, response.text
+            assert response.json()["error"].startswith("Timed out fetching 'images[0]'")
+            assert await ledger.balance(services.db, account) == 10
+    finally:
+        await services.close()

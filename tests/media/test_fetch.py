@@ -1,17 +1,31 @@
-"""The SSRF guard: non-global addresses are refused before any connection is made;
-allow-listed loopback works; redirects are re-checked hop by hop; data: URIs decode."""
+"""The SSRF guard: non-global addresses (IPv6 forms embedding IPv4 ones too) are refused
+before any connection is made; allow-listed loopback works; redirects are re-checked hop by
+hop; a server that never answers times out; data: URIs decode, too-large ones refused
+before decoding."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import ipaddress
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 from fastapi import FastAPI, Response
 from fastapi.responses import RedirectResponse
 from PIL import Image
 
-from hypereal.media.fetch import FetchRefused, fetch_media
+from hypereal.domain.errors import BadRequest
+from hypereal.media.fetch import (
+    FetchRefused,
+    address_allowed,
+    embedded_ipv4,
+    fetch_media,
+    parse_networks,
+    vetted_addresses,
+)
 from hypereal.settings import Settings
 from tests.support.servers import serve_app
 
@@ -116,3 +130,93 @@ async def test_data_uris_decode_and_are_checked() -> None:
         await fetch_media("data:text/plain,hello", DEFAULT, expect="image")
     with pytest.raises(FetchRefused, match="Invalid data: URI"):
         await fetch_media("data:image/png;base64", DEFAULT)
+
+
+# IPv6 addresses that carry traffic to an IPv4 address, each embedding 127.0.0.1 / 10.0.0.1.
+EMBEDDED_PRIVATE = {
+    "::ffff:127.0.0.1": "127.0.0.1",  # IPv4-mapped
+    "::7f00:1": "127.0.0.1",  # IPv4-compatible
+    "::ffff:0:7f00:1": "127.0.0.1",  # IPv4-translated (SIIT)
+    "64:ff9b::7f00:1": "127.0.0.1",  # NAT64 well-known prefix
+    "2002:7f00:1::": "127.0.0.1",  # 6to4
+    "64:ff9b::a00:1": "10.0.0.1",
+    "2002:a00:1::5": "10.0.0.1",
+}
+
+
+@pytest.mark.parametrize(("v6", "v4"), EMBEDDED_PRIVATE.items())
+def test_ipv6_embedding_a_private_ipv4_address_is_judged_by_it(v6: str, v4: str) -> None:
+    address = ipaddress.IPv6Address(v6)
+    assert embedded_ipv4(address) == [ipaddress.IPv4Address(v4)]
+    assert not address_allowed(address, [])
+    # The embedded address is what the allow-list is checked against.
+    assert address_allowed(address, parse_networks([v4 + "/32"]))
+
+
+@pytest.mark.parametrize("v6", list(EMBEDDED_PRIVATE))
+async def test_ipv6_literals_embedding_private_ipv4_are_refused_without_connecting(
+    v6: str,
+) -> None:
+    with pytest.raises(FetchRefused, match="not a public address"):
+        await vetted_addresses(v6, 80, [])
+
+
+@pytest.mark.parametrize(
+    "v6",
+    [
+        "::ffff:8.8.8.8",
+        "::808:808",
+        "64:ff9b::808:808",
+        "2002:808:808::1",
+        "2606:4700:4700::1111",  # an ordinary global IPv6 address
+    ],
+)
+def test_ipv6_embedding_a_public_ipv4_address_or_none_is_allowed(v6: str) -> None:
+    assert address_allowed(ipaddress.IPv6Address(v6), [])
+
+
+def test_local_use_nat64_and_plain_ipv6_specials_are_refused() -> None:
+    for v6 in ("64:ff9b:1::808:808", "::1", "::", "fe80::1", "fc00::1", "ff02::1"):
+        assert not address_allowed(ipaddress.IPv6Address(v6), []), v6
+
+
+@asynccontextmanager
+async def silent_server() -> AsyncIterator[str]:
+    """A loopback TCP server that accepts connections and never answers."""
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client gives up and closes
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+
+
+async def test_a_server_that_never_answers_times_out_with_a_clear_400() -> None:
+    settings = Settings(allowed_private_networks=["127.0.0.0/8"], fetch_timeout_seconds=0.3)
+    async with silent_server() as base:
+        # The default timeout is 30 s: returning within 10 s shows the setting is used.
+        with pytest.raises(FetchRefused) as refused:
+            await asyncio.wait_for(fetch_media(f"{base}/cat.png", settings, field="image"), 10)
+    assert isinstance(refused.value, BadRequest) and refused.value.status == 400
+    assert refused.value.message.startswith("Timed out fetching 'image'")
+
+
+async def test_data_uri_over_the_cap_is_refused_from_its_encoded_length() -> None:
+    capped = Settings(fetch_max_bytes=1000)
+    # 1336 base64 characters can only decode to about 1002 bytes: refused before decoding
+    # (these are not even valid base64, which a decode-first check would report as empty).
+    with pytest.raises(FetchRefused, match="larger than the 1000 byte limit"):
+        await fetch_media("data:image/png;base64," + "!" * 1336, capped)
+    too_big = base64.b64encode(b"\x00" * 1001).decode()
+    with pytest.raises(FetchRefused, match="larger than the 1000 byte limit"):
+        await fetch_media("data:application/octet-stream;base64," + too_big, capped)
+    with pytest.raises(FetchRefused, match="larger than the 1000 byte limit"):
+        await fetch_media("data:," + "%00" * 1001, capped)
+    exact = base64.b64encode(b"\x01" * 1000).decode()
+    blob = await fetch_media("data:application/octet-stream;base64," + exact, capped)
+    assert blob.data == b"\x01" * 1000
