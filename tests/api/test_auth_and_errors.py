@@ -109,6 +109,7 @@ async def test_openapi_and_docs_are_served(client: httpx.AsyncClient) -> None:
 
 
 async def test_unexpected_errors_are_500_json_without_traceback(services: Services) -> None:
+    """The 500 also carries the CORS and rate-limit headers, a new response each time."""
     from fastapi import APIRouter
 
     from hypereal.app import create_app
@@ -123,8 +124,17 @@ async def test_unexpected_errors_are_500_json_without_traceback(services: Servic
     account = await keys.create_account(services.db, "a")
     key = (await keys.create_key(services.db, account)).secret
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    headers = {**auth(key), "Origin": "https://app.example"}
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-        response = await c.get("/v1/boom", headers=auth(key))
-    assert response.status_code == 500
-    assert response.json() == {"error": "Internal server error"}
-    assert "secret" not in response.text
+        first = await c.get("/v1/boom", headers=headers)
+        second = await c.get("/api/v1/boom", headers=headers)
+    for response in (first, second):
+        assert response.status_code == 500
+        assert response.json() == {"error": "Internal server error"}
+        assert "secret" not in response.text
+        assert response.headers["access-control-allow-origin"] == "*"
+        assert response.headers["x-ratelimit-limit"] == "1000"
+    assert first.headers["x-ratelimit-remaining"] == "999"
+    assert second.headers["x-ratelimit-remaining"] == "998"
+    # Each 500 is a new response: no header piles up from one request to the next.
+    assert second.headers.get_list("access-control-allow-origin") == ["*"]

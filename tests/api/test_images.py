@@ -8,7 +8,6 @@ import asyncio
 import base64
 import io
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from hypereal.services import Services, build_services
 from hypereal.settings import Settings
 from tests.fakes.fal_server import FalFake, FalScenario
 from tests.fakes.openai_server import OpenAIFake
-from tests.support.servers import serve_app
+from tests.support.servers import serve_app, silent_server
 
 
 def png_uri(width: int = 40, height: int = 30) -> str:
@@ -385,22 +384,6 @@ async def test_a_result_that_cannot_be_recorded_is_refunded(
     assert await ledger.balance(image_services.db, account) == 10
     kinds = [e.kind for e in await ledger.entries(image_services.db, account)]
     assert kinds == ["refund", "debit", "grant"]
-
-
-@asynccontextmanager
-async def silent_server() -> AsyncIterator[str]:
-    """A loopback TCP server that accepts connections and never answers."""
-
-    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()  # until the client gives up and closes
-        writer.close()
-
-    server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.close()
 
 
 async def test_an_input_url_that_never_answers_is_a_400_after_the_fetch_timeout(

@@ -9,8 +9,6 @@ import asyncio
 import base64
 import io
 import ipaddress
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import pytest
 from fastapi import FastAPI, Response
@@ -27,7 +25,7 @@ from hypereal.media.fetch import (
     vetted_addresses,
 )
 from hypereal.settings import Settings
-from tests.support.servers import serve_app
+from tests.support.servers import serve_app, silent_server
 
 
 def png_bytes() -> bytes:
@@ -178,22 +176,6 @@ def test_ipv6_embedding_a_public_ipv4_address_or_none_is_allowed(v6: str) -> Non
 def test_local_use_nat64_and_plain_ipv6_specials_are_refused() -> None:
     for v6 in ("64:ff9b:1::808:808", "::1", "::", "fe80::1", "fc00::1", "ff02::1"):
         assert not address_allowed(ipaddress.IPv6Address(v6), []), v6
-
-
-@asynccontextmanager
-async def silent_server() -> AsyncIterator[str]:
-    """A loopback TCP server that accepts connections and never answers."""
-
-    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()  # until the client gives up and closes
-        writer.close()
-
-    server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.close()
 
 
 async def test_a_server_that_never_answers_times_out_with_a_clear_400() -> None:
