@@ -39,3 +39,74 @@ def test_keys_credits_and_models_commands(tmp_path: Path) -> None:
     assert "sora-2-i2v" in models.stdout and "nano-banana-t2i" in models.stdout
     missing = hypereal(tmp_path, "credits", "balance", "acct_missing")
     assert missing.returncode == 1 and "Account not found" in missing.stdout
+
+
+def test_keys_list_shows_whole_key_ids(tmp_path: Path) -> None:
+    created = hypereal(tmp_path, "keys", "create", "--name", "bob")
+    key_id = created.stdout.split("key id: ")[1].split()[0]
+    assert key_id in hypereal(tmp_path, "keys", "list").stdout
+
+
+def test_a_bad_setting_is_one_clear_line_and_a_nonzero_exit(tmp_path: Path) -> None:
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("port = [")
+    cases = [
+        ({"HYPEREAL_PORT": "abc"}, ["serve"], "invalid setting HYPEREAL_PORT"),
+        ({"HYPEREAL_PORT": "abc"}, ["keys", "list"], "invalid setting HYPEREAL_PORT"),
+        ({"HYPEREAL_CONFIG": str(bad_toml)}, ["migrate"], "could not load the settings"),
+        ({"HYPEREAL_CONFIG": str(tmp_path / "none.toml")}, ["migrate"], "names no readable"),
+    ]
+    for extra, args, message in cases:
+        env = {**os.environ, "HYPEREAL_DATA_DIR": str(tmp_path), **extra}
+        result = subprocess.run(
+            [sys.executable, "-m", "hypereal.cli", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_first_start_prints_the_admin_key_once(tmp_path: Path) -> None:
+    import socket
+    import time
+
+    import httpx
+
+    def start_and_stop() -> str:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {**os.environ, "HYPEREAL_DATA_DIR": str(tmp_path)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hypereal.cli", "serve", "--port", str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/openapi.json").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+        finally:
+            proc.terminate()
+            output, _ = proc.communicate(timeout=60)
+        return output
+
+    first = start_and_stop()
+    secrets = [word for word in first.split() if word.startswith("ck_")]
+    assert len(secrets) == 1, first
+    listing = hypereal(tmp_path, "keys", "list")
+    assert "admin" in listing.stdout and secrets[0] not in listing.stdout
+    second = start_and_stop()
+    assert "ck_" not in second and "Uvicorn running" in second

@@ -27,6 +27,7 @@ webhooks_app = typer.Typer(help="Webhook signing secrets.", no_args_is_help=True
 app.add_typer(webhooks_app, name="webhooks")
 
 console = Console()
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 T = TypeVar("T")
 
 # The admin API's bounds (ledger.MAX_GRANT for credits): checked before anything is created.
@@ -50,11 +51,37 @@ def print_table(table: Table) -> None:
         Console(width=needed).print(table)
 
 
+def load_settings(**overrides: object) -> Settings:
+    """The settings from HYPEREAL_* and the TOML file; a bad value exits with one line per
+    problem (the variable, what is wrong, the value) instead of a traceback."""
+    import os
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    config_file = os.environ.get("HYPEREAL_CONFIG")
+    if config_file and not Path(config_file).is_file():
+        err_console.print(f"hypereal: HYPEREAL_CONFIG names no readable file: {config_file}")
+        raise typer.Exit(2)
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            name = "HYPEREAL_" + "_".join(str(part) for part in error["loc"]).upper()
+            value = error.get("input")
+            shown = f" (got {value!r})" if isinstance(value, str | int | float) else ""
+            err_console.print(f"hypereal: invalid setting {name}: {error['msg']}{shown}")
+        raise typer.Exit(2) from None
+    except (OSError, ValueError) as exc:  # an unreadable or malformed TOML file
+        err_console.print(f"hypereal: could not load the settings: {exc}")
+        raise typer.Exit(2) from None
+
+
 def run(action: Callable[[Services], Awaitable[T]]) -> T:
     """Run one action against a migrated database; domain errors exit with status 1."""
 
     async def _main() -> T:
-        services = build_services(Settings())
+        services = build_services(load_settings())
         try:
             await services.migrate()
             return await action(services)
@@ -83,7 +110,7 @@ def serve(
         overrides["host"] = host
     if port is not None:
         overrides["port"] = port
-    settings = Settings(**overrides)  # type: ignore[arg-type]
+    settings = load_settings(**overrides)
     console.print(f"hypereal: serving on http://{settings.host}:{settings.port}", highlight=False)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
 
@@ -101,7 +128,7 @@ def worker(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        asyncio.run(run_worker(Settings(), concurrency=concurrency))
+        asyncio.run(run_worker(load_settings(), concurrency=concurrency))
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc

@@ -51,8 +51,9 @@ class Param:
 class PriceRule:
     """Fixed credits, credits per second of ``duration``, or per token (chat).
 
-    Per token: ``base_credits`` + ceil((prompt * input + completion * output) / 1M USD
-    / ``usd_per_credit``).
+    Per token: ``base_credits`` for each message sent, plus the token cost in whole credits,
+    floor((prompt * input + completion * output) / 1M USD / ``usd_per_credit``); see
+    ``pricing.chat_price``.
     """
 
     credits: int | None = None
