@@ -212,6 +212,9 @@ async def test_job_list_is_newest_first_and_paginated(tmp_path: Path) -> None:
         assert seen == list(reversed(ids))
         only_audio = await env.client.get("/v1/jobs", params={"type": "audio"}, headers=headers)
         assert only_audio.json()["data"] == []
+        unknown = await env.client.get("/v1/jobs", params={"before": "job_nope"}, headers=headers)
+        assert unknown.status_code == 400
+        assert "'before'" in unknown.json()["error"]
 
 
 async def test_recorded_sync_results_are_found_as_jobs(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hypereal.domain import ledger
-from hypereal.domain.errors import Conflict, JobNotFound
+from hypereal.domain.errors import BadRequest, Conflict, JobNotFound
 from hypereal.domain.ids import as_utc, new_id
 from hypereal.store.db import Database
 from hypereal.store.models import Job, LedgerEntry, WebhookDelivery, utcnow
@@ -237,12 +237,17 @@ async def list_jobs(
     type: str | None = None,
 ) -> list[JobView]:
     """The account's jobs, newest first; ``before`` is the last job id of the previous page
-    (an unknown cursor raises JobNotFound)."""
+    (an unknown cursor raises BadRequest naming ``before``)."""
     query = select(Job).where(Job.account_id == account_id)
     if type is not None:
         query = query.where(Job.type == type)
     if before is not None:
-        cursor = await get_job(db, account_id, before)
+        try:
+            cursor = await get_job(db, account_id, before)
+        except JobNotFound:
+            raise BadRequest(
+                "Invalid value for 'before': not a job of this account (use nextCursor)"
+            ) from None
         query = query.where(
             (Job.created_at < cursor.created_at)
             | ((Job.created_at == cursor.created_at) & (Job.id < cursor.id))
