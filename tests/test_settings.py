@@ -49,3 +49,12 @@ def test_fetch_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     assert (settings.fetch_timeout_seconds, settings.fetch_max_bytes) == (2.5, 1000)
     with pytest.raises(ValidationError, match="fetch_timeout_seconds"):
         Settings(fetch_timeout_seconds=0)
+
+
+def test_the_webhook_schedule_starts_at_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HYPEREAL_WEBHOOK_RETRY_SCHEDULE", "0, 1.5, 60")
+    assert Settings().webhook_retry_schedule == [0.0, 1.5, 60.0]
+    for bad in ("5,10", "0,-1", ""):
+        monkeypatch.setenv("HYPEREAL_WEBHOOK_RETRY_SCHEDULE", bad)
+        with pytest.raises(ValidationError, match="HYPEREAL_WEBHOOK_RETRY_SCHEDULE"):
+            Settings()

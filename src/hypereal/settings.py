@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     # Jobs one `hypereal worker` process (or `serve`, in-process) runs at once.
     worker_concurrency: int = 8
 
-    # Webhooks: seconds before each attempt (the first is attempt 1), and per-attempt timeout.
+    # Webhooks: seconds before each attempt, and the per-attempt timeout. The first attempt is
+    # sent as the job ends, so the first entry is 0; entry n is the wait after attempt n fails.
     webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
         default_factory=lambda: [0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
     )
@@ -104,6 +105,17 @@ class Settings(BaseSettings):
                     f"HYPEREAL_ALLOWED_PRIVATE_NETWORKS (allowed_private_networks): {cidr!r} is "
                     "not a network; use comma-separated CIDRs such as 127.0.0.0/8,10.0.0.0/8"
                 ) from None
+        return value
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _valid_schedule(cls, value: list[float]) -> list[float]:
+        if not value or value[0] != 0 or any(not 0 <= delay < 10**7 for delay in value):
+            raise ValueError(
+                "HYPEREAL_WEBHOOK_RETRY_SCHEDULE: comma-separated seconds starting with 0 (the "
+                "first attempt is sent as the job ends), each then the wait before the next "
+                "retry, e.g. 0,5,300,1800"
+            )
         return value
 
     @classmethod
