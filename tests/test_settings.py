@@ -58,3 +58,13 @@ def test_the_webhook_schedule_starts_at_zero(monkeypatch: pytest.MonkeyPatch) ->
         monkeypatch.setenv("HYPEREAL_WEBHOOK_RETRY_SCHEDULE", bad)
         with pytest.raises(ValidationError, match="HYPEREAL_WEBHOOK_RETRY_SCHEDULE"):
             Settings()
+
+
+def test_the_default_public_url_is_an_address_clients_can_use() -> None:
+    assert Settings(host="127.0.0.1", port=8000).base_url() == "http://127.0.0.1:8000"
+    assert Settings(host="0.0.0.0", port=9000).base_url() == "http://127.0.0.1:9000"
+    assert Settings(host="::", port=9000).base_url() == "http://[::1]:9000"
+    assert Settings(host="::1", port=9000).base_url() == "http://[::1]:9000"
+    assert Settings(host="0.0.0.0", public_url="https://api.example/").base_url() == (
+        "https://api.example"
+    )

@@ -112,6 +112,11 @@ def serve(
         overrides["port"] = port
     settings = load_settings(**overrides)
     console.print(f"hypereal: serving on http://{settings.host}:{settings.port}", highlight=False)
+    if not settings.public_url and settings.host in ("0.0.0.0", "::"):
+        err_console.print(
+            f"hypereal: media and poll URLs will use {settings.base_url()}; set "
+            "HYPEREAL_PUBLIC_URL to the address clients reach this server at"
+        )
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
 
 

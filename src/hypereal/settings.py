@@ -155,4 +155,9 @@ class Settings(BaseSettings):
         """The public base URL that absolute URLs (media, poll URLs) are built from."""
         if self.public_url:
             return self.public_url.rstrip("/")
-        return f"http://{self.host}:{self.port}"
+        # A wildcard bind address is no address to link to; this machine's loopback is (set
+        # HYPEREAL_PUBLIC_URL for clients elsewhere: `hypereal serve` says so).
+        host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(self.host, self.host)
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
