@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     # Input media (image/audio URLs and data: URIs): seconds per URL fetch, largest file.
     fetch_timeout_seconds: float = Field(default=30.0, gt=0)
     fetch_max_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    # Largest request body (413 past it); room for a data: URI image at fetch_max_bytes
+    # (base64 is 4/3 of the bytes) plus the rest of the JSON.
+    max_request_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
 
     # Chat streams: seconds of backend silence before a keep-alive comment is sent.
