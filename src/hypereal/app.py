@@ -9,6 +9,8 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hypereal.api.errors import InternalErrorMiddleware, install_error_handlers
 from hypereal.api.middleware import AuthRateLimitMiddleware
@@ -34,6 +36,71 @@ API_PREFIXES = ("/v1", "/api/v1")
 LifespanHook = Callable[[Services], Any]
 # What the app runs with unless told otherwise: the job engine (in-process jobs by default).
 DEFAULT_LIFESPAN_HOOKS: tuple[LifespanHook, ...] = (engine_lifespan,)
+
+
+class _BodyTooLarge(Exception):
+    """Raised from ``receive`` once a streamed body passes the limit."""
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies larger than ``max_bytes`` with a JSON 413, before the app reads
+    them whole: a declared ``Content-Length`` over the limit is answered at once, without
+    reading the body, and a body without one (chunked) is counted as it arrives; the app's
+    read fails as it passes the limit and whatever the app answers then is replaced by the
+    413."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> JSONResponse:
+        return JSONResponse(
+            {"error": f"Request body too large: the limit is {self.max_bytes} bytes"},
+            status_code=413,
+            headers={"Connection": "close"},
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0  # the HTTP server rejects a malformed length itself
+                if declared > self.max_bytes:
+                    await self._too_large()(scope, receive, send)
+                    return
+        received = 0
+        exceeded = False
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if exceeded and not started:
+                return  # the app's answer to its failed read; the 413 goes instead
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except Exception:
+            if not exceeded or started:
+                raise
+        if exceeded and not started:
+            await self._too_large()(scope, receive, send)
 
 
 def print_admin_key(secret: str) -> None:
@@ -91,6 +158,8 @@ def create_app(
     # Added first, so innermost: its JSON 500 passes through the two below (headers).
     app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(AuthRateLimitMiddleware, services=services)
+    # Outside auth (a huge body is refused before anything else), inside CORS (its headers).
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,
