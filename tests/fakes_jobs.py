@@ -44,13 +44,16 @@ class Recorder:
     calls: list[Call] = field(default_factory=list)
     running: int = 0
     max_running: int = 0
+    # Jobs of ``mode = "gated"`` wait until a test sets this (made anew per ``job_app``).
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 CALLS = Recorder()
 
 
 class ScriptedJobs:
-    """Options: ``mode`` = ok | fail | hang | crash, ``delay`` (seconds, for ok)."""
+    """Options: ``mode`` = ok | fail | hang | crash | gated (runs until ``CALLS.gate`` is
+    set), ``delay`` (seconds, for ok)."""
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         self.mode = str(options.get("mode", "ok"))
@@ -65,6 +68,8 @@ class ScriptedJobs:
             await progress(0.5, "half way")
             if self.mode == "hang":
                 await asyncio.sleep(3600)
+            if self.mode == "gated":
+                await CALLS.gate.wait()
             if self.delay:
                 await asyncio.sleep(self.delay)
             if self.mode == "fail":
@@ -100,6 +105,7 @@ TEST_BACKENDS: dict[str, dict[str, Any]] = {
     "fake-crash": {"type": "test_jobs", "mode": "crash"},
     "fake-hang": {"type": "test_jobs", "mode": "hang"},
     "fake-slow": {"type": "test_jobs", "delay": 0.4},
+    "fake-gated": {"type": "test_jobs", "mode": "gated"},
 }
 
 TEST_CATALOGUE = textwrap.dedent(
@@ -181,6 +187,15 @@ TEST_CATALOGUE = textwrap.dedent(
     concurrency = 1
     params = [{ name = "prompt", type = "string" }]
     bindings = [{ backend = "fake-slow" }]
+
+    [[models]]
+    slug = "test-gated"
+    name = "Runs until the test opens the gate, one at a time"
+    modality = "video"
+    price = { credits = 1 }
+    concurrency = 1
+    params = [{ name = "prompt", type = "string" }]
+    bindings = [{ backend = "fake-gated" }]
     """
 )
 
@@ -248,6 +263,7 @@ async def job_app(tmp_path: Path, **overrides: Any) -> AsyncIterator[JobEnv]:
     """The real app (in-process engine) on a fresh SQLite file with the test backends."""
     CALLS.calls.clear()
     CALLS.max_running = 0
+    CALLS.gate = asyncio.Event()
     settings = job_settings(tmp_path, **overrides)
     services = job_services(settings)
     app = create_app(settings, services=services)

@@ -46,13 +46,15 @@ async def test_cancel_stops_running_work_and_refunds_once(tmp_path: Path) -> Non
 async def test_cancel_of_a_queued_job_refunds_and_a_finished_job_is_409(tmp_path: Path) -> None:
     async with job_app(tmp_path) as env:
         account, headers = await env.new_key(credits=10)
-        first = await _submit(env, headers, "test-slow")  # concurrency 1
-        second = await _submit(env, headers, "test-slow")
+        # concurrency 1, and the first runs until the gate opens: the second stays queued.
+        first = await _submit(env, headers, "test-gated")
+        second = await _submit(env, headers, "test-gated")
         await env.wait_for(first, headers, stage="running")
         queued = (await env.client.get(f"/v1/jobs/{second}", headers=headers)).json()
         assert queued["stage"] == "queued" and queued["status"] == "processing"
         canceled = await env.client.post(f"/v1/jobs/{second}/cancel", headers=headers)
         assert canceled.json()["status"] == "canceled"
+        CALLS.gate.set()
         assert (await env.wait_for(first, headers))["status"] == "completed"
         finished = await env.client.post(f"/v1/jobs/{first}/cancel", headers=headers)
         assert finished.status_code == 409
