@@ -5,6 +5,15 @@ upstream failure into a :class:`BackendError`. The pieces they share live here s
 module only describes its provider's protocol: option parsing, one retrying ``httpx`` client,
 error mapping, output download with content sniffing, data URIs for inputs, progress from
 tqdm-style logs, and the "cancel upstream when our task is cancelled" guard.
+
+Output files are downloaded through :mod:`hypereal.media.fetch`'s guard, not the API client:
+an output URL comes from the provider's answer, so a misbehaving or compromised provider could
+otherwise point us at the metadata service or an internal host. The configured ``base_url``
+origin is trusted as the operator named it (a provider on a private network works); any other
+host must resolve to public addresses, or to networks the backend option
+``allowed_private_networks`` lists (CIDRs, as ``HYPEREAL_ALLOWED_PRIVATE_NETWORKS``). Redirects
+are followed a few times, each hop vetted again; ``max_download_bytes`` caps the size (the
+declared length up front, then the bytes received) and ``timeout`` the whole download.
 """
 
 from __future__ import annotations
@@ -23,6 +32,14 @@ import httpx
 from httpx_retries import Retry, RetryTransport
 
 from hypereal.backends.base import BackendError, BackendUnavailable, MediaBlob, ProgressCallback
+from hypereal.media.fetch import (
+    FetchRefused,
+    GuardedTransport,
+    IPNetwork,
+    fetch_url,
+    parse_networks,
+    url_origin,
+)
 from hypereal.media.sniff import sniff_content_type
 
 logger = logging.getLogger(__name__)
@@ -63,6 +80,8 @@ class UpstreamOptions:
     retry_backoff: float
     max_download_bytes: int
     input_map: Mapping[str, str | None]
+    # Non-public networks output files may come from (the base_url origin always may).
+    allowed_networks: tuple[IPNetwork, ...] = ()
 
     @classmethod
     def parse(
@@ -85,6 +104,7 @@ class UpstreamOptions:
                 "field names (or to null to drop a field)."
             )
         return cls(
+            allowed_networks=_networks(options, provider),
             api_key=api_key.strip(),
             base_url=str(options.get("base_url") or default_base_url).rstrip("/"),
             poll_interval=_positive(options, "poll_interval", 1.0, provider),
@@ -95,6 +115,22 @@ class UpstreamOptions:
             max_download_bytes=int(_positive(options, "max_download_bytes", 512 << 20, provider)),
             input_map=dict(input_map),
         )
+
+
+def _networks(options: Mapping[str, Any], provider: str) -> tuple[IPNetwork, ...]:
+    value = options.get("allowed_private_networks") or []
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise BackendUnavailable(
+            f"The {provider} backend option `allowed_private_networks` must be a list of CIDRs."
+        )
+    try:
+        return tuple(parse_networks(value))
+    except ValueError as exc:
+        raise BackendUnavailable(
+            f"The {provider} backend option `allowed_private_networks`: {exc}"
+        ) from exc
 
 
 def _positive(
@@ -158,6 +194,7 @@ class UpstreamClient:
             timeout=httpx.Timeout(options.request_timeout),
             follow_redirects=True,
         )
+        self._downloads = output_download_client(options)
 
     def api_url(self, candidate: object, fallback: str) -> str:
         """``candidate`` (a URL the provider returned) when it is on the provider's own origin,
@@ -228,6 +265,11 @@ class UpstreamClient:
         type is sniffed from the bytes, falling back to a specific declared type."""
         if url.startswith("data:"):
             data, header_type = decode_data_uri(url)
+            if len(data) > self.options.max_download_bytes:
+                raise BackendError(
+                    f"The {self.provider} output is larger than "
+                    f"{self.options.max_download_bytes} bytes"
+                )
         else:
             data, header_type = await self._fetch_file(url)
         content_type = sniff_media_type(data) or _specific(declared_type) or _specific(header_type)
@@ -236,32 +278,50 @@ class UpstreamClient:
         return MediaBlob(data=data, content_type=content_type)
 
     async def _fetch_file(self, url: str) -> tuple[bytes, str | None]:
-        if urlsplit(url).scheme not in ("http", "https"):
-            raise BackendError(f"{self.provider} returned an output URL we cannot fetch: {url}")
-        limit = self.options.max_download_bytes
-        try:
-            async with self._http.stream("GET", url) as response:
-                if not response.is_success:
-                    raise BackendError(
-                        f"Downloading the {self.provider} output failed "
-                        f"(HTTP {response.status_code}): {url}"
-                    )
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > limit:
-                        raise BackendError(
-                            f"The {self.provider} output is larger than {limit} bytes: {url}"
-                        )
-                    chunks.append(chunk)
-                return b"".join(chunks), response.headers.get("content-type")
-        except httpx.HTTPError as exc:
-            raise BackendError(f"Downloading the {self.provider} output failed: {exc}") from exc
+        return await download_output(self._downloads, self.provider, self.options, url)
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pools."""
         await self._http.aclose()
+        await self._downloads.aclose()
+
+
+def output_download_client(options: UpstreamOptions) -> httpx.AsyncClient:
+    """The client output files are downloaded with (see the module doc): no credentials, no
+    implicit redirects, every connection vetted by :class:`GuardedTransport`, transient
+    failures retried like the provider's own GETs."""
+    guarded = GuardedTransport(options.allowed_networks, [url_origin(options.base_url)])
+    retry = Retry(
+        total=options.retries,
+        status_forcelist=_TRANSIENT_CODES,
+        backoff_factor=options.retry_backoff,
+        max_backoff_wait=_MAX_RETRY_WAIT,
+    )
+    return httpx.AsyncClient(
+        transport=RetryTransport(transport=guarded, retry=retry),
+        timeout=httpx.Timeout(options.request_timeout),
+        follow_redirects=False,
+    )
+
+
+async def download_output(
+    client: httpx.AsyncClient, provider: str, options: UpstreamOptions, url: str
+) -> tuple[bytes, str | None]:
+    """Bytes and declared Content-Type of one ``http(s)`` output file, through ``client``
+    (:func:`output_download_client`). Raises BackendError with the reason it was refused."""
+    if urlsplit(url).scheme not in ("http", "https"):
+        raise BackendError(f"{provider} returned an output URL we cannot fetch: {url}")
+    try:
+        fetched = await fetch_url(
+            client,
+            url,
+            field=url,
+            max_bytes=options.max_download_bytes,
+            timeout=options.timeout,
+        )
+    except FetchRefused as exc:
+        raise BackendError(f"Downloading the {provider} output failed: {exc.message}") from exc
+    return fetched.data, fetched.declared_type
 
 
 def upstream_message(response: httpx.Response) -> str:

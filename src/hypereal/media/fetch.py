@@ -16,7 +16,8 @@ import base64
 import binascii
 import ipaddress
 import socket
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
 import httpx
@@ -109,17 +110,37 @@ async def vetted_addresses(host: str, port: int, allowed: Sequence[IPNetwork]) -
     return list(dict.fromkeys(str(a) for a in candidates))
 
 
-class GuardedTransport(httpx.AsyncBaseTransport):
-    """An httpx transport that only connects to vetted addresses (see module doc)."""
+Origin = tuple[str, str, int]  # scheme, host (lower case), port
 
-    def __init__(self, allowed: Sequence[IPNetwork]) -> None:
+
+def url_origin(url: httpx.URL | str) -> Origin:
+    """``(scheme, host, port)`` of ``url``, the port filled in from the scheme."""
+    url = httpx.URL(url)
+    scheme = url.scheme.lower()
+    return scheme, url.host.lower(), url.port or (443 if scheme == "https" else 80)
+
+
+class GuardedTransport(httpx.AsyncBaseTransport):
+    """An httpx transport that only connects to vetted addresses (see module doc).
+
+    ``trusted_origins`` are connected to as named, without the address check: the origin of
+    an upstream provider the operator configured (which may well be on a private network).
+    Only the exact origin is trusted, not other ports or names of the same machine.
+    """
+
+    def __init__(
+        self, allowed: Sequence[IPNetwork], trusted_origins: Collection[Origin] = ()
+    ) -> None:
         self.allowed = list(allowed)
+        self.trusted_origins = frozenset(trusted_origins)
         self.inner = httpx.AsyncHTTPTransport(retries=0)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
         if url.scheme not in ("http", "https"):
             raise FetchRefused(f"Only http and https URLs are allowed, not '{url.scheme}:'")
+        if url_origin(url) in self.trusted_origins:
+            return await self.inner.handle_async_request(request)
         port = url.port or (443 if url.scheme == "https" else 80)
         addresses = await vetted_addresses(url.host, port, self.allowed)
         request.url = url.copy_with(host=addresses[0])
@@ -172,7 +193,15 @@ def _checked(data: bytes, field: str, expect: str | None) -> MediaBlob:
     return MediaBlob(data=data, content_type=content_type)
 
 
-async def _download(client: httpx.AsyncClient, url: str, field: str, max_bytes: int) -> bytes:
+@dataclass(frozen=True)
+class Fetched:
+    """A downloaded body and the Content-Type its server declared (not trusted: sniff)."""
+
+    data: bytes
+    declared_type: str | None
+
+
+async def _download(client: httpx.AsyncClient, url: str, field: str, max_bytes: int) -> Fetched:
     for _ in range(MAX_REDIRECTS + 1):
         async with client.stream("GET", url) as response:
             if response.is_redirect and "location" in response.headers:
@@ -182,7 +211,10 @@ async def _download(client: httpx.AsyncClient, url: str, field: str, max_bytes: 
                 raise FetchRefused(
                     f"Could not fetch '{field}': the server answered {response.status_code}"
                 )
-            declared = int(response.headers.get("content-length") or 0)
+            try:
+                declared = int(response.headers.get("content-length") or 0)
+            except ValueError:
+                declared = 0
             if declared > max_bytes:
                 raise _too_large(field, max_bytes)
             body = bytearray()
@@ -190,8 +222,29 @@ async def _download(client: httpx.AsyncClient, url: str, field: str, max_bytes: 
                 body.extend(chunk)
                 if len(body) > max_bytes:
                     raise _too_large(field, max_bytes)
-            return bytes(body)
+            return Fetched(bytes(body), response.headers.get("content-type"))
     raise FetchRefused(f"Could not fetch '{field}': too many redirects")
+
+
+async def fetch_url(
+    client: httpx.AsyncClient, url: str, *, field: str, max_bytes: int, timeout: float
+) -> Fetched:
+    """GET an ``http(s)`` URL through ``client`` (one with a :class:`GuardedTransport` that
+    does not follow redirects): up to MAX_REDIRECTS redirects are followed, each hop vetted
+    by the transport again; more than ``max_bytes`` (declared or received) and more than
+    ``timeout`` seconds for the whole fetch are refused. Every failure is a FetchRefused
+    naming ``field``."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme not in ("http", "https"):
+        raise FetchRefused(f"'{field}' must be an http(s) URL")
+    try:
+        return await asyncio.wait_for(_download(client, url, field, max_bytes), timeout)
+    except (TimeoutError, httpx.TimeoutException) as exc:
+        raise FetchRefused(
+            f"Timed out fetching '{field}': no complete answer within {timeout:g} s"
+        ) from exc
+    except httpx.HTTPError as exc:
+        raise FetchRefused(f"Could not fetch '{field}': {exc.__class__.__name__}") from exc
 
 
 async def fetch_media(
@@ -222,15 +275,11 @@ async def fetch_media(
         scheme = url.split(":", 1)[0].lower()
         if scheme not in ("http", "https"):
             raise FetchRefused(f"'{field}' must be an http(s) URL or a data: URI")
-        try:
-            async with guarded_http_client(settings, timeout) as client:
-                data = await asyncio.wait_for(_download(client, url, field, max_bytes), timeout)
-        except (TimeoutError, httpx.TimeoutException) as exc:
-            raise FetchRefused(
-                f"Timed out fetching '{field}': no complete answer within {timeout:g} s"
-            ) from exc
-        except httpx.HTTPError as exc:
-            raise FetchRefused(f"Could not fetch '{field}': {exc.__class__.__name__}") from exc
+        async with guarded_http_client(settings, timeout) as client:
+            fetched = await fetch_url(
+                client, url, field=field, max_bytes=max_bytes, timeout=timeout
+            )
+        data = fetched.data
     if not data:
         raise FetchRefused(f"'{field}' is empty")
     return _checked(data, field, expect)
