@@ -14,8 +14,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hypereal.backends.base import BackendError, BackendUnavailable, ImageRequest
 from hypereal.backends.fal import FalQueue
+from hypereal.backends.openai_compat import OpenAICompatible
 from hypereal.backends.replicate import ReplicatePredictions
 from tests.fakes.fal_server import FalFake
+from tests.fakes.openai_server import OpenAIFake
 from tests.fakes.sample_media import image_bytes
 from tests.support.servers import serve_app
 
@@ -220,3 +222,37 @@ def test_a_bad_allowed_private_networks_option_is_a_configuration_error(value: A
         FalQueue({"api_key": KEY, "allowed_private_networks": value})
     with pytest.raises(BackendUnavailable, match="allowed_private_networks"):
         ReplicatePredictions({"api_key": "r8_x", "allowed_private_networks": value})
+
+
+async def test_openai_compatible_image_urls_go_through_the_same_guard(
+    cdn: tuple[Cdn, str],
+) -> None:
+    """The OpenAI-compatible adapter (and the hosted-Hypereal one, which shares its HTTP
+    client) downloads ``response_format: url`` images through the guard too."""
+    openai = OpenAIFake()
+    files = FileServerWrapper(openai.app)
+    server, cdn_url = cdn
+    request = ImageRequest(prompt="x", upstream_model="dall-e-3")
+    with serve_app(files) as url:
+        options = {"base_url": f"{url}/v1", "api_key": openai.api_key, "retry_backoff": 0}
+        plain = OpenAICompatible({**options, "image_response_format": "url"})
+        allowed = OpenAICompatible(
+            {**options, "image_response_format": "url", "allowed_private_networks": "127.0.0.0/8"}
+        )
+        try:
+            [own] = await plain.generate_images(request)  # the provider's own origin
+            assert own.content_type == "image/png"
+
+            files.handler = redirect_to("http://169.254.169.254/latest/meta-data/")
+            with pytest.raises(BackendError, match="169.254.169.254 is not a public address"):
+                await plain.generate_images(request)
+
+            files.handler = redirect_to(f"{cdn_url}/image.png")
+            with pytest.raises(BackendError, match="127.0.0.1 is not a public address"):
+                await plain.generate_images(request)
+            assert server.hits == []
+            [blob] = await allowed.generate_images(request)
+            assert blob.data == image_bytes() and server.hits == ["/image.png"]
+        finally:
+            await plain.aclose()
+            await allowed.aclose()

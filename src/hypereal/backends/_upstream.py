@@ -23,7 +23,7 @@ import base64
 import binascii
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import unquote_to_bytes, urlsplit
@@ -104,7 +104,7 @@ class UpstreamOptions:
                 "field names (or to null to drop a field)."
             )
         return cls(
-            allowed_networks=_networks(options, provider),
+            allowed_networks=allowed_networks_option(options, provider),
             api_key=api_key.strip(),
             base_url=str(options.get("base_url") or default_base_url).rstrip("/"),
             poll_interval=_positive(options, "poll_interval", 1.0, provider),
@@ -117,7 +117,9 @@ class UpstreamOptions:
         )
 
 
-def _networks(options: Mapping[str, Any], provider: str) -> tuple[IPNetwork, ...]:
+def allowed_networks_option(options: Mapping[str, Any], provider: str) -> tuple[IPNetwork, ...]:
+    """The backend option ``allowed_private_networks``: a list (or comma-separated string) of
+    CIDRs output files may come from. Raises BackendUnavailable when malformed."""
     value = options.get("allowed_private_networks") or []
     if isinstance(value, str):
         value = value.split(",")
@@ -194,7 +196,13 @@ class UpstreamClient:
             timeout=httpx.Timeout(options.request_timeout),
             follow_redirects=True,
         )
-        self._downloads = output_download_client(options)
+        self._downloads = output_download_client(
+            options.base_url,
+            options.allowed_networks,
+            retries=options.retries,
+            retry_backoff=options.retry_backoff,
+            request_timeout=options.request_timeout,
+        )
 
     def api_url(self, candidate: object, fallback: str) -> str:
         """``candidate`` (a URL the provider returned) when it is on the provider's own origin,
@@ -278,7 +286,13 @@ class UpstreamClient:
         return MediaBlob(data=data, content_type=content_type)
 
     async def _fetch_file(self, url: str) -> tuple[bytes, str | None]:
-        return await download_output(self._downloads, self.provider, self.options, url)
+        return await download_output(
+            self._downloads,
+            self.provider,
+            url,
+            max_bytes=self.options.max_download_bytes,
+            timeout=self.options.timeout,
+        )
 
     async def aclose(self) -> None:
         """Close the connection pools."""
@@ -286,39 +300,40 @@ class UpstreamClient:
         await self._downloads.aclose()
 
 
-def output_download_client(options: UpstreamOptions) -> httpx.AsyncClient:
+def output_download_client(
+    base_url: str,
+    allowed_networks: Sequence[IPNetwork],
+    *,
+    retries: int,
+    retry_backoff: float,
+    request_timeout: float,
+) -> httpx.AsyncClient:
     """The client output files are downloaded with (see the module doc): no credentials, no
-    implicit redirects, every connection vetted by :class:`GuardedTransport`, transient
-    failures retried like the provider's own GETs."""
-    guarded = GuardedTransport(options.allowed_networks, [url_origin(options.base_url)])
+    implicit redirects, every connection vetted by :class:`GuardedTransport` (``base_url``'s
+    origin trusted), transient failures retried like the provider's own GETs."""
+    guarded = GuardedTransport(allowed_networks, [url_origin(base_url)])
     retry = Retry(
-        total=options.retries,
+        total=retries,
         status_forcelist=_TRANSIENT_CODES,
-        backoff_factor=options.retry_backoff,
+        backoff_factor=retry_backoff,
         max_backoff_wait=_MAX_RETRY_WAIT,
     )
     return httpx.AsyncClient(
         transport=RetryTransport(transport=guarded, retry=retry),
-        timeout=httpx.Timeout(options.request_timeout),
+        timeout=httpx.Timeout(request_timeout),
         follow_redirects=False,
     )
 
 
 async def download_output(
-    client: httpx.AsyncClient, provider: str, options: UpstreamOptions, url: str
+    client: httpx.AsyncClient, provider: str, url: str, *, max_bytes: int, timeout: float
 ) -> tuple[bytes, str | None]:
     """Bytes and declared Content-Type of one ``http(s)`` output file, through ``client``
     (:func:`output_download_client`). Raises BackendError with the reason it was refused."""
     if urlsplit(url).scheme not in ("http", "https"):
         raise BackendError(f"{provider} returned an output URL we cannot fetch: {url}")
     try:
-        fetched = await fetch_url(
-            client,
-            url,
-            field=url,
-            max_bytes=options.max_download_bytes,
-            timeout=options.timeout,
-        )
+        fetched = await fetch_url(client, url, field=url, max_bytes=max_bytes, timeout=timeout)
     except FetchRefused as exc:
         raise BackendError(f"Downloading the {provider} output failed: {exc.message}") from exc
     return fetched.data, fetched.declared_type

@@ -59,7 +59,14 @@ import anyio
 import httpx
 from httpx_retries import Retry, RetryTransport
 
-from hypereal.backends._upstream import decode_data_uri, sniff_media_type, upstream_message
+from hypereal.backends._upstream import (
+    allowed_networks_option,
+    decode_data_uri,
+    download_output,
+    output_download_client,
+    sniff_media_type,
+    upstream_message,
+)
 from hypereal.backends.base import (
     BackendError,
     BackendUnavailable,
@@ -470,10 +477,13 @@ _UNSENT_ERRORS: tuple[type[Exception], ...] = (httpx.ConnectError, httpx.Connect
 class UpstreamHttp:
     """One upstream's HTTP client: credentials and extra headers go with API calls only (never
     with output downloads), transient failures are retried by ``httpx-retries``, and every
-    failure surfaces as a :class:`BackendError`.
+    failure surfaces as a :class:`BackendError`. Output files are downloaded through the SSRF
+    guard as in :mod:`hypereal.backends._upstream`: the ``base_url`` origin is trusted, other
+    hosts must be public or in the option ``allowed_private_networks``.
 
-    Reads the options ``headers``, ``retries`` (2), ``retry_backoff`` (0.5) and
-    ``max_download_bytes`` (64 MiB); ``timeout`` is the limit of one HTTP call in seconds.
+    Reads the options ``headers``, ``retries`` (2), ``retry_backoff`` (0.5),
+    ``max_download_bytes`` (64 MiB) and ``allowed_private_networks``; ``timeout`` is the limit
+    of one HTTP call in seconds (and of one whole download).
     """
 
     def __init__(
@@ -494,6 +504,13 @@ class UpstreamHttp:
         retries = int(option_number(options, "retries", 2, provider, allow_zero=True))
         backoff = option_number(options, "retry_backoff", 0.5, provider, allow_zero=True)
         self._max_download = int(option_number(options, "max_download_bytes", 64 << 20, provider))
+        self._downloads = output_download_client(
+            base_url,
+            allowed_networks_option(options, provider),
+            retries=retries,
+            retry_backoff=backoff,
+            request_timeout=timeout,
+        )
         # POSTs start billed generations: retried only when refused before any work (429) or
         # when the connection never opened. Idempotent calls (polls, downloads) retry more.
         self._post_retry = Retry(
@@ -580,27 +597,9 @@ class UpstreamHttp:
         return MediaBlob(data=data, content_type=content_type)
 
     async def _fetch(self, url: str) -> tuple[bytes, str | None]:
-        if urlsplit(url).scheme not in ("http", "https"):
-            raise BackendError(f"The {self.provider} returned an output URL we cannot fetch")
-        try:
-            async with self._client.stream("GET", url) as response:
-                if not response.is_success:
-                    raise BackendError(
-                        f"Downloading the {self.provider} output failed "
-                        f"(HTTP {response.status_code})"
-                    )
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > self._max_download:
-                        raise BackendError(
-                            f"The {self.provider} output is larger than {self._max_download} bytes"
-                        )
-                    chunks.append(chunk)
-                return b"".join(chunks), response.headers.get("content-type")
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc, httpx.URL(url)) from exc
+        return await download_output(
+            self._downloads, self.provider, url, max_bytes=self._max_download, timeout=self.timeout
+        )
 
     def error_for(self, response: httpx.Response) -> BackendError:
         """The BackendError for a non-2xx answer, carrying the upstream's own message."""
@@ -642,8 +641,9 @@ class UpstreamHttp:
         return BackendError(f"Could not reach the {self.provider}: {exc or type(exc).__name__}")
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pools."""
         await self._client.aclose()
+        await self._downloads.aclose()
 
 
 def _credit_detail(response: httpx.Response) -> str:
