@@ -8,7 +8,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -236,3 +236,55 @@ def test_cli_prints_and_rotates_an_accounts_webhook_secret(tmp_path: Path) -> No
     assert secret() == rotated
     unknown = runner.invoke(cli_app, ["webhooks", "secret", "--account", "acct_nope"], env=env_vars)
     assert unknown.exit_code == 1
+
+
+def _at(moment: str) -> datetime:
+    return datetime.fromisoformat(moment.replace("Z", "+00:00"))
+
+
+async def test_each_schedule_entry_is_the_wait_after_the_attempt_before_it(
+    tmp_path: Path,
+) -> None:
+    """Schedule [0, 3600, 60]: attempt 1 as the job ends (no wait), attempt 2 an hour after
+    attempt 1 failed, attempt 3 a minute after attempt 2 failed, then no more."""
+    receiver = Receiver(statuses=[500, 500, 500, 200])
+    with receiving(receiver) as url:
+        async with job_app(tmp_path, **PRIVATE_OK, webhook_retry_schedule=[0, 3600, 60]) as env:
+            _, headers = await env.new_key()
+            job_id = await _submit(env, headers, url)
+
+            async def attempts(count: int) -> dict[str, Any]:
+                async with asyncio.timeout(20):
+                    while True:
+                        deliveries = await _deliveries(env, job_id, headers)  # [] until done
+                        if deliveries and len(deliveries[0]["attemptLog"]) == count:
+                            assert len(deliveries) == 1
+                            return deliveries[0]
+                        await asyncio.sleep(0.05)
+
+            async def make_due() -> None:  # as if the wait had passed
+                async with env.services.db.session.begin() as session:
+                    await session.execute(
+                        update(WebhookDelivery).values(
+                            next_attempt_at=utcnow() - timedelta(seconds=1)
+                        )
+                    )
+
+            # Attempt 1 needs no sweep and no wait: the job's end sends it.
+            first = await attempts(1)
+            job = (await env.client.get(f"/v1/jobs/{job_id}", headers=headers)).json()
+            assert _at(first["attemptLog"][0]["at"]) >= _at(job["completedAt"])
+            wait = _at(first["nextAttemptAt"]) - _at(first["attemptLog"][0]["at"])
+            assert timedelta(seconds=3600) <= wait < timedelta(seconds=3660)
+            assert first["status"] == "pending"
+
+            await make_due()
+            second = await attempts(2)
+            wait = _at(second["nextAttemptAt"]) - _at(second["attemptLog"][1]["at"])
+            assert timedelta(seconds=60) <= wait < timedelta(seconds=120)
+
+            await make_due()
+            third = await attempts(3)
+    assert third["status"] == "failed" and third["nextAttemptAt"] is None
+    assert [a["statusCode"] for a in third["attemptLog"]] == [500, 500, 500]
+    assert len(receiver.received) == 3

@@ -3,10 +3,18 @@
 Each delivery row (written with the job's terminal state) is POSTed, signed per Standard
 Webhooks with the account's secret, until the receiver answers 2xx. Anything else (3xx
 included: redirects are not followed) is retried on ``webhook_retry_schedule`` with the
-same ``webhook-id``; 410 Gone stops the retries. The schedule lives in the database
-(``next_attempt_at``), so retries survive restarts; any consuming process may send a due
-delivery, and a conditional UPDATE (with a lease) lets exactly one of them try at a time.
-Connections go through the SSRF-guarded client (``allowed_private_networks`` applies).
+same ``webhook-id``; 410 Gone stops the retries.
+
+The schedule has one entry per attempt. ``schedule[0]`` is 0 (the settings insist on it):
+the first attempt goes out as the job ends. ``schedule[n]`` is the wait after attempt ``n``
+(counting from 1) fails, before attempt ``n + 1``; when all ``len(schedule)`` attempts have
+failed, the delivery is ``failed``. The default ``0, 5, 300, ...`` is thus "immediately,
+then 5 s, 5 min, ... later".
+
+The schedule lives in the database (``next_attempt_at``), so retries survive restarts; any
+consuming process may send a due delivery, and a conditional UPDATE (with a lease) lets
+exactly one of them try at a time. Connections go through the SSRF-guarded client
+(``allowed_private_networks`` applies).
 """
 
 from __future__ import annotations
@@ -207,9 +215,9 @@ class WebhookSender:
             values.update(state="delivered", delivered_at=utcnow())
         elif outcome.status_code == 410:
             values.update(state="failed", last_error="receiver answered 410 Gone; retries stopped")
-        elif attempt >= len(self.schedule):
+        elif attempt >= len(self.schedule):  # every attempt of the schedule was made
             values.update(state="failed")
-        else:
+        else:  # attempt n (1-based) failed: attempt n + 1 waits schedule[n]
             values.update(next_attempt_at=utcnow() + timedelta(seconds=self.schedule[attempt]))
         async with self.db.session.begin() as session:
             session.add(
