@@ -1,0 +1,40 @@
+"""Retry-After on a 429: a whole number of seconds between 1 and the one-hour window."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from hypereal.domain.ratelimit import WINDOW_SECONDS, RateLimitDecision, RateLimiter
+
+
+def decision(reset_in: float) -> RateLimitDecision:
+    return RateLimitDecision(allowed=False, limit=3, remaining=0, reset_time=time.time() + reset_in)
+
+
+@pytest.mark.parametrize(
+    ("reset_in", "low", "high"),
+    [
+        (3599.6, 3600, 3600),  # rounds up to the window, not past it
+        (3600.0, 3600, 3600),
+        (3600.9, 3600, 3600),  # a storage clock slightly ahead of ours
+        (10**7, 3600, 3600),
+        (0.2, 1, 1),
+        (-5.0, 1, 1),  # already free: never 0 or negative
+        (42.3, 43, 44),
+    ],
+)
+def test_retry_after_is_an_integer_within_the_window(reset_in: float, low: int, high: int) -> None:
+    made = decision(reset_in)
+    assert type(made.retry_after) is int
+    assert low <= made.retry_after <= high <= WINDOW_SECONDS
+    assert type(made.reset_at) is int
+
+
+async def test_a_full_window_gives_a_retry_after_of_at_most_an_hour() -> None:
+    limiter = RateLimiter("async+memory://", default_per_hour=2)
+    results = [await limiter.hit("k") for _ in range(3)]
+    assert [r.allowed for r in results] == [True, True, False]
+    assert 3590 <= results[-1].retry_after <= 3600
+    assert results[-1].headers()["X-RateLimit-Remaining"] == "0"
