@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hypereal.api.errors import InternalErrorMiddleware, install_error_handlers
 from hypereal.api.middleware import AuthRateLimitMiddleware
-from hypereal.api.routes import account, admin, chat, files, images, jobs, models
+from hypereal.api.routes import account, admin, chat, files, images, jobs, models, upstream_webhooks
 from hypereal.engine.engine import engine_lifespan
 from hypereal.services import Services, bootstrap_admin, build_services
 from hypereal.settings import Settings
@@ -150,6 +150,7 @@ def create_app(
         for router in [*API_ROUTERS, *extra_routers]:
             app.include_router(router, prefix=prefix)
     app.include_router(files.router)
+    app.include_router(upstream_webhooks.router)
 
     @app.get("/health", include_in_schema=False)
     async def health() -> dict[str, str]:

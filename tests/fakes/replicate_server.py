@@ -27,11 +27,13 @@ Usage::
         )
 
 Scenarios are keyed by ``owner/name`` (models endpoint) or version id; ``fake.default`` applies
-otherwise. State advances one step per ``GET`` of the prediction.
+otherwise. State advances one step per ``GET`` of the prediction, or by itself after
+``finish_after`` seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import json
@@ -67,6 +69,9 @@ class ReplicateScenario:
     transient_get_errors: int = 0  # the first N GETs answer 503
     finishes_within_wait: bool = True  # "Prefer: wait" returns the finished prediction
     output_as_data_uri: bool = False  # output files inline as data: URIs instead of URLs
+    # Finish by itself this many seconds after the create, as the real service does (GETs
+    # before then answer "processing"), and deliver the webhook then; None: advance per GET.
+    finish_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,7 @@ class ReplicateFake:
     _predictions: dict[str, _Prediction] = field(default_factory=dict)
     _throttled: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _timers: set[asyncio.Task[None]] = field(default_factory=set)
 
     def set_scenario(self, model: str, scenario: ReplicateScenario) -> None:
         """Use ``scenario`` for ``owner/name`` (or a version id)."""
@@ -200,6 +206,14 @@ class ReplicateFake:
         self.creations.append(dataclasses.replace(creation, prediction_id=prediction_id))
         if creation.prefer and creation.prefer.startswith("wait") and scenario.finishes_within_wait:
             self._finish(prediction, request, tasks)
+        elif scenario.finish_after is not None:
+            # Detached from the create call, which answers now (a background task would hold
+            # its connection until it ends).
+            timer = asyncio.get_running_loop().create_task(
+                self._finish_later(prediction, request, scenario.finish_after)
+            )
+            self._timers.add(timer)
+            timer.add_done_callback(self._timers.discard)
         return JSONResponse(prediction.body, 201)
 
     async def _get(
@@ -213,7 +227,9 @@ class ReplicateFake:
         if prediction.failed_polls < scenario.transient_get_errors:
             prediction.failed_polls += 1
             return _problem(503, "Service Unavailable", "upstream connect error")
-        if not prediction.terminal:
+        if not prediction.terminal and scenario.finish_after is not None:
+            prediction.body["status"] = "processing"
+        elif not prediction.terminal:
             prediction.polls += 1
             if prediction.polls <= scenario.starting_polls:
                 pass  # still booting the model
@@ -286,6 +302,14 @@ class ReplicateFake:
             body["output"] = self._output(scenario, body["input"], request)
             body["metrics"] = {"predict_time": 0.01}
         self._notify(prediction, tasks)
+
+    async def _finish_later(self, prediction: _Prediction, request: Request, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if prediction.terminal:  # canceled meanwhile
+            return
+        later = BackgroundTasks()
+        self._finish(prediction, request, later)
+        await later()
 
     def _output(self, scenario: ReplicateScenario, inputs: dict[str, Any], request: Request) -> Any:
         kind = "image" if scenario.output in ("image", "images") else scenario.output

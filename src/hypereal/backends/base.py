@@ -144,3 +144,18 @@ class AudioBackend(Protocol):
 @runtime_checkable
 class MeshBackend(Protocol):
     async def generate_mesh(self, request: JobRequest, progress: ProgressCallback) -> JobResult: ...
+
+
+class WebhookRejected(ValueError):
+    """A provider webhook delivery that is not provably from the provider (bad or missing
+    signature, stale timestamp, malformed body)."""
+
+
+@runtime_checkable
+class WebhookReceiver(Protocol):
+    """A backend that takes its provider's push notifications at ``POST /webhooks/upstream/
+    <backend name>``. ``accept_webhook`` verifies one delivery (the raw body, byte for byte)
+    and returns whether work of ours was waiting for it. Raises WebhookRejected, or
+    BackendUnavailable when this instance is not set up to receive webhooks."""
+
+    def accept_webhook(self, headers: Mapping[str, str], body: bytes) -> bool: ...

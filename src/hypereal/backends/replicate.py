@@ -25,11 +25,16 @@ Options (``backends.<name>`` with ``type = "replicate"``):
 ``prefer_wait``
     Seconds image predictions ask Replicate to hold the create call open (``Prefer: wait``,
     default 10, 0 turns it off); an image that is not ready by then is polled like a job.
-``webhook_url`` / ``webhook_events_filter``
+``webhook_url`` / ``webhook_events_filter`` / ``webhook_secret``
     Optional push delivery: Replicate POSTs the prediction to ``webhook_url`` for these events
-    (default ``["completed"]``), signed per Standard Webhooks. Polling stays the source of truth;
-    a receiver checks deliveries with :func:`verify_replicate_webhook` and the account's signing
-    secret (``GET /v1/webhooks/default/secret``).
+    (default ``["completed"]``), signed per Standard Webhooks with the Replicate account's
+    signing secret (``whsec_...``, from Replicate's ``GET /v1/webhooks/default/secret``). With
+    ``webhook_secret`` set, hypereal receives them itself: point ``webhook_url`` at
+    ``<public URL>/webhooks/upstream/<backend name>``. A verified delivery for a prediction this
+    process is polling ends the wait at once (the job finishes when Replicate does, not at the
+    next poll); polling stays the source of truth, so the prediction is read once more, and a
+    lost or refused delivery only costs the poll interval. Deliveries reach the serving
+    process: in the scaled-out mode the workers keep polling on ``poll_interval``.
 
 Inputs sent: images send ``prompt``, ``width``/``height``, ``aspect_ratio``, ``output_format``,
 one source image as a data URI in ``image`` (several: a list in ``images``), then the model's
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import contextlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -65,6 +71,7 @@ from hypereal.backends.base import (
     JobResult,
     MediaBlob,
     ProgressCallback,
+    WebhookRejected,
 )
 
 PROVIDER = "Replicate"
@@ -73,9 +80,11 @@ DEFAULT_BASE_URL = "https://api.replicate.com/v1"
 _RUNNING = frozenset({"starting", "processing"})
 _VERSION_ID = re.compile(r"^[0-9a-f]{64}$")
 _CANCEL_TIMEOUT = 10.0
+# Deliveries that came before their prediction's poll began (or for another process's).
+_EARLY_DELIVERIES = 1024
 
 
-class ReplicateWebhookError(ValueError):
+class ReplicateWebhookError(WebhookRejected):
     """A webhook delivery that is not provably from Replicate (or is stale/replayed)."""
 
 
@@ -92,7 +101,8 @@ class _Prediction:
 
 
 class ReplicatePredictions:
-    """ImageBackend, VideoBackend, AudioBackend and MeshBackend over Replicate predictions."""
+    """ImageBackend, VideoBackend, AudioBackend and MeshBackend over Replicate predictions, and
+    a WebhookReceiver for its pushes when ``webhook_secret`` is set."""
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         self._options = UpstreamOptions.parse(
@@ -113,6 +123,10 @@ class ReplicatePredictions:
             )
         self._prefer_wait = prefer_wait
         self._webhook = _webhook_fields(options)
+        self._webhook_secret = _webhook_secret(options, self._webhook)
+        # Prediction id -> set when its verified webhook arrives (ends that poll's wait).
+        self._nudges: dict[str, asyncio.Event] = {}
+        self._early: dict[str, None] = {}
         self._client = UpstreamClient(PROVIDER, self._options, f"Bearer {self._options.api_key}")
 
     async def aclose(self) -> None:
@@ -222,15 +236,52 @@ class ReplicatePredictions:
     async def _poll(
         self, prediction: _Prediction, reporter: ProgressReporter | None
     ) -> _Prediction:
-        while prediction.status in _RUNNING:
-            if reporter and prediction.status == "starting":
-                await reporter.queued(None)
-            elif reporter:
-                logs = prediction.body.get("logs")
-                await reporter.running(logs if isinstance(logs, str) else None)
-            await asyncio.sleep(self._options.poll_interval)
-            prediction = self._prediction(await self._client.call_json("GET", prediction.get_url))
+        prediction_id = prediction.id
+        nudge = self._nudge_for(prediction_id)
+        try:
+            while prediction.status in _RUNNING:
+                if reporter and prediction.status == "starting":
+                    await reporter.queued(None)
+                elif reporter:
+                    logs = prediction.body.get("logs")
+                    await reporter.running(logs if isinstance(logs, str) else None)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(nudge.wait(), self._options.poll_interval)
+                nudge.clear()
+                prediction = self._prediction(
+                    await self._client.call_json("GET", prediction.get_url)
+                )
+        finally:
+            self._nudges.pop(prediction_id, None)
         return prediction
+
+    def _nudge_for(self, prediction_id: str) -> asyncio.Event:
+        """The event a webhook for ``prediction_id`` sets; already set when it came early."""
+        nudge = self._nudges.setdefault(prediction_id, asyncio.Event())
+        if prediction_id in self._early:  # its webhook beat the first poll
+            del self._early[prediction_id]
+            nudge.set()
+        return nudge
+
+    def accept_webhook(self, headers: Mapping[str, str], body: bytes) -> bool:
+        """Verify one Replicate webhook delivery (see ``webhook_secret``) and end the poll wait
+        of its prediction. Returns whether this process was polling it. Raises
+        ReplicateWebhookError, or BackendUnavailable without a ``webhook_secret``."""
+        if self._webhook_secret is None:
+            raise BackendUnavailable(
+                "this Replicate backend has no `webhook_secret`, so it does not take webhooks"
+            )
+        prediction_id = verify_replicate_webhook(self._webhook_secret, headers, body).get("id")
+        if not isinstance(prediction_id, str) or not prediction_id:
+            raise ReplicateWebhookError("Webhook rejected: the prediction has no id")
+        nudge = self._nudges.get(prediction_id)
+        if nudge is not None:
+            nudge.set()
+            return True
+        self._early[prediction_id] = None
+        while len(self._early) > _EARLY_DELIVERIES:
+            del self._early[next(iter(self._early))]
+        return False
 
     async def _cancel(self, prediction: _Prediction) -> None:
         await cancel_quietly(
@@ -279,6 +330,26 @@ def _webhook_fields(options: Mapping[str, Any]) -> dict[str, Any]:
             "start/output/logs/completed) are malformed."
         )
     return {"webhook": url, "webhook_events_filter": [str(event) for event in events]}
+
+
+def _webhook_secret(options: Mapping[str, Any], webhook: Mapping[str, Any]) -> str | None:
+    secret = options.get("webhook_secret")
+    if secret is None:
+        return None
+    if not isinstance(secret, str) or not secret.strip():
+        raise BackendUnavailable("The Replicate option `webhook_secret` must be a whsec_... string")
+    if not webhook:
+        raise BackendUnavailable(
+            "The Replicate option `webhook_secret` needs `webhook_url` (set it to "
+            "<public URL>/webhooks/upstream/<backend name>), or Replicate sends no webhooks"
+        )
+    try:
+        Webhook(secret.strip())
+    except Exception as exc:  # standardwebhooks raises bare errors for bad base64
+        raise BackendUnavailable(
+            "The Replicate option `webhook_secret` is not a valid whsec_... signing secret"
+        ) from exc
+    return secret.strip()
 
 
 def _output_urls(body: Mapping[str, Any]) -> list[str]:
