@@ -106,6 +106,7 @@ TEST_BACKENDS: dict[str, dict[str, Any]] = {
     "fake-hang": {"type": "test_jobs", "mode": "hang"},
     "fake-slow": {"type": "test_jobs", "delay": 0.4},
     "fake-gated": {"type": "test_jobs", "mode": "gated"},
+    "fake-gated-wide": {"type": "test_jobs", "mode": "gated", "concurrency": 3},
 }
 
 TEST_CATALOGUE = textwrap.dedent(
@@ -196,6 +197,14 @@ TEST_CATALOGUE = textwrap.dedent(
     concurrency = 1
     params = [{ name = "prompt", type = "string" }]
     bindings = [{ backend = "fake-gated" }]
+
+    [[models]]
+    slug = "test-gated-wide"
+    name = "Gated, as many at once as its backend allows (no concurrency of its own)"
+    modality = "video"
+    price = { credits = 1 }
+    params = [{ name = "prompt", type = "string" }]
+    bindings = [{ backend = "fake-gated-wide" }]
     """
 )
 

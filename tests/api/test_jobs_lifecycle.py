@@ -63,6 +63,31 @@ async def test_cancel_of_a_queued_job_refunds_and_a_finished_job_is_409(tmp_path
         assert len(CALLS.calls) == 1  # the canceled job never ran
 
 
+async def test_a_model_without_its_own_limit_runs_as_many_as_its_backend_allows(
+    tmp_path: Path,
+) -> None:
+    async with job_app(tmp_path) as env:
+        _, headers = await env.new_key(credits=10)
+        ids = [await _submit(env, headers, "test-gated-wide") for _ in range(4)]  # backend: 3
+
+        async def three_running() -> bool:
+            return CALLS.running == 3
+
+        await eventually(three_running)
+
+        async def stages() -> list[str]:
+            return [
+                (await env.client.get(f"/v1/jobs/{i}", headers=headers)).json()["stage"]
+                for i in ids
+            ]
+
+        assert sorted(await stages()) == ["queued", "running", "running", "running"]
+        CALLS.gate.set()
+        for job_id in ids:
+            assert (await env.wait_for(job_id, headers))["status"] == "completed"
+        assert CALLS.max_running == 3 and len(CALLS.calls) == 4
+
+
 async def test_backend_failure_fails_the_job_and_refunds_exactly_once(tmp_path: Path) -> None:
     async with job_app(tmp_path) as env:
         account, headers = await env.new_key(credits=30)

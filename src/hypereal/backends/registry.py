@@ -42,6 +42,12 @@ BACKEND_TYPES: dict[str, str] = {
     "diffusers_video": "hypereal.backends.diffusers_local:DiffusersVideo",
 }
 
+# Types whose work happens at a provider: jobs of a model they serve may run this many at once
+# unless the catalogue or the instance's ``concurrency`` option says otherwise. Local types
+# run one job of a model at a time by default (one model resident, the CPU or GPU shared).
+UPSTREAM_TYPES = frozenset({"openai", "hypereal", "fal", "replicate"})
+UPSTREAM_CONCURRENCY = 16
+
 # Offline instances every install has; settings may override their options.
 BUILTIN_INSTANCES: dict[str, dict[str, Any]] = {
     "local-llama": {"type": "llama_cpp"},
@@ -106,7 +112,14 @@ class BackendRegistry:
             module = importlib.import_module(module_name)
         except ImportError as exc:
             raise BackendUnavailable(f"its Python package is not installed ({exc.name})") from exc
-        options = {k: v for k, v in config.items() if k != "type"}
+        limit = config.get("concurrency")
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
+            raise BackendUnavailable(
+                "its option `concurrency` must be a whole number of at least 1"
+            )
+        options = {k: v for k, v in config.items() if k not in ("type", "concurrency")}
         return getattr(module, class_name)(options)
 
     def instance(self, name: str) -> Any:
@@ -147,6 +160,23 @@ class BackendRegistry:
         names = ", ".join(b.backend for b in spec.bindings) or "none listed"
         detail = "; ".join(reasons) if reasons else CONFIGURE_HINT.format(names=names)
         raise ModelUnavailable(f"Model {spec.slug} is not available on this server: {detail}")
+
+    def concurrency(self, spec: ModelSpec) -> int:
+        """How many jobs of ``spec`` may run at once, all workers together: the catalogue's
+        ``concurrency`` when it sets one, else the serving instance's ``concurrency`` option,
+        else UPSTREAM_CONCURRENCY for an upstream type and 1 for a local one."""
+        if spec.concurrency is not None:
+            return spec.concurrency
+        try:
+            resolved = self.resolve(spec)
+        except ModelUnavailable:
+            return 1
+        config = self.configs[resolved.instance]
+        limit = config.get("concurrency")
+        if isinstance(limit, int):
+            return limit  # validated when the instance was created
+        upstream = config.get("type", resolved.instance) in UPSTREAM_TYPES
+        return UPSTREAM_CONCURRENCY if upstream else 1
 
     def availability(self, spec: ModelSpec) -> tuple[bool, str | None, str | None]:
         """(available, serving instance, reason when unavailable) for model listings."""

@@ -105,7 +105,9 @@ class ModelSpec:
     price: PriceRule
     params: tuple[Param, ...]
     bindings: tuple[Binding, ...]
-    concurrency: int = 1
+    # Jobs of this model running at once, all workers together; None: the serving backend's
+    # (BackendRegistry.concurrency).
+    concurrency: int | None = None
     timeout_seconds: int = 1800
     context_tokens: int | None = None
 
@@ -173,10 +175,18 @@ def _model(slug: str, raw: Mapping[str, Any]) -> ModelSpec:
         price=price,
         params=tuple(_param(p) for p in raw.get("params", [])),
         bindings=tuple(Binding(**b) for b in raw.get("bindings", [])),
-        concurrency=int(raw.get("concurrency", 1)),
+        concurrency=_concurrency(slug, raw.get("concurrency")),
         timeout_seconds=int(raw.get("timeout_seconds", 1800)),
         context_tokens=raw.get("context_tokens"),
     )
+
+
+def _concurrency(slug: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"model {slug!r}: concurrency must be a whole number of at least 1")
+    return value
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

@@ -139,7 +139,11 @@ class Engine:
     async def _kick_queued(
         self, *, kicked_before: datetime | None, model: str | None = None
     ) -> None:
-        limits = {slug: spec.concurrency for slug, spec in self.services.catalogue.models.items()}
+        backends = self.services.backends
+        limits = {
+            slug: backends.concurrency(spec)
+            for slug, spec in self.services.catalogue.models.items()
+        }
         for job_id in await jobs.jobs_to_kick(
             self.services.db, limits, kicked_before=kicked_before, model=model
         ):

@@ -76,8 +76,9 @@ class JobRunner:
         if spec is None:
             await self._end(await jobs.fail_job(db, job_id, f"Model {job.model} was removed"))
             return
+        limit = self.services.backends.concurrency(spec)
         claim = await jobs.claim_job(
-            db, job_id, self.worker_id, concurrency=spec.concurrency, lease_seconds=self.lease
+            db, job_id, self.worker_id, concurrency=limit, lease_seconds=self.lease
         )
         if claim.job is None:
             return
