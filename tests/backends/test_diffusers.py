@@ -1,8 +1,9 @@
 """DiffusersImage / DiffusersVideo with tiny, randomly initialised pipelines built here.
 
 Like diffusers' own test suite, each pipeline is assembled from tiny configs (a 1-layer FLUX
-transformer, a 4-channel VAE, 2-layer CLIP/T5 text encoders, a tiny Wan transformer and VAE);
-the tokenizers are built from vocabularies written here, so nothing is downloaded. Each is
+transformer, a 4-channel VAE, 2-layer CLIP/T5 text encoders, a tiny Wan transformer and VAE,
+and a tiny Qwen-Image-Edit from ``tiny_qwen_image_edit``); the tokenizers are built from
+vocabularies written here, so nothing is downloaded. Each is
 ``save_pretrained`` to a temporary directory and then loaded back through the backends' own
 loading code (``from_pretrained(..., local_files_only=True)``) and run on CPU. The outputs are
 noise, but real PNG/JPEG/WebP images and H.264 MP4 files of the right size and length.
@@ -54,6 +55,7 @@ from hypereal.backends.diffusers_local import (  # noqa: E402
     resident_model,
     unload_resident,
 )
+from tests.backends.tiny_qwen_image_edit import save_qwen_image_edit  # noqa: E402
 
 # ------------------------------------------------------------------ tiny pipelines
 
@@ -205,6 +207,14 @@ def image_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     diffusers.FluxKontextPipeline(**_flux_components(guidance_embeds=True)).save_pretrained(
         root / "flux-kontext-dev"
     )
+    return root
+
+
+@pytest.fixture(scope="module")
+def qwen_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A weights_dir with `qwen-image-edit/`, laid out like `hf download Qwen/Qwen-Image-Edit`."""
+    root = tmp_path_factory.mktemp("qwen-weights")
+    save_qwen_image_edit(root / "qwen-image-edit")
     return root
 
 
@@ -443,8 +453,8 @@ async def test_qwen_image_edit_is_selected_and_needs_an_image(tmp_path: Path) ->
     assert info.value.client_error
     assert "Qwen-Image-Edit" in info.value.message
 
-    # With an image, loading is attempted: this directory holds no weights, and without
-    # torchvision the backend says that first.
+    # With an image, loading is attempted: this directory holds no weights (without
+    # torchvision, its missing processor/ folder is what fails first), a server error.
     with pytest.raises(BackendError) as info:
         await backend.generate_images(
             ImageRequest(
@@ -455,11 +465,44 @@ async def test_qwen_image_edit_is_selected_and_needs_an_image(tmp_path: Path) ->
         )
     assert not info.value.client_error
     if importlib.util.find_spec("torchvision") is None:
-        assert "torchvision" in info.value.message
+        assert "processor" in info.value.message and str(model / "processor") in info.value.message
 
     # The option overrides the index.
     forced = _image_backend(tmp_path, pipeline="flux-kontext")
     assert forced._pipeline_kind(model) == "flux-kontext"
+
+
+async def test_qwen_image_edit(qwen_weights: Path) -> None:
+    backend = _image_backend(qwen_weights)
+    source = MediaBlob(_png_bytes((64, 40)), "image/png")
+
+    async def edit(seed: int) -> bytes:
+        [blob] = await backend.generate_images(
+            ImageRequest(
+                prompt="make it blue",
+                width=50,
+                height=30,
+                images=[source],
+                upstream_model="qwen-image-edit",
+                params={"seed": seed, "num_inference_steps": 2},
+            )
+        )
+        assert blob.content_type == "image/png"
+        image = _decode(blob)
+        assert (image.format, image.size) == ("PNG", (48, 32))  # rounded to multiples of 16
+        return blob.data
+
+    first = await edit(7)
+    assert resident_model() == str(qwen_weights / "qwen-image-edit")
+    pipe = diffusers_local._RESIDENT.pipe
+    assert type(pipe).__name__ == "QwenImageEditPipeline"
+    if importlib.util.find_spec("torchvision") is None:
+        # transformers' own Qwen2VLProcessor needs torchvision (for video): the backend built
+        # the image-only one from processor/.
+        assert type(pipe.processor).__name__ == "ImageOnlyQwen2VLProcessor"
+        assert type(pipe.processor.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+    assert await edit(7) == first
+    assert await edit(8) != first
 
 
 async def test_bad_request_values_are_client_errors(image_weights: Path) -> None:

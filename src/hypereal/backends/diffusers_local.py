@@ -9,8 +9,10 @@ the operator filled beforehand, e.g. ``hf download black-forest-labs/FLUX.1-schn
 
 Requirements (not installed with hypereal): ``torch`` (CPU or CUDA build), ``diffusers``,
 ``transformers``, ``accelerate``, plus ``av`` (MP4 encoding) and ``ftfy`` (Wan's prompt
-cleaning) for video; Qwen-Image-Edit also needs ``torchvision``. Without them, or without the
-weights directory, the constructor raises :class:`BackendUnavailable` saying what is missing.
+cleaning) for video. Without them, or without the weights directory, the constructor raises
+:class:`BackendUnavailable` saying what is missing. Qwen-Image-Edit works without
+``torchvision``: its Qwen2-VL processor is then built image-only (transformers' full one needs
+torchvision for a video processor the pipeline never uses) from the ``processor/`` folder.
 
 Options (``backends.<name>`` with ``type = "diffusers_image"`` or ``"diffusers_video"``):
 
@@ -407,20 +409,18 @@ class _DiffusersBackend:
     def _load(self, key: _PipelineKey) -> Any:
         """Load a pipeline from disk onto the configured device. Runs in the worker thread."""
         torch = self._torch
+        components: dict[str, Any] = {}
         if key.class_name == "QwenImageEditPipeline" and not importlib.util.find_spec(
             "torchvision"
         ):
-            # transformers builds Qwen2-VL's processor only with torchvision present.
-            raise BackendError(
-                "Qwen-Image-Edit needs torchvision, built for the installed torch (CUDA torch "
-                "from PyPI: `pip install torchvision==0.28.0`; CPU torch: the +cpu build from "
-                "the PyTorch CPU index)"
-            )
+            # transformers' Qwen2VLProcessor needs torchvision for a video processor that
+            # Qwen-Image-Edit never uses: give the pipeline an image-only one instead.
+            components["processor"] = _image_only_qwen_processor(Path(key.path) / "processor")
         cls = getattr(self._diffusers, key.class_name)
         started = time.monotonic()
         try:
             pipe = cls.from_pretrained(
-                key.path, dtype=getattr(torch, key.dtype), local_files_only=True
+                key.path, dtype=getattr(torch, key.dtype), local_files_only=True, **components
             )
             if key.device == "cpu" or key.offload == "none":
                 pipe.to(key.device)
@@ -546,6 +546,41 @@ class _DiffusersBackend:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 30:
             raise BackendError("guidance_scale must be a number from 0 to 30", client_error=True)
         return float(value)
+
+
+def _image_only_qwen_processor(directory: Path) -> Any:
+    """Qwen-Image-Edit's Qwen2-VL processor (image processor + tokenizer) from ``directory``,
+    without the video processor. Raises BackendError.
+
+    transformers' ``Qwen2VLProcessor`` always builds a video processor, which needs
+    torchvision; Qwen-Image-Edit never passes video, so without torchvision a subclass that
+    leaves it out (its image processor falls back to the PIL one) does the same work.
+    """
+    try:
+        base: Any = importlib.import_module("transformers").Qwen2VLProcessor
+        mixin: Any = importlib.import_module("transformers.processing_utils").ProcessorMixin
+
+        # transformers takes a processor's parts from the modality-named `__init__` parameters.
+        class ImageOnlyQwen2VLProcessor(base):  # type: ignore[misc]
+            def __init__(
+                self,
+                image_processor: Any = None,
+                tokenizer: Any = None,
+                chat_template: Any = None,
+                **kwargs: Any,
+            ) -> None:
+                self.image_token = getattr(tokenizer, "image_token", "<|image_pad|>")
+                self.video_token = getattr(tokenizer, "video_token", "<|video_pad|>")
+                self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+                self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+                mixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+        return ImageOnlyQwen2VLProcessor.from_pretrained(directory, local_files_only=True)
+    except Exception as exc:  # missing files, a bad config, another transformers version
+        raise BackendError(
+            f"could not load Qwen-Image-Edit's processor from {directory} (without torchvision "
+            f"it is built image-only from that folder): {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _step_callback(
