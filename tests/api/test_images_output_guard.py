@@ -11,9 +11,10 @@ import httpx
 import pytest
 
 from hypereal.app import create_app
-from hypereal.domain import keys, ledger
+from hypereal.domain import ledger
 from hypereal.services import Services, build_services
 from hypereal.settings import Settings
+from tests.api.test_images import user
 from tests.backends.test_upstream_download import FileServerWrapper, redirect_to
 from tests.fakes.fal_server import FalFake
 from tests.support.servers import serve_app
@@ -60,13 +61,6 @@ async def client(services: Services) -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
             yield c
-
-
-async def user(services: Services, credits: int) -> tuple[dict[str, str], str]:
-    account = await keys.create_account(services.db, "images")
-    await ledger.grant(services.db, account, credits)
-    key = (await keys.create_key(services.db, account)).secret
-    return {"Authorization": f"Bearer {key}"}, account
 
 
 async def assert_refunded(services: Services, account: str) -> None:
