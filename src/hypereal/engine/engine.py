@@ -139,10 +139,12 @@ class Engine:
     async def _kick_queued(
         self, *, kicked_before: datetime | None, model: str | None = None
     ) -> None:
+        # Only the ended job's model when one is named: this runs as each job ends.
         backends = self.services.backends
         limits = {
             slug: backends.concurrency(spec)
             for slug, spec in self.services.catalogue.models.items()
+            if model is None or slug == model
         }
         for job_id in await jobs.jobs_to_kick(
             self.services.db, limits, kicked_before=kicked_before, model=model
