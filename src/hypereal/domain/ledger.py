@@ -6,17 +6,18 @@ row, so the balance never goes below zero under any concurrency, on SQLite and P
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import datetime
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import Table, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from hypereal.domain.errors import BadRequest, InsufficientCredits, NotFound
 from hypereal.store.db import Database
 from hypereal.store.models import Account, LedgerEntry, utcnow
+from hypereal.store.writer import ConstraintViolation, Dialect, Ops, Sql
 
 
 @dataclass(frozen=True)
@@ -46,28 +47,48 @@ def _entry(row: LedgerEntry) -> Entry:
     )
 
 
+_BALANCE = "SELECT balance FROM accounts WHERE id = :account"
+
+
+def balance_op(_: Dialect, account_id: str) -> Ops[int]:
+    row = yield Sql.one(_BALANCE, account=account_id)
+    if row is None:
+        raise NotFound(f"Account not found: {account_id}")
+    return int(row[0])
+
+
 async def balance(db: Database, account_id: str) -> int:
     """The account's balance. Raises NotFound."""
-    async with db.session() as session:
-        value = await session.scalar(select(Account.balance).where(Account.id == account_id))
-    if value is None:
-        raise NotFound(f"Account not found: {account_id}")
-    return int(value)
+    return await db.read(balance_op, account_id)
 
 
 # Largest single grant: keeps every balance far inside a signed 64-bit integer.
 MAX_GRANT = 10**12
 
-# Reads and writes here are Core statements on a plain connection: a debit and a settlement
-# run on every chat turn and image, where the ORM unit of work cost more than the SQL itself.
+# The job engine's transactions (domain/jobs.py) still refund through SQLAlchemy.
 Executor = AsyncSession | AsyncConnection
 
 _ledger = cast(Table, LedgerEntry.__table__)
 _accounts = cast(Table, Account.__table__)
 
+# The ledger's hot statements: operations for the process's writer (store/writer.py), so a
+# debit or a settlement on every chat turn is a few microseconds of SQL in a group commit.
+_INSERT_ENTRY = (
+    "INSERT INTO ledger_entries (account_id, kind, amount, balance_after, reference, "
+    "description, refund_of, created_at) VALUES (:account, :kind, :amount, :balance_after, "
+    ":reference, :description, :refund_of, :created_at) RETURNING id"
+)
+# PostgreSQL: the conditional debit and its ledger row in one statement (one round trip).
+_PG_DEBIT = (
+    "WITH debited AS (UPDATE accounts SET balance = balance - :amount "
+    "WHERE id = :account AND balance >= :amount RETURNING balance) "
+    "INSERT INTO ledger_entries (account_id, kind, amount, balance_after, reference, "
+    "description, refund_of, created_at) SELECT :account, 'debit', -:amount, balance, "
+    ":reference, :description, NULL, :created_at FROM debited RETURNING id, balance_after"
+)
 
-async def _append(
-    conn: Executor,
+
+def _append(
     *,
     account_id: str,
     kind: str,
@@ -76,25 +97,21 @@ async def _append(
     reference: str | None = None,
     description: str = "",
     refund_of: int | None = None,
-) -> Entry:
+) -> Ops[Entry]:
     created_at = utcnow()
-    entry_id = await conn.scalar(
-        insert(_ledger)
-        .values(
-            account_id=account_id,
-            kind=kind,
-            amount=amount,
-            balance_after=balance_after,
-            reference=reference,
-            description=description,
-            refund_of=refund_of,
-            created_at=created_at,
-        )
-        .returning(_ledger.c.id)
+    row = yield Sql.one(
+        _INSERT_ENTRY,
+        account=account_id,
+        kind=kind,
+        amount=amount,
+        balance_after=balance_after,
+        reference=reference,
+        description=description,
+        refund_of=refund_of,
+        created_at=created_at,
     )
-    assert entry_id is not None
     return Entry(
-        id=int(entry_id),
+        id=int(row[0]),
         account_id=account_id,
         kind=kind,
         amount=amount,
@@ -106,6 +123,25 @@ async def _append(
     )
 
 
+def grant_op(_: Dialect, account_id: str, amount: int, description: str) -> Ops[Entry]:
+    row = yield Sql.one(
+        "UPDATE accounts SET balance = balance + :amount WHERE id = :account RETURNING balance",
+        amount=amount,
+        account=account_id,
+    )
+    if row is None:
+        raise NotFound(f"Account not found: {account_id}")
+    return (
+        yield from _append(
+            account_id=account_id,
+            kind="grant",
+            amount=amount,
+            balance_after=int(row[0]),
+            description=description,
+        )
+    )
+
+
 async def grant(db: Database, account_id: str, amount: int, description: str = "grant") -> Entry:
     """Add credits. Raises BadRequest for an amount outside 1..MAX_GRANT, NotFound for no
     account."""
@@ -113,23 +149,58 @@ async def grant(db: Database, account_id: str, amount: int, description: str = "
         raise BadRequest(
             f"Invalid value for 'amount': must be a positive integer of at most {MAX_GRANT}"
         )
-    async with db.engine.begin() as conn:
-        new_balance = await conn.scalar(
-            update(_accounts)
-            .where(_accounts.c.id == account_id)
-            .values(balance=_accounts.c.balance + amount)
-            .returning(_accounts.c.balance)
-        )
-        if new_balance is None:
-            raise NotFound(f"Account not found: {account_id}")
-        return await _append(
-            conn,
-            account_id=account_id,
-            kind="grant",
+    return await db.write(grant_op, account_id, amount, description)
+
+
+def debit_op(
+    d: Dialect, account_id: str, amount: int, reference: str, description: str
+) -> Ops[Entry]:
+    """Take ``amount`` or nothing: a conditional UPDATE (balance >= amount) and the ledger row.
+    Raises InsufficientCredits / NotFound before writing anything."""
+    created_at = utcnow()
+    if d.pg:
+        row = yield Sql.one(
+            _PG_DEBIT,
             amount=amount,
-            balance_after=int(new_balance),
+            account=account_id,
+            reference=reference,
             description=description,
+            created_at=created_at,
         )
+        if row is not None:
+            return Entry(
+                id=int(row[0]),
+                account_id=account_id,
+                kind="debit",
+                amount=-amount,
+                balance_after=int(row[1]),
+                reference=reference,
+                description=description,
+                refund_of=None,
+                created_at=created_at,
+            )
+    else:
+        row = yield Sql.one(
+            "UPDATE accounts SET balance = balance - :amount "
+            "WHERE id = :account AND balance >= :amount RETURNING balance",
+            amount=amount,
+            account=account_id,
+        )
+        if row is not None:
+            return (
+                yield from _append(
+                    account_id=account_id,
+                    kind="debit",
+                    amount=-amount,
+                    balance_after=int(row[0]),
+                    reference=reference,
+                    description=description,
+                )
+            )
+    available = yield Sql.one(_BALANCE, account=account_id)
+    if available is None:
+        raise NotFound(f"Account not found: {account_id}")
+    raise InsufficientCredits(required=amount, available=int(available[0]))
 
 
 async def debit(
@@ -137,33 +208,68 @@ async def debit(
 ) -> Entry:
     """Take ``amount`` credits, or nothing at all.
 
-    Raises InsufficientCredits(required, available) when the balance can't cover it.
+    Raises InsufficientCredits(required, available) when the balance can't cover it. A caller
+    cancelled while the debit is queued does not lose the credits: the debit, which commits
+    anyway, is refunded as soon as it has.
     """
     if amount < 0:
         raise ValueError("debit amount must be >= 0")
-    async with db.engine.begin() as conn:
-        new_balance = await conn.scalar(
-            update(_accounts)
-            .where(_accounts.c.id == account_id, _accounts.c.balance >= amount)
-            .values(balance=_accounts.c.balance - amount)
-            .returning(_accounts.c.balance)
-        )
-        if new_balance is None:
-            available = await conn.scalar(
-                select(_accounts.c.balance).where(_accounts.c.id == account_id)
-            )
-            if available is None:
-                raise NotFound(f"Account not found: {account_id}")
-            raise InsufficientCredits(required=amount, available=int(available))
-        return await _append(
-            conn,
-            account_id=account_id,
-            kind="debit",
-            amount=-amount,
-            balance_after=int(new_balance),
-            reference=reference,
+    future = db.submit(debit_op, account_id, amount, reference, description)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(lambda done: _refund_orphan(db, done))
+        raise
+
+
+_orphan_refunds: set[asyncio.Future[Any]] = set()
+
+
+def _refund_orphan(db: Database, done: asyncio.Future[Entry]) -> None:
+    if done.cancelled() or done.exception() is not None:
+        return
+    entry = done.result()
+    refund = db.submit(
+        refund_op, entry.id, None, "refund: the request was cancelled before it started"
+    )
+    _orphan_refunds.add(refund)
+    refund.add_done_callback(_orphan_refunds.discard)
+
+
+def refund_op(
+    _: Dialect, debit_entry_id: int, amount: int | None, description: str
+) -> Ops[Entry | None]:
+    """Give back a debit (all of it, or ``amount`` of it) unless it was refunded already."""
+    original = yield Sql.one(
+        "SELECT account_id, kind, amount, reference, "
+        "(SELECT e.id FROM ledger_entries e WHERE e.refund_of = l.id) AS refunded_by "
+        "FROM ledger_entries l WHERE l.id = :id",
+        id=debit_entry_id,
+    )
+    if original is None or original["kind"] != "debit":
+        raise NotFound(f"Debit entry not found: {debit_entry_id}")
+    debited = -int(original["amount"])
+    value = debited if amount is None else amount
+    if not 0 <= value <= debited:
+        raise ValueError(f"refund of {value} exceeds the debit of {debited}")
+    if value == 0 or original["refunded_by"] is not None:
+        return None
+    row = yield Sql.one(
+        "UPDATE accounts SET balance = balance + :amount WHERE id = :account RETURNING balance",
+        amount=value,
+        account=original["account_id"],
+    )
+    return (
+        yield from _append(
+            account_id=original["account_id"],
+            kind="refund",
+            amount=value,
+            balance_after=int(row[0]),
+            reference=original["reference"],
             description=description,
+            refund_of=debit_entry_id,
         )
+    )
 
 
 async def refund(
@@ -178,9 +284,8 @@ async def refund(
     if amount == 0:
         return None  # nothing to give back (a chat turn that used all it reserved)
     try:
-        async with db.engine.begin() as conn:
-            return await refund_in(conn, debit_entry_id, amount=amount, description=description)
-    except IntegrityError:
+        return await db.write(refund_op, debit_entry_id, amount, description)
+    except ConstraintViolation:
         return None
 
 
@@ -191,9 +296,10 @@ async def refund_in(
     amount: int | None = None,
     description: str = "refund",
 ) -> Entry | None:
-    """:func:`refund` inside the caller's transaction, so that the refund commits together
-    with what caused it (a job ending failed or canceled). A concurrent duplicate makes the
-    caller's commit fail on the unique ``refund_of``; one already committed returns None."""
+    """:func:`refund` inside the caller's SQLAlchemy transaction, so that the refund commits
+    together with what caused it (a job ending failed or canceled). A concurrent duplicate
+    makes the caller's commit fail on the unique ``refund_of``; one already committed returns
+    None."""
     earlier = _ledger.alias("earlier")
     original = (
         await conn.execute(
@@ -222,8 +328,24 @@ async def refund_in(
         .values(balance=_accounts.c.balance + value)
         .returning(_accounts.c.balance)
     )
-    return await _append(
-        conn,
+    created_at = utcnow()
+    entry_id = await conn.scalar(
+        insert(_ledger)
+        .values(
+            account_id=original.account_id,
+            kind="refund",
+            amount=value,
+            balance_after=int(new_balance or 0),
+            reference=original.reference,
+            description=description,
+            refund_of=debit_entry_id,
+            created_at=created_at,
+        )
+        .returning(_ledger.c.id)
+    )
+    assert entry_id is not None
+    return Entry(
+        id=int(entry_id),
         account_id=original.account_id,
         kind="refund",
         amount=value,
@@ -231,6 +353,7 @@ async def refund_in(
         reference=original.reference,
         description=description,
         refund_of=debit_entry_id,
+        created_at=created_at,
     )
 
 

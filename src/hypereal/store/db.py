@@ -26,6 +26,8 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.util import await_only
 
+from hypereal.store.writer import FastStore
+
 
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
@@ -34,7 +36,9 @@ def is_sqlite(url: str) -> bool:
 def create_engine(url: str) -> AsyncEngine:
     """Create the engine; SQLite gets WAL, a busy timeout and foreign keys on every connection."""
     if not is_sqlite(url):
-        return create_async_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+        # No pre-ping (3 round trips per checkout): connections are recycled instead, and the
+        # hot statements run on asyncpg directly (store/writer.py).
+        return create_async_engine(url, pool_size=10, max_overflow=20, pool_recycle=300)
     db_path = make_url(url).database
     if db_path and db_path != ":memory:":
         from pathlib import Path
@@ -143,16 +147,24 @@ def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 
 
 class Database:
-    """The engine plus a session factory; domain functions open their own transactions."""
+    """The engine plus a session factory for the cold paths (admin, listings, migrations),
+    and :class:`~hypereal.store.writer.FastStore` (``read`` / ``write`` / ``submit``) for the
+    hot ones: one writer per process with group commit, raw SQL, one round trip each."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = create_engine(url)
         self.session = session_factory(self.engine)
+        sqlite_path = make_url(url).database if is_sqlite(url) else None
+        self.fast = FastStore(url, sqlite_path=sqlite_path or None)
+        self.read = self.fast.read
+        self.write = self.fast.write
+        self.submit = self.fast.submit
 
     @property
     def is_sqlite(self) -> bool:
         return is_sqlite(self.url)
 
     async def dispose(self) -> None:
+        await self.fast.close()
         await self.engine.dispose()
