@@ -11,19 +11,19 @@ transaction as its terminal state, so the event cannot be lost.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import func, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import select
 
 from hypereal.domain import ledger
 from hypereal.domain.errors import BadRequest, Conflict, JobNotFound
 from hypereal.domain.ids import as_utc, new_id
 from hypereal.store.db import Database
-from hypereal.store.models import Job, LedgerEntry, WebhookDelivery, utcnow
+from hypereal.store.models import Job, utcnow
+from hypereal.store.writer import Dialect, Ops, Row, Sql, as_datetime, from_json, to_json
 
 ACTIVE = ("queued", "processing")
 TERMINAL = ("completed", "failed", "canceled")
@@ -70,7 +70,36 @@ class JobView:
         return 0 if self.state in ("failed", "canceled") else self.credits
 
 
-def _view(row: Job) -> JobView:
+def _view(row: Row) -> JobView:
+    """A job row (``SELECT *`` / ``RETURNING *``) as read on either database."""
+    created_at = as_datetime(row["created_at"])
+    assert created_at is not None
+    return JobView(
+        id=row["id"],
+        account_id=row["account_id"],
+        type=row["type"],
+        model=row["model"],
+        state=row["state"],
+        input=from_json(row["input"]) or {},
+        media=from_json(row["media"]) or {},
+        webhook_url=row["webhook_url"],
+        credits=int(row["credits"]),
+        debit_entry_id=row["debit_entry_id"],
+        refund_entry_id=row["refund_entry_id"],
+        output_url=row["output_url"],
+        result=from_json(row["result"]),
+        error=row["error"],
+        progress=float(row["progress"]),
+        progress_message=row["progress_message"],
+        attempts=int(row["attempts"]),
+        worker_id=row["worker_id"],
+        created_at=created_at,
+        started_at=as_datetime(row["started_at"]),
+        completed_at=as_datetime(row["completed_at"]),
+    )
+
+
+def _orm_view(row: Job) -> JobView:
     return JobView(
         id=row.id,
         account_id=row.account_id,
@@ -125,45 +154,85 @@ class NewJob:
     webhook_url: str | None = None
 
 
-async def submit(db: Database, new: NewJob) -> JobView:
-    """Debit the credits and create the queued job (the caller then puts it on the queue).
+_INSERT_JOB = (
+    "INSERT INTO jobs (id, account_id, type, model, state, input, webhook_url, credits, "
+    "debit_entry_id, output_url, output_key, result, error, progress, progress_message, "
+    "attempts, worker_id, lease_until, cancel_requested, created_at, started_at, completed_at, "
+    "media, kicked_at, refund_entry_id) VALUES (:id, :account, :type, :model, :state, :input, "
+    ":webhook_url, :credits, :debit, :output_url, :output_key, :result, NULL, :progress, NULL, "
+    ":attempts, NULL, NULL, :false, :now, :started_at, :completed_at, :media, :kicked_at, NULL) "
+    "RETURNING *"
+)
 
-    Raises InsufficientCredits. The debit's reference is the job id; if the job row cannot be
-    written, the debit is refunded before the error propagates.
-    """
-    job_id = new_id("job")
-    entry = await ledger.debit(
-        db,
-        new.account_id,
-        new.credits,
-        reference=job_id,
-        description=f"{new.type} generation ({new.model})",
-    )
+
+def _insert_job(
+    *,
+    job_id: str,
+    account_id: str,
+    type: str,
+    model: str,
+    state: str,
+    input: Mapping[str, Any],
+    credits: int,
+    debit_entry_id: int | None,
+    media: Mapping[str, str] | None = None,
+    webhook_url: str | None = None,
+    output_url: str | None = None,
+    output_key: str | None = None,
+    result: Mapping[str, Any] | None = None,
+) -> Ops[JobView]:
     now = utcnow()
-    row = Job(
+    finished = state == "completed"
+    row = yield Sql.one(
+        _INSERT_JOB,
         id=job_id,
-        account_id=new.account_id,
-        type=new.type,
-        model=new.model,
-        state="queued",
-        input=dict(new.input),
-        media=dict(new.media),
-        webhook_url=new.webhook_url,
-        credits=new.credits,
-        debit_entry_id=entry.id,
-        progress=0.0,
-        attempts=0,
-        cancel_requested=False,
-        created_at=now,
-        kicked_at=now,
+        account=account_id,
+        type=type,
+        model=model,
+        state=state,
+        input=to_json(dict(input)),
+        webhook_url=webhook_url,
+        credits=credits,
+        debit=debit_entry_id,
+        output_url=output_url,
+        output_key=output_key,
+        result=to_json(dict(result)) if result is not None else None,
+        progress=1.0 if finished else 0.0,
+        attempts=1 if finished else 0,
+        false=False,
+        now=now,
+        started_at=now if finished else None,
+        completed_at=now if finished else None,
+        media=to_json(dict(media)) if media is not None else None,
+        kicked_at=None if finished else now,
     )
-    try:
-        async with db.session.begin() as session:
-            session.add(row)
-    except BaseException:
-        await ledger.refund(db, entry.id, description=f"refund: job {job_id} was not created")
-        raise
     return _view(row)
+
+
+def _submit_op(d: Dialect, job_id: str, new: NewJob) -> Ops[JobView]:
+    entry = yield from ledger.debit_op(
+        d, new.account_id, new.credits, job_id, f"{new.type} generation ({new.model})"
+    )
+    return (
+        yield from _insert_job(
+            job_id=job_id,
+            account_id=new.account_id,
+            type=new.type,
+            model=new.model,
+            state="queued",
+            input=new.input,
+            credits=new.credits,
+            debit_entry_id=entry.id,
+            media=new.media,
+            webhook_url=new.webhook_url,
+        )
+    )
+
+
+async def submit(db: Database, new: NewJob) -> JobView:
+    """Debit the credits and create the queued job in one transaction (the caller then puts
+    it on the queue). Raises InsufficientCredits, and then nothing is written."""
+    return await db.write(_submit_op, new_id("job"), new)
 
 
 async def record_completed(
@@ -185,47 +254,43 @@ async def record_completed(
 
     No queueing and no webhook: the row is written directly as ``completed``.
     """
-    now = utcnow()
-    row = Job(
-        id=job_id,
-        account_id=account_id,
-        type=type,
-        model=model,
-        state="completed",
-        input=dict(input),
-        credits=credits,
-        debit_entry_id=debit_entry_id,
-        output_url=output_url,
-        output_key=output_key,
-        result=dict(result) if result is not None else None,
-        progress=1.0,
-        attempts=1,
-        cancel_requested=False,
-        created_at=now,
-        started_at=now,
-        completed_at=now,
-    )
-    async with db.session.begin() as session:
-        session.add(row)
-    return _view(row)
+
+    def record(_: Dialect) -> Ops[JobView]:
+        return _insert_job(
+            job_id=job_id,
+            account_id=account_id,
+            type=type,
+            model=model,
+            state="completed",
+            input=input,
+            credits=credits,
+            debit_entry_id=debit_entry_id,
+            output_url=output_url,
+            output_key=output_key,
+            result=result,
+        )
+
+    return await db.write(record)
 
 
 # ------------------------------------------------------------------------- reading
 
 
+def _load_op(_: Dialect, job_id: str) -> Ops[JobView | None]:
+    row = yield Sql.one("SELECT * FROM jobs WHERE id = :id", id=job_id)
+    return _view(row) if row is not None else None
+
+
 async def get_job(db: Database, account_id: str, job_id: str) -> JobView:
     """The caller's job. Raises JobNotFound for an unknown id or another account's job."""
-    async with db.session() as session:
-        row = await session.get(Job, job_id)
-    if row is None or row.account_id != account_id:
+    job = await db.read(_load_op, job_id)
+    if job is None or job.account_id != account_id:
         raise JobNotFound()
-    return _view(row)
+    return job
 
 
 async def load_job(db: Database, job_id: str) -> JobView | None:
-    async with db.session() as session:
-        row = await session.get(Job, job_id)
-    return _view(row) if row else None
+    return await db.read(_load_op, job_id)
 
 
 async def list_jobs(
@@ -254,7 +319,7 @@ async def list_jobs(
         )
     query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
     async with db.session() as session:
-        return [_view(row) for row in (await session.scalars(query)).all()]
+        return [_orm_view(row) for row in (await session.scalars(query)).all()]
 
 
 # ------------------------------------------------------------------------ running
@@ -263,7 +328,8 @@ async def list_jobs(
 @dataclass(frozen=True)
 class ClaimOutcome:
     """``claimed`` (the job is ours, ``job`` set), ``busy`` (the model is at its concurrency
-    limit; the job stays queued) or ``gone`` (not queued any more: ran, running, ended)."""
+    limit; the job stays queued, parked) or ``gone`` (not queued any more: ran, running,
+    ended)."""
 
     outcome: Literal["claimed", "busy", "gone"]
     job: JobView | None = None
@@ -273,14 +339,47 @@ def _model_lock_key(model: str) -> int:
     return int.from_bytes(hashlib.sha256(model.encode()).digest()[:8], "big", signed=True)
 
 
-def running_count(model: str, now: datetime) -> Any:
-    """Jobs of ``model`` running under a live lease (a dead worker's job frees its slot)."""
-    return (
-        select(func.count())
-        .select_from(Job)
-        .where(Job.model == model, Job.state == "processing", Job.lease_until >= now)
-        .scalar_subquery()
+def _lock_model(d: Dialect, model: str) -> Ops[None]:
+    """PostgreSQL: serialise claims and hand-overs of one model's slots (held to commit);
+    SQLite's writers are serial already."""
+    if d.pg:
+        yield Sql.one("SELECT pg_advisory_xact_lock(:key)", key=_model_lock_key(model))
+
+
+_RUNNING = (
+    "(SELECT count(*) FROM jobs r WHERE r.model = :model AND r.state = 'processing' "
+    "AND r.lease_until >= :now)"
+)
+
+
+def _claim_op(
+    d: Dialect, job_id: str, worker_id: str, concurrency: int, lease_seconds: float
+) -> Ops[ClaimOutcome]:
+    found = yield Sql.one("SELECT model, state FROM jobs WHERE id = :id", id=job_id)
+    if found is None or found["state"] != "queued":
+        return ClaimOutcome("gone")
+    model = found["model"]
+    yield from _lock_model(d, model)
+    now = utcnow()
+    row = yield Sql.one(
+        "UPDATE jobs SET state = 'processing', worker_id = :worker, lease_until = :lease, "
+        "attempts = attempts + 1, started_at = coalesce(started_at, :now), progress = 0, "
+        "progress_message = NULL "
+        f"WHERE id = :id AND state = 'queued' AND {_RUNNING} < :limit RETURNING *",
+        worker=worker_id,
+        lease=now + timedelta(seconds=lease_seconds),
+        now=now,
+        id=job_id,
+        model=model,
+        limit=max(1, concurrency),
     )
+    if row is not None:
+        return ClaimOutcome("claimed", _view(row))
+    # Busy (or taken meanwhile): park it, so the next job of its model to end sends it.
+    parked = yield Sql.run(
+        "UPDATE jobs SET kicked_at = NULL WHERE id = :id AND state = 'queued'", id=job_id
+    )
+    return ClaimOutcome("busy" if parked else "gone")
 
 
 async def claim_job(
@@ -292,36 +391,36 @@ async def claim_job(
     redelivered message or a second worker gets ``gone``. On PostgreSQL a per-model advisory
     lock makes the slot count exact across concurrent claims; SQLite serialises writers.
     """
-    async with db.session() as session:
-        model = await session.scalar(select(Job.model).where(Job.id == job_id))
-    if model is None:
-        return ClaimOutcome("gone")
-    now = utcnow()
-    async with db.session.begin() as session:
-        if not db.is_sqlite:
-            await session.execute(select(func.pg_advisory_xact_lock(_model_lock_key(model))))
-        row = await session.scalar(
-            update(Job)
-            .where(
-                Job.id == job_id,
-                Job.state == "queued",
-                running_count(model, now) < max(1, concurrency),
-            )
-            .values(
-                state="processing",
-                worker_id=worker_id,
-                lease_until=now + timedelta(seconds=lease_seconds),
-                attempts=Job.attempts + 1,
-                started_at=func.coalesce(Job.started_at, now),
-                progress=0.0,
-                progress_message=None,
-            )
-            .returning(Job)
+    return await db.write(_claim_op, job_id, worker_id, concurrency, lease_seconds)
+
+
+def _heartbeat_op(
+    _: Dialect,
+    job_id: str,
+    worker_id: str,
+    lease_seconds: float,
+    progress: tuple[float, str] | None,
+) -> Ops[bool]:
+    lease = utcnow() + timedelta(seconds=lease_seconds)
+    where = "WHERE id = :id AND state = 'processing' AND worker_id = :worker"
+    if progress is None:
+        changed = yield Sql.run(
+            f"UPDATE jobs SET lease_until = :lease {where}",
+            lease=lease,
+            id=job_id,
+            worker=worker_id,
         )
-        if row is not None:
-            return ClaimOutcome("claimed", _view(row))
-        state = await session.scalar(select(Job.state).where(Job.id == job_id))
-    return ClaimOutcome("busy" if state == "queued" else "gone")
+    else:
+        changed = yield Sql.run(
+            f"UPDATE jobs SET lease_until = :lease, progress = :progress, "
+            f"progress_message = :message {where}",
+            lease=lease,
+            progress=min(1.0, max(0.0, progress[0])),
+            message=progress[1][:300],
+            id=job_id,
+            worker=worker_id,
+        )
+    return bool(changed)
 
 
 async def heartbeat(
@@ -334,37 +433,25 @@ async def heartbeat(
 ) -> bool:
     """Extend the lease (and record progress). False when the job is no longer this
     worker's: canceled, or re-queued after the lease ran out; the worker must stop."""
-    values: dict[str, Any] = {"lease_until": utcnow() + timedelta(seconds=lease_seconds)}
-    if progress is not None:
-        values.update(progress=min(1.0, max(0.0, progress[0])), progress_message=progress[1][:300])
-    async with db.session.begin() as session:
-        found = await session.scalar(
-            update(Job)
-            .where(Job.id == job_id, Job.state == "processing", Job.worker_id == worker_id)
-            .values(**values)
-            .returning(Job.id)
-        )
-    return found is not None
+    return await db.write(_heartbeat_op, job_id, worker_id, lease_seconds, progress)
+
+
+def _release_op(d: Dialect, job_id: str, worker_id: str) -> Ops[bool]:
+    changed = yield Sql.run(
+        "UPDATE jobs SET state = 'queued', worker_id = NULL, lease_until = NULL, "
+        f"attempts = {d.greatest}(attempts - 1, 0), kicked_at = :now "
+        "WHERE id = :id AND state = 'processing' AND worker_id = :worker",
+        now=utcnow(),
+        id=job_id,
+        worker=worker_id,
+    )
+    return bool(changed)
 
 
 async def release_job(db: Database, job_id: str, worker_id: str) -> bool:
     """Give a running job back to the queue (worker shutting down); the interrupted run
     does not count as an attempt. False when it was not this worker's any more."""
-    async with db.session.begin() as session:
-        found = await session.scalar(
-            update(Job)
-            .where(Job.id == job_id, Job.state == "processing", Job.worker_id == worker_id)
-            .values(
-                state="queued",
-                worker_id=None,
-                lease_until=None,
-                attempts=func.max(Job.attempts - 1, 0)
-                if db.is_sqlite
-                else func.greatest(Job.attempts - 1, 0),
-            )
-            .returning(Job.id)
-        )
-    return found is not None
+    return await db.write(_release_op, job_id, worker_id)
 
 
 # ------------------------------------------------------------------------- ending
@@ -372,58 +459,76 @@ async def release_job(db: Database, job_id: str, worker_id: str) -> bool:
 
 @dataclass(frozen=True)
 class Ended:
-    """A job that this call moved to a terminal state, and its webhook delivery, if any."""
+    """A job that this call moved to a terminal state, its webhook delivery, if any, and
+    the parked job of its model that now takes its slot (to be put on the queue)."""
 
     job: JobView
     delivery_id: str | None
+    next_job_id: str | None = None
 
 
-async def _end(db: Database, conditions: list[Any], values: dict[str, Any]) -> Ended | None:
+def _end_op(d: Dialect, where: str, params: dict[str, Any], values: str) -> Ops[Ended | None]:
     now = utcnow()
-    async with db.session.begin() as session:
-        row = await session.scalar(
-            update(Job)
-            .where(*conditions)
-            .values(completed_at=now, lease_until=None, **values)
-            .returning(Job)
+    row = yield Sql.one(
+        f"UPDATE jobs SET completed_at = :ended_at, lease_until = NULL, {values} "
+        f"WHERE {where} RETURNING *",
+        ended_at=now,
+        **params,
+    )
+    if row is None:
+        return None
+    job = _view(row)
+    if job.state in ("failed", "canceled") and job.debit_entry_id is not None:
+        # The refund commits with the job's end: a failed or canceled job is never seen
+        # unrefunded, and a crash in between cannot lose the refund.
+        entry = yield from ledger.refund_op(
+            d, job.debit_entry_id, None, f"refund: {job.type} job {job.id} {job.state}"
         )
-        if row is None:
-            return None
-        job = _view(row)
-        if job.state in ("failed", "canceled") and job.debit_entry_id is not None:
-            # The refund commits with the job's end: a failed or canceled job is never seen
-            # unrefunded, and a crash in between cannot lose the refund.
-            entry = await ledger.refund_in(
-                session,
-                job.debit_entry_id,
-                description=f"refund: {job.type} job {job.id} {job.state}",
+        if entry is not None:
+            yield Sql.run(
+                "UPDATE jobs SET refund_entry_id = :entry WHERE id = :id",
+                entry=entry.id,
+                id=job.id,
             )
-            if entry is not None:
-                await session.execute(
-                    update(Job).where(Job.id == job.id).values(refund_entry_id=entry.id)
-                )
-                job = replace(job, refund_entry_id=entry.id)
-        delivery_id = _add_delivery(session, job, now)
-    return Ended(job, delivery_id)
+            job = replace(job, refund_entry_id=entry.id)
+    delivery_id = yield from _add_delivery(job, now)
+    next_job_id = None
+    if row["worker_id"] is not None:  # it held a slot of its model: hand it over
+        next_job_id = yield from _unpark_next(d, job.model, now)
+    return Ended(job, delivery_id, next_job_id)
 
 
-def _add_delivery(session: AsyncSession, job: JobView, now: datetime) -> str | None:
+def _unpark_next(d: Dialect, model: str, now: datetime) -> Ops[str | None]:
+    """The oldest parked job of ``model``, marked as sent now."""
+    yield from _lock_model(d, model)
+    row = yield Sql.one(
+        "UPDATE jobs SET kicked_at = :now WHERE id = (SELECT id FROM jobs WHERE model = :model "
+        "AND state = 'queued' AND kicked_at IS NULL ORDER BY created_at, id LIMIT 1) "
+        "AND state = 'queued' AND kicked_at IS NULL RETURNING id",
+        now=now,
+        model=model,
+    )
+    return row["id"] if row is not None else None
+
+
+def _add_delivery(job: JobView, now: datetime) -> Ops[str | None]:
     if not job.webhook_url or job.state not in WEBHOOK_STATES:
         return None
-    delivery = WebhookDelivery(
-        id=new_id("msg"),
-        job_id=job.id,
-        account_id=job.account_id,
+    delivery_id = new_id("msg")
+    yield Sql.run(
+        "INSERT INTO webhook_deliveries (id, job_id, account_id, url, event, payload, state, "
+        "attempts, next_attempt_at, lease_until, last_status_code, last_error, created_at, "
+        "delivered_at) VALUES (:id, :job, :account, :url, :event, :payload, 'pending', 0, "
+        ":now, NULL, NULL, NULL, :now, NULL)",
+        id=delivery_id,
+        job=job.id,
+        account=job.account_id,
         url=job.webhook_url,
         event=f"job.{job.state}",
-        payload=webhook_payload(job),
-        state="pending",
-        attempts=0,
-        next_attempt_at=now,
-        created_at=now,
+        payload=to_json(webhook_payload(job)),
+        now=now,
     )
-    session.add(delivery)
-    return delivery.id
+    return delivery_id
 
 
 async def complete_job(
@@ -437,17 +542,18 @@ async def complete_job(
 ) -> Ended | None:
     """Mark this worker's running job completed. None when it is not ours any more
     (canceled meanwhile, or re-queued): the output is then discarded."""
-    return await _end(
-        db,
-        [Job.id == job_id, Job.state == "processing", Job.worker_id == worker_id],
+    return await db.write(
+        _end_op,
+        "id = :id AND state = 'processing' AND worker_id = :worker",
         {
-            "state": "completed",
+            "id": job_id,
+            "worker": worker_id,
             "output_url": output_url,
             "output_key": output_key,
-            "result": dict(result) if result is not None else None,
-            "progress": 1.0,
-            "error": None,
+            "result": to_json(dict(result)) if result is not None else None,
         },
+        "state = 'completed', output_url = :output_url, output_key = :output_key, "
+        "result = :result, progress = 1, error = NULL",
     )
 
 
@@ -455,148 +561,151 @@ async def fail_job(
     db: Database, job_id: str, error: str, *, worker_id: str | None = None
 ) -> Ended | None:
     """Fail an active job (this worker's, when ``worker_id`` is given) and refund it."""
-    conditions = [Job.id == job_id, Job.state.in_(ACTIVE)]
+    where = "id = :id AND state IN ('queued', 'processing')"
+    params: dict[str, Any] = {"id": job_id, "error": error}
     if worker_id is not None:
-        conditions += [Job.state == "processing", Job.worker_id == worker_id]
-    return await _end(db, conditions, {"state": "failed", "error": error})
+        where = "id = :id AND state = 'processing' AND worker_id = :worker"
+        params["worker"] = worker_id
+    return await db.write(_end_op, where, params, "state = 'failed', error = :error")
 
 
-async def cancel_job(db: Database, account_id: str, job_id: str) -> tuple[JobView, bool]:
+async def cancel_job(db: Database, account_id: str, job_id: str) -> tuple[Ended | None, JobView]:
     """Cancel the caller's queued or running job and refund it; a running worker notices at
-    its next heartbeat and stops. Returns (job, whether this call canceled it); canceling a
-    canceled job again is a no-op. Raises JobNotFound, or Conflict for a finished job."""
-    ended = await _end(
-        db,
-        [Job.id == job_id, Job.account_id == account_id, Job.state.in_(ACTIVE)],
-        {"state": "canceled", "error": "Canceled by the user", "cancel_requested": True},
+    its next heartbeat and stops. Returns (what this call ended, or None when the job was
+    canceled already, and the job). Raises JobNotFound, or Conflict for a finished job."""
+    ended = await db.write(
+        _end_op,
+        "id = :id AND account_id = :account AND state IN ('queued', 'processing')",
+        {"id": job_id, "account": account_id, "error": "Canceled by the user", "true": True},
+        "state = 'canceled', error = :error, cancel_requested = :true",
     )
     if ended is not None:
-        return ended.job, True
+        return ended, ended.job
     job = await get_job(db, account_id, job_id)
     if job.state == "canceled":
-        return job, False
+        return None, job
     raise Conflict(f"Job is already {job.state} and cannot be canceled")
+
+
+def _settle_refund_op(d: Dialect, job: JobView) -> Ops[JobView]:
+    assert job.debit_entry_id is not None
+    entry = yield from ledger.refund_op(
+        d, job.debit_entry_id, None, f"refund: {job.type} job {job.id} {job.state}"
+    )
+    if entry is not None:
+        refund_id: int | None = entry.id
+    else:  # refunded already (by a racing caller), or a free job
+        row = yield Sql.one(
+            "SELECT id FROM ledger_entries WHERE refund_of = :debit", debit=job.debit_entry_id
+        )
+        refund_id = row["id"] if row is not None else None
+    if refund_id is None:
+        return job
+    yield Sql.run(
+        "UPDATE jobs SET refund_entry_id = :entry WHERE id = :id", entry=refund_id, id=job.id
+    )
+    return replace(job, refund_entry_id=refund_id)
 
 
 async def settle_refund(db: Database, job: JobView) -> JobView:
     """Refund a failed or canceled job's debit (once, whoever calls) and note it on the job."""
     if job.debit_entry_id is None or job.refund_entry_id is not None:
         return job
-    entry = await ledger.refund(
-        db, job.debit_entry_id, description=f"refund: {job.type} job {job.id} {job.state}"
-    )
-    refund_id: int | None
-    if entry is not None:
-        refund_id = entry.id
-    else:  # refunded already (by a racing caller), or a free job
-        async with db.session() as session:
-            refund_id = await session.scalar(
-                select(LedgerEntry.id).where(LedgerEntry.refund_of == job.debit_entry_id)
-            )
-    if refund_id is None:
-        return job
-    async with db.session.begin() as session:
-        await session.execute(update(Job).where(Job.id == job.id).values(refund_entry_id=refund_id))
-    return replace(job, refund_entry_id=refund_id)
+    return await db.write(_settle_refund_op, job)
 
 
 # --------------------------------------------------------------------- maintenance
 
 
+def _expired_op(_: Dialect, limit: int) -> Ops[list[JobView]]:
+    rows = yield Sql.all(
+        "SELECT * FROM jobs WHERE state = 'processing' AND lease_until < :now "
+        "ORDER BY lease_until LIMIT :limit",
+        now=utcnow(),
+        limit=limit,
+    )
+    return [_view(row) for row in rows]
+
+
 async def expired_jobs(db: Database, limit: int = 100) -> list[JobView]:
     """Running jobs whose lease ran out: their worker died or hangs."""
-    async with db.session() as session:
-        rows = await session.scalars(
-            select(Job)
-            .where(Job.state == "processing", Job.lease_until < utcnow())
-            .order_by(Job.lease_until)
-            .limit(limit)
-        )
-        return [_view(row) for row in rows.all()]
+    return await db.read(_expired_op, limit)
+
+
+_EXPIRED_WHERE = (
+    "id = :id AND state = 'processing' AND worker_id = :worker AND lease_until < :expired"
+)
+
+
+def _requeue_op(_: Dialect, job_id: str, worker_id: str | None) -> Ops[bool]:
+    now = utcnow()
+    changed = yield Sql.run(
+        "UPDATE jobs SET state = 'queued', worker_id = NULL, lease_until = NULL, "
+        f"kicked_at = :now WHERE {_EXPIRED_WHERE}",
+        now=now,
+        id=job_id,
+        worker=worker_id,
+        expired=now,
+    )
+    return bool(changed)
 
 
 async def requeue_expired(db: Database, job: JobView) -> bool:
-    """Put an expired job back in the queue (if nobody else did). True when this call did."""
-    async with db.session.begin() as session:
-        found = await session.scalar(
-            update(Job)
-            .where(
-                Job.id == job.id,
-                Job.state == "processing",
-                Job.worker_id == job.worker_id,
-                Job.lease_until < utcnow(),
-            )
-            .values(state="queued", worker_id=None, lease_until=None)
-            .returning(Job.id)
-        )
-    return found is not None
+    """Put an expired job back in the queue (if nobody else did). True when this call did
+    (the caller then sends it)."""
+    return await db.write(_requeue_op, job.id, job.worker_id)
 
 
 async def fail_expired(db: Database, job: JobView, error: str) -> Ended | None:
-    return await _end(
-        db,
-        [
-            Job.id == job.id,
-            Job.state == "processing",
-            Job.worker_id == job.worker_id,
-            Job.lease_until < utcnow(),
-        ],
-        {"state": "failed", "error": error},
+    return await db.write(
+        _end_op,
+        _EXPIRED_WHERE,
+        {"id": job.id, "worker": job.worker_id, "expired": utcnow(), "error": error},
+        "state = 'failed', error = :error",
     )
 
 
-async def jobs_to_kick(
-    db: Database,
-    model_limits: Mapping[str, int],
-    *,
-    kicked_before: datetime | None,
-    model: str | None = None,
-) -> list[str]:
-    """Oldest queued jobs per model (or of ``model``), as many as the model has free slots
-    (``model_limits``, default 1), that were last put on the queue before ``kicked_before``
-    (None: regardless). Marks them kicked now."""
+def _stale_op(_: Dialect, kicked_before: datetime | None, limit: int) -> Ops[list[tuple[str, str]]]:
+    """Queued jobs whose message may be lost (sent before ``kicked_before``; None: every
+    queued job, parked ones included), oldest first, marked as sent now."""
     now = utcnow()
-    if model is not None:
-        models: Sequence[str] = [model]
+    if kicked_before is None:
+        rows = yield Sql.all(
+            "SELECT id, model FROM jobs WHERE state = 'queued' ORDER BY created_at, id "
+            "LIMIT :limit",
+            limit=limit,
+        )
     else:
-        async with db.session() as session:
-            query = select(Job.model).where(Job.state == "queued").distinct()
-            models = (await session.scalars(query)).all()
-    chosen: list[str] = []
-    for slug in models:
-        async with db.session() as session:
-            running = int(await session.scalar(select(running_count(slug, now))) or 0)
-            free = model_limits.get(slug, 1) - running
-            if free <= 0:
-                continue
-            query = select(Job.id).where(Job.model == slug, Job.state == "queued")
-            if kicked_before is not None:
-                query = query.where((Job.kicked_at.is_(None)) | (Job.kicked_at < kicked_before))
-            ids = (await session.scalars(query.order_by(Job.created_at).limit(free))).all()
-        chosen.extend(ids)
-    if chosen:
-        await mark_kicked(db, chosen)
-    return chosen
+        rows = yield Sql.all(
+            "SELECT id, model FROM jobs WHERE state = 'queued' AND kicked_at < :before "
+            "ORDER BY created_at, id LIMIT :limit",
+            before=kicked_before,
+            limit=limit,
+        )
+    found = [(row["id"], row["model"]) for row in rows]
+    for job_id, _ in found:
+        yield Sql.run("UPDATE jobs SET kicked_at = :now WHERE id = :id", now=now, id=job_id)
+    return found
 
 
-async def mark_kicked(db: Database, job_ids: list[str]) -> None:
-    async with db.session.begin() as session:
-        await session.execute(update(Job).where(Job.id.in_(job_ids)).values(kicked_at=utcnow()))
+async def jobs_to_resend(
+    db: Database, *, kicked_before: datetime | None, limit: int = 1000
+) -> list[tuple[str, str]]:
+    """Queued jobs to put on the queue again: at start-up every queued one (an in-process
+    queue does not outlive its process), later those whose message is older than
+    ``kicked_before`` (lost with a crashed process). A busy model parks them again."""
+    return await db.write(_stale_op, kicked_before, limit)
+
+
+def _unrefunded_op(_: Dialect, cutoff: datetime) -> Ops[list[JobView]]:
+    rows = yield Sql.all(
+        "SELECT * FROM jobs WHERE state IN ('failed', 'canceled') AND debit_entry_id IS NOT NULL "
+        "AND refund_entry_id IS NULL AND credits > 0 AND completed_at < :cutoff LIMIT 100",
+        cutoff=cutoff,
+    )
+    return [_view(row) for row in rows]
 
 
 async def unrefunded_jobs(db: Database, older_than_seconds: float) -> list[JobView]:
     """Failed/canceled jobs whose refund was not noted (the ender crashed in between)."""
-    cutoff = utcnow() - timedelta(seconds=older_than_seconds)
-    async with db.session() as session:
-        rows = await session.scalars(
-            select(Job)
-            .where(
-                Job.state.in_(("failed", "canceled")),
-                Job.debit_entry_id.is_not(None),
-                Job.refund_entry_id.is_(None),
-                Job.credits > 0,
-                Job.completed_at < cutoff,
-            )
-            .limit(100)
-        )
-        return [_view(row) for row in rows.all()]
+    return await db.read(_unrefunded_op, utcnow() - timedelta(seconds=older_than_seconds))

@@ -1,21 +1,24 @@
-"""The taskiq broker from the settings: in-process by default, Redis Streams when
-``broker_url`` is set. The queue only carries job ids; the database owns every state."""
+"""The taskiq broker of the scaled-out mode: Redis Streams when ``broker_url`` is set (the
+in-process mode runs jobs from a plain asyncio queue, see engine.py). The queue only carries
+job ids; the database owns every state."""
 
 from __future__ import annotations
 
-from taskiq import AsyncBroker, InMemoryBroker
+from taskiq import AsyncBroker
 
 from hypereal.settings import Settings
 
 # A killed worker can leave the stream's auto-claim lock behind; it expires after this.
 AUTOCLAIM_LOCK_SECONDS = 10
+# Messages read from the stream at once: a worker takes a batch per round trip.
+XREAD_COUNT = 32
 
 
 def build_broker(settings: Settings) -> AsyncBroker:
-    """``InMemoryBroker`` (jobs run inside ``hypereal serve``) or ``RedisStreamBroker``
-    (jobs run in ``hypereal worker`` processes on any number of machines)."""
+    """``RedisStreamBroker`` (jobs run in ``hypereal worker`` processes on any number of
+    machines). Raises ValueError without a ``broker_url``."""
     if not settings.broker_url:
-        return InMemoryBroker(max_async_tasks=max(1, settings.worker_concurrency))
+        raise ValueError("the Redis broker needs HYPEREAL_BROKER_URL")
     from taskiq_redis import RedisStreamBroker
 
     broker: AsyncBroker = RedisStreamBroker(
@@ -26,7 +29,9 @@ def build_broker(settings: Settings) -> AsyncBroker:
         # (see Engine.maintain), never by the stream, so there is one redelivery mechanism.
         unacknowledged_lock_timeout=AUTOCLAIM_LOCK_SECONDS,
         xread_block=1000,
-        # Take one message at a time: a worker must not hoard jobs it cannot start yet.
-        xread_count=1,
+        # A batch per read, no more than the worker runs at once: a job it reads but cannot
+        # start waits in its process, and one whose model is busy is parked in the database
+        # for whichever worker frees a slot.
+        xread_count=min(XREAD_COUNT, max(1, settings.worker_concurrency)),
     )
     return broker

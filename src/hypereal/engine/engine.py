@@ -1,5 +1,5 @@
-"""The job engine: puts job ids on the taskiq queue, runs them (when this process consumes),
-and keeps the database and the queue in step.
+"""The job engine: puts job ids on the queue, runs them (when this process consumes), and
+keeps the database and the queue in step.
 
 A consuming process (``hypereal serve`` with the in-process broker, or ``hypereal worker``)
 also runs the maintenance loop: re-queue jobs whose worker died (lease expired), fail those
@@ -14,8 +14,10 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
+
+from taskiq import AsyncBroker
 
 from hypereal.domain import jobs
 from hypereal.engine.broker import build_broker
@@ -34,37 +36,58 @@ LOST_WORKER_ERROR = (
 
 
 class Engine:
-    """``consume=False``: only enqueue (an API process in front of ``hypereal worker``s)."""
+    """``consume=False``: only enqueue (an API process in front of ``hypereal worker``s).
+
+    Without a broker URL the queue is a plain asyncio queue drained by
+    ``worker_concurrency`` tasks of this process; with one, taskiq's Redis Streams broker.
+    A message is ``(job id, model)``; the database says whether and where it runs."""
 
     def __init__(self, services: Services, *, consume: bool) -> None:
         self.services = services
         self.settings = services.settings
         self.consume = consume
-        self.broker = build_broker(self.settings)
+        self.broker: AsyncBroker | None = None
+        self.queue: asyncio.Queue[tuple[str, str]] | None = None
+        if self.settings.broker_url:
+            self.broker = build_broker(self.settings)
 
-        async def run_job(job_id: str) -> None:  # a plain function: taskiq renames it
-            await self._run_job(job_id)
+            async def run_job(job_id: str, model: str) -> None:  # taskiq renames it
+                await self._run_job(job_id, model)
 
-        self.task = self.broker.register_task(run_job, task_name=RUN_JOB_TASK)
+            self.task = self.broker.register_task(run_job, task_name=RUN_JOB_TASK)
+        else:
+            self.queue = asyncio.Queue()
         self.runner = JobRunner(services, self.job_ended)
         self.webhooks = WebhookSender(self.settings, services.db)
         self._background: set[asyncio.Task[Any]] = set()
+        self._consumers: list[asyncio.Task[None]] = []
         self._maintainer: asyncio.Task[None] | None = None
 
     @property
     def worker_id(self) -> str:
         return self.runner.worker_id
 
-    async def _run_job(self, job_id: str) -> None:
+    async def _run_job(self, job_id: str, model: str) -> None:
         try:
-            await self.runner.run(job_id)
+            await self.runner.run(job_id, model)
         except Exception:
             log.exception("job %s: the runner failed; the lease sweep will retry it", job_id)
 
+    async def _consume(self, queue: asyncio.Queue[tuple[str, str]]) -> None:
+        while True:
+            job_id, model = await queue.get()
+            await self._run_job(job_id, model)
+
     async def start(self) -> None:
-        """Start the broker; a consumer also re-queues what an earlier run left behind."""
-        await self.broker.startup()
+        """Start the queue; a consumer also re-sends what an earlier run left behind."""
+        if self.broker is not None:
+            await self.broker.startup()
         if self.consume:
+            if self.queue is not None:
+                workers = max(1, self.settings.worker_concurrency)
+                self._consumers = [
+                    asyncio.create_task(self._consume(self.queue)) for _ in range(workers)
+                ]
             await self.maintain(startup=True)
             self._maintainer = asyncio.create_task(self._maintain_forever())
 
@@ -76,32 +99,38 @@ class Engine:
                 await self._maintainer
         if self.consume:
             released = await self.runner.release_all()
-            if self.settings.broker_url:  # a shared queue: another worker takes them now
-                for job_id in released:
-                    await self.kick(job_id)
-        for task in list(self._background):
+            if self.broker is not None:  # a shared queue: another worker takes them now
+                for job_id, model in released:
+                    await self.kick(job_id, model)
+        for task in [*self._consumers, *self._background]:
             task.cancel()
-        if self._background:
-            await asyncio.wait(self._background, timeout=5)
-        await self.broker.shutdown()
+        pending = {*self._consumers, *self._background}
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+        if self.broker is not None:
+            await self.broker.shutdown()
 
-    async def kick(self, job_id: str) -> None:
+    async def kick(self, job_id: str, model: str) -> None:
         """Put a job on the queue (its row is already committed)."""
-        await self.task.kiq(job_id)
+        if self.queue is not None:
+            self.queue.put_nowait((job_id, model))
+        else:
+            await self.task.kiq(job_id, model)
 
     async def job_ended(self, ended: jobs.Ended) -> None:
-        """After a job ends: send its webhook now, and hand its slot to the next queued job."""
+        """After a job ends: send its webhook now, and start the job that takes its slot."""
         if ended.delivery_id is not None:
             self._spawn(self.webhooks.deliver(ended.delivery_id))
-        await self._kick_queued(kicked_before=None, model=ended.job.model)
+        if ended.next_job_id is not None:
+            await self.kick(ended.next_job_id, ended.job.model)
 
     async def cancel(self, account_id: str, job_id: str) -> jobs.JobView:
         """Cancel and refund a caller's job; stops its work if it runs in this process (other
         workers stop at their next heartbeat)."""
-        job, changed = await jobs.cancel_job(self.services.db, account_id, job_id)
-        if changed:
+        ended, job = await jobs.cancel_job(self.services.db, account_id, job_id)
+        if ended is not None:
             self.runner.abort(job_id)
-            await self._kick_queued(kicked_before=None, model=job.model)
+            await self.job_ended(ended)
         return job
 
     # ----------------------------------------------------------------- maintenance
@@ -115,8 +144,8 @@ class Engine:
                 log.exception("engine maintenance failed; retrying")
 
     async def maintain(self, *, startup: bool = False) -> None:
-        """One maintenance pass (see the module doc). At start-up, every queued job with a
-        free slot is re-sent (an in-process queue does not outlive its process)."""
+        """One maintenance pass (see the module doc). At start-up, every queued job is
+        re-sent (an in-process queue does not outlive its process)."""
         db = self.services.db
         for job in await jobs.expired_jobs(db):
             if job.attempts < self.settings.job_max_attempts:
@@ -124,32 +153,19 @@ class Engine:
                     log.warning(
                         "job %s: worker %s lost its lease; re-queued", job.id, job.worker_id
                     )
+                    await self.kick(job.id, job.model)
                 continue
             error = LOST_WORKER_ERROR.format(attempts=job.attempts)
             ended = await jobs.fail_expired(db, job, error)
             if ended is not None:
                 await self.job_ended(ended)
         stale = None if startup else utcnow() - timedelta(seconds=self.settings.job_lease_seconds)
-        await self._kick_queued(kicked_before=stale)
+        for job_id, model in await jobs.jobs_to_resend(db, kicked_before=stale):
+            await self.kick(job_id, model)
         for job in await jobs.unrefunded_jobs(db, older_than_seconds=30):
             await jobs.settle_refund(db, job)
         for delivery_id in await self.webhooks.due():
             self._spawn(self.webhooks.deliver(delivery_id))
-
-    async def _kick_queued(
-        self, *, kicked_before: datetime | None, model: str | None = None
-    ) -> None:
-        # Only the ended job's model when one is named: this runs as each job ends.
-        backends = self.services.backends
-        limits = {
-            slug: backends.concurrency(spec)
-            for slug, spec in self.services.catalogue.models.items()
-            if model is None or slug == model
-        }
-        for job_id in await jobs.jobs_to_kick(
-            self.services.db, limits, kicked_before=kicked_before, model=model
-        ):
-            await self.kick(job_id)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

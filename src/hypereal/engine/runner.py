@@ -58,27 +58,35 @@ class JobRunner:
         self.heartbeat_every = max(0.1, min(self.lease / 4, 2.0))
         self.work: dict[str, asyncio.Task[_Output]] = {}
         self.releasing = False
-        self.released: list[str] = []
+        self.released: list[tuple[str, str]] = []
+        # Progress reported since the last write, per running job (written at most once a
+        # PROGRESS_MIN_INTERVAL, with the lease).
+        self.progress: dict[str, tuple[float, str]] = {}
+        self._limits: dict[str, int] = {}
         self._executing = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
-    async def run(self, job_id: str) -> None:
-        """Run ``job_id`` if it is queued and its model has a free slot; otherwise do nothing
-        (a busy model's next free slot re-sends the oldest queued job)."""
+    def concurrency(self, spec: ModelSpec) -> int:
+        """The model's slot count (configuration: looked up once per model)."""
+        limit = self._limits.get(spec.slug)
+        if limit is None:
+            limit = self._limits[spec.slug] = self.services.backends.concurrency(spec)
+        return limit
+
+    async def run(self, job_id: str, model: str) -> None:
+        """Run ``job_id`` (a job of ``model``) if it is queued and its model has a free slot;
+        otherwise do nothing (a busy model's job is parked: the next of its jobs to end
+        sends it again)."""
         if self.releasing:
             return
         db = self.services.db
-        job = await jobs.load_job(db, job_id)
-        if job is None or job.state != "queued":
-            return
-        spec = self.services.catalogue.models.get(job.model)
+        spec = self.services.catalogue.models.get(model)
         if spec is None:
-            await self._end(await jobs.fail_job(db, job_id, f"Model {job.model} was removed"))
+            await self._end(await jobs.fail_job(db, job_id, f"Model {model} was removed"))
             return
-        limit = self.services.backends.concurrency(spec)
         claim = await jobs.claim_job(
-            db, job_id, self.worker_id, concurrency=limit, lease_seconds=self.lease
+            db, job_id, self.worker_id, concurrency=self.concurrency(spec), lease_seconds=self.lease
         )
         if claim.job is None:
             return
@@ -90,9 +98,9 @@ class JobRunner:
         if work is not None:
             work.cancel()
 
-    async def release_all(self) -> list[str]:
+    async def release_all(self) -> list[tuple[str, str]]:
         """Shutting down: stop every running job and give it back to the queue; returns the
-        ids given back (to be re-sent for another worker)."""
+        (id, model) of each given back (to be re-sent for another worker)."""
         self.releasing = True
         for work in list(self.work.values()):
             work.cancel()
@@ -118,10 +126,11 @@ class JobRunner:
             outcome = await self._watch(job, spec, work)
         except asyncio.CancelledError:
             work.cancel()
-            await asyncio.shield(self._release(job.id))
+            await asyncio.shield(self._release(job))
             raise
         finally:
             self.work.pop(job.id, None)
+            self.progress.pop(job.id, None)
         if outcome == "timeout":
             error = f"Generation timed out after {spec.timeout_seconds} seconds"
             await self._end(await jobs.fail_job(db, job.id, error, worker_id=self.worker_id))
@@ -129,7 +138,7 @@ class JobRunner:
             log.info("job %s is no longer ours (canceled or re-queued); stopped", job.id)
         elif work.cancelled():
             if self.releasing:
-                await self._release(job.id)
+                await self._release(job)
         elif (exc := work.exception()) is not None:
             await self._end(
                 await jobs.fail_job(db, job.id, failure_message(exc), worker_id=self.worker_id)
@@ -146,23 +155,37 @@ class JobRunner:
             )
             await self._end(ended)
 
-    async def _release(self, job_id: str) -> None:
-        if await jobs.release_job(self.services.db, job_id, self.worker_id):
-            self.released.append(job_id)
+    async def _release(self, job: jobs.JobView) -> None:
+        if await jobs.release_job(self.services.db, job.id, self.worker_id):
+            self.released.append((job.id, job.model))
 
     async def _watch(self, job: jobs.JobView, spec: ModelSpec, work: asyncio.Task[_Output]) -> str:
-        """Heartbeat until the work finishes; 'done', 'timeout' or 'lost' (not ours)."""
-        deadline = time.monotonic() + spec.timeout_seconds
+        """Heartbeat until the work finishes; 'done', 'timeout' or 'lost' (not ours).
+
+        The lease is renewed every ``heartbeat_every``; progress the job reported is written
+        with it, or on its own at most once a PROGRESS_MIN_INTERVAL (a job that ends within
+        a second writes none: its end sets progress 1)."""
+        now = time.monotonic()
+        deadline = now + spec.timeout_seconds
+        renew_at = now + self.heartbeat_every
         while True:
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 work.cancel()
                 await asyncio.wait({work})
                 return "timeout"
-            await asyncio.wait({work}, timeout=min(self.heartbeat_every, remaining))
+            wait = min(PROGRESS_MIN_INTERVAL, renew_at - now, remaining)
+            await asyncio.wait({work}, timeout=max(0.0, wait))
             if work.done():
                 return "done"
-            if not await jobs.heartbeat(self.services.db, job.id, self.worker_id, self.lease):
+            progress = self.progress.pop(job.id, None)
+            if progress is None and time.monotonic() < renew_at:
+                continue
+            renew_at = time.monotonic() + self.heartbeat_every
+            if not await jobs.heartbeat(
+                self.services.db, job.id, self.worker_id, self.lease, progress=progress
+            ):
                 work.cancel()
                 await asyncio.wait({work})
                 return "lost"
@@ -195,24 +218,9 @@ class JobRunner:
         return blobs
 
     def _progress_callback(self, job: jobs.JobView) -> Callable[[float, str], Awaitable[None]]:
-        last = 0.0
-
         async def progress(fraction: float, message: str) -> None:
-            nonlocal last
-            now = time.monotonic()
-            if now - last < PROGRESS_MIN_INTERVAL and fraction < 1.0:
-                return
-            last = now
-            try:
-                await jobs.heartbeat(
-                    self.services.db,
-                    job.id,
-                    self.worker_id,
-                    self.lease,
-                    progress=(float(fraction), str(message)),
-                )
-            except Exception:  # progress is best-effort
-                log.warning("could not record progress of job %s", job.id, exc_info=True)
+            # Kept until the watch loop writes it (coalesced: see _watch).
+            self.progress[job.id] = (float(fraction), str(message))
 
         return progress
 

@@ -73,7 +73,7 @@ async def submit_generation(
         ),
     )
     try:
-        await engine.kick(job.id)
+        await engine.kick(job.id, job.model)
     except Exception:  # the job is safe in the database; maintenance re-sends it
         log.exception("job %s: could not put it on the queue now", job.id)
     return job

@@ -34,6 +34,7 @@ async def run_worker(settings: Settings, *, concurrency: int | None = None) -> N
         )
     services = build_services(settings)
     engine = Engine(services, consume=True)
+    assert engine.broker is not None  # a broker_url is set
     engine.broker.is_worker_process = True
     services.engine = engine
     stop = asyncio.Event()

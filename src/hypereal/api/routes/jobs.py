@@ -185,7 +185,7 @@ async def cancel_job(job_id: str, principal: PrincipalDep, services: ServicesDep
     if services.engine is not None:
         job = await services.engine.cancel(principal.account_id, job_id)
     else:
-        job, _ = await jobs.cancel_job(services.db, principal.account_id, job_id)
+        _, job = await jobs.cancel_job(services.db, principal.account_id, job_id)
     return job_json(job)
 
 
