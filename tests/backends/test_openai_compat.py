@@ -13,6 +13,8 @@ from typing import Any
 
 import openai
 import pytest
+from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
 
 from hypereal.backends.base import (
     AudioBackend,
@@ -567,3 +569,53 @@ async def test_official_openai_sdk_reads_the_fakes_errors(server: str, fake: Ope
         async for _ in stream:
             pass
     await client.close()
+
+
+# ------------------------------------------------------- pooled client and SSRF guard
+
+
+async def test_concurrent_streams_share_one_pool_of_connections(
+    backend: OpenAICompatible, fake: OpenAIFake
+) -> None:
+    for _ in range(2):
+        rounds = await asyncio.gather(*(collect(backend, chat()) for _ in range(6)))
+        assert all("".join(d.text for d in deltas) == "Hello, world!" for deltas in rounds)
+    peers = {r.client for r in fake.requests}
+    # The second round reused the first round's connections: one pool for the backend.
+    assert len(fake.requests) == 12 and len(peers) <= 6
+
+
+def redirecting_upstream(target: str) -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def moved() -> RedirectResponse:
+        return RedirectResponse(target + "/v1/chat/completions", status_code=307)
+
+    return app
+
+
+async def test_redirect_to_a_private_address_is_refused_unless_allowed(
+    server: str, fake: OpenAIFake
+) -> None:
+    # The configured base_url is trusted; the host it redirects to (another loopback port)
+    # is not, unless allow-listed.
+    with serve_app(redirecting_upstream(server)) as moved:
+        backend = OpenAICompatible({"base_url": moved + "/v1", "api_key": fake.api_key})
+        with pytest.raises(BackendError, match="allowed_private_networks"):
+            await collect(backend, chat())
+        await backend.aclose()
+        assert fake.requests == []
+
+        fake.api_key = None  # the key is not sent on to another origin
+        backend = OpenAICompatible(
+            {
+                "base_url": moved + "/v1",
+                "api_key": "sk-test",
+                "allowed_private_networks": ["127.0.0.0/8"],
+            }
+        )
+        deltas = await collect(backend, chat())
+        await backend.aclose()
+    assert "".join(d.text for d in deltas) == "Hello, world!"
+    assert len(fake.requests) == 1 and fake.requests[0].authorization is None

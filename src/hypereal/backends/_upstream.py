@@ -25,7 +25,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote_to_bytes, urlsplit
 
 import httpx
@@ -339,7 +339,19 @@ async def download_output(
     return fetched.data, fetched.declared_type
 
 
-def upstream_message(response: httpx.Response) -> str:
+class Answer(Protocol):
+    """What :func:`upstream_message` reads of an answer (an ``httpx.Response`` has it)."""
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def reason_phrase(self) -> str: ...
+
+    def json(self) -> Any: ...
+
+
+def upstream_message(response: Answer) -> str:
     """The human-readable error text of a provider's error body: fal's ``detail`` (a string or
     a list of ``{loc, msg}``), RFC 7807 ``detail``/``title`` (Replicate), or the raw text."""
     try:

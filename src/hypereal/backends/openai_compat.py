@@ -45,19 +45,22 @@ Options (``[backends.NAME]`` with ``type = "openai"``):
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import json
 import logging
 import math
+import random
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
+import aiohttp
 import anyio
-import httpx
-from httpx_retries import Retry, RetryTransport
+import orjson
 
 from hypereal.backends._upstream import (
     allowed_networks_option,
@@ -79,6 +82,8 @@ from hypereal.backends.base import (
     MediaBlob,
     ProgressCallback,
 )
+from hypereal.media.fetch import FetchRefused
+from hypereal.media.guarded_session import LazySession, guarded_session, origin_of
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +136,7 @@ class OpenAICompatible:
             base_url=base_url,
             api_key=api_key,
             timeout=option_number(options, "timeout", 600.0, PROVIDER),
+            trusted_urls=[self._tokenize_url] if self._tokenize_url else [],
         )
 
     async def aclose(self) -> None:
@@ -231,7 +237,7 @@ class OpenAICompatible:
                 for i, blob in enumerate(request.images)
             ]
             form = {key: str(value) for key, value in fields.items()}
-            response = await self._http.request("POST", "/images/edits", data=form, files=files)
+            response = await self._http.request("POST", "/images/edits", form=form, files=files)
         else:
             response = await self._http.request("POST", "/images/generations", json=fields)
         items = _json_object(response, PROVIDER).get("data")
@@ -306,12 +312,12 @@ class OpenAICompatible:
 # ------------------------------------------------------------------ stream parsing
 
 
-async def sse_events(response: httpx.Response) -> AsyncGenerator[tuple[str | None, str]]:
+async def sse_events(response: StreamedAnswer) -> AsyncGenerator[tuple[str | None, str]]:
     """``(event, data)`` of each server-sent event, per the WHATWG rules: ``data`` lines of
     one event are joined with newlines, comment lines (``: keep-alive``) are skipped."""
     event: str | None = None
     data: list[str] = []
-    async for line in response.aiter_lines():
+    async for line in response.lines():
         if not line:
             if data:
                 yield event, "\n".join(data)
@@ -327,12 +333,12 @@ async def sse_events(response: httpx.Response) -> AsyncGenerator[tuple[str | Non
         yield event, "\n".join(data)
 
 
-async def chat_deltas(response: httpx.Response, provider: str) -> AsyncGenerator[ChatDelta]:
+async def chat_deltas(response: StreamedAnswer, provider: str) -> AsyncGenerator[ChatDelta]:
     """ChatDeltas from an OpenAI ``chat.completion.chunk`` SSE stream (see module docs); a
     server that ignored ``stream: true`` and answered one JSON completion is accepted too."""
     if response.headers.get("content-type", "").startswith("application/json"):
-        await response.aread()
-        for whole in _completion_deltas(_json_object(response, provider), provider):
+        whole_answer = await response.read()
+        for whole in _completion_deltas(_json_object(whole_answer, provider), provider):
             yield whole
         return
     finish_reason: str | None = None
@@ -359,8 +365,8 @@ async def chat_deltas(response: httpx.Response, provider: str) -> AsyncGenerator
                 if finish_reason == "error":  # OpenRouter's mark of a failed generation
                     raise BackendError(f"The {provider} failed mid-stream: {_error_text(chunk)}")
         if done:
-            # Read the body to its end (the chunked terminator follows [DONE]): a body left
-            # unread makes httpx close the connection instead of keeping it for the next call.
+            # Read the body to its end (the chunked terminator follows [DONE]): a connection
+            # whose body was left unread is closed instead of kept for the next call.
             with anyio.move_on_after(_DRAIN_SECONDS):
                 async for _ in events:
                     pass
@@ -395,7 +401,7 @@ def _final_delta(finish_reason: object, usage: Mapping[str, Any]) -> ChatDelta:
 
 def _chunk(data: str, provider: str) -> dict[str, Any]:
     try:
-        chunk = json.loads(data)
+        chunk = orjson.loads(data)
     except ValueError as exc:
         raise BackendError(f"The {provider} sent a malformed stream chunk") from exc
     if not isinstance(chunk, dict):
@@ -416,7 +422,7 @@ def _count(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _json_object(response: httpx.Response, provider: str) -> dict[str, Any]:
+def _json_object(response: UpstreamAnswer, provider: str) -> dict[str, Any]:
     try:
         body = response.json()
     except ValueError as exc:
@@ -469,21 +475,115 @@ def _suffix(blob: MediaBlob) -> str:
 # limits) are the operator's to fix, so the API reports them as server-side failures.
 _CLIENT_ERROR_CODES = frozenset({400, 409, 413, 415, 422})
 _CREDENTIAL_CODES = frozenset({401, 403})
-_TRANSIENT_CODES = (429, 502, 503, 504)
+# Answers worth another try: an idempotent call retries all of them, a POST (it may start a
+# billed generation) only 429, a refusal before any work was done.
+_TRANSIENT_CODES = frozenset({429, 502, 503, 504})
+_POST_RETRY_CODES = frozenset({429})
 # Exceptions proving a POST never reached the server, so retrying it cannot run it twice.
-_UNSENT_ERRORS: tuple[type[Exception], ...] = (httpx.ConnectError, httpx.ConnectTimeout)
+_UNSENT_ERRORS: tuple[type[Exception], ...] = (
+    aiohttp.ClientConnectorError,
+    aiohttp.ConnectionTimeoutError,
+)
+# Failures of an idempotent call worth another try: timeouts, network and protocol errors.
+_TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    aiohttp.ClientConnectionError,
+    aiohttp.ClientPayloadError,
+)
+# Longest single wait between retries, even when a Retry-After header asks for more.
+_MAX_RETRY_WAIT = 30.0
+
+
+class UpstreamAnswer:
+    """A whole upstream answer: status, headers and body bytes."""
+
+    __slots__ = ("content", "headers", "reason_phrase", "status_code")
+
+    def __init__(
+        self, status_code: int, headers: Mapping[str, str], content: bytes, reason: str
+    ) -> None:
+        self.status_code = status_code
+        self.headers = headers
+        self.content = content
+        self.reason_phrase = reason
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status_code < 300
+
+    def json(self) -> Any:
+        """The body decoded as JSON. Raises ValueError."""
+        return orjson.loads(self.content)
+
+    @property
+    def text(self) -> str:
+        """The body as text (its declared charset, else UTF-8)."""
+        charset = "utf-8"
+        for param in self.headers.get("content-type", "").split(";")[1:]:
+            name, _, value = param.strip().partition("=")
+            if name.lower() == "charset" and value:
+                charset = value.strip('"')
+        try:
+            return self.content.decode(charset, errors="replace")
+        except LookupError:
+            return self.content.decode("utf-8", errors="replace")
+
+
+class StreamedAnswer:
+    """A 2xx upstream answer whose body is read as it arrives."""
+
+    __slots__ = ("_response",)
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._response.headers
+
+    async def read(self) -> UpstreamAnswer:
+        """The rest of the body, whole."""
+        response = self._response
+        content = await response.read()
+        return UpstreamAnswer(response.status, response.headers, content, response.reason or "")
+
+    async def lines(self) -> AsyncGenerator[str]:
+        """The body's lines as they arrive, without their line ends (LF, CRLF or CR), as
+        UTF-8 text; a last line without a line end is yielded too."""
+        pending = b""
+        async for chunk in self._response.content.iter_any():
+            pending += chunk
+            if b"\n" not in chunk and b"\r" not in chunk:
+                continue
+            *complete, pending = pending.split(b"\n")
+            for raw in complete:
+                for line in _split_cr(raw):
+                    yield line
+        if pending:
+            for line in _split_cr(pending):
+                yield line
+
+
+def _split_cr(raw: bytes) -> list[str]:
+    text = raw.decode("utf-8", errors="replace").removesuffix("\r")
+    return text.split("\r") if "\r" in text else [text]
 
 
 class UpstreamHttp:
-    """One upstream's HTTP client: credentials and extra headers go with API calls only (never
-    with output downloads), transient failures are retried by ``httpx-retries``, and every
-    failure surfaces as a :class:`BackendError`. Output files are downloaded through the SSRF
-    guard as in :mod:`hypereal.backends._upstream`: the ``base_url`` origin is trusted, other
-    hosts must be public or in the option ``allowed_private_networks``.
+    """One upstream's HTTP client: one long-lived pooled aiohttp session (made on first use
+    on the running event loop, closed by :meth:`aclose`) for the API calls, credentials and
+    extra headers sent with them only (never with output downloads), transient failures
+    retried with exponential backoff, every failure surfacing as a :class:`BackendError`.
+
+    The SSRF guard (:mod:`hypereal.media.guarded_session`) holds on every connection of the
+    session, redirects included: the ``base_url`` origin (and ``trusted_urls``' origins, URLs
+    the operator named) is trusted, other hosts must be public or in the option
+    ``allowed_private_networks``. Output files are downloaded through the guard of
+    :mod:`hypereal.backends._upstream` with the same rules.
 
     Reads the options ``headers``, ``retries`` (2), ``retry_backoff`` (0.5),
-    ``max_download_bytes`` (64 MiB) and ``allowed_private_networks``; ``timeout`` is the limit
-    of one HTTP call in seconds (and of one whole download).
+    ``max_download_bytes`` (64 MiB), ``max_connections`` (1000) and
+    ``allowed_private_networks``; ``timeout`` is the limit of one HTTP call in seconds (for a
+    streamed answer, of the silence between two reads; and of one whole download).
     """
 
     def __init__(
@@ -494,6 +594,7 @@ class UpstreamHttp:
         base_url: str,
         api_key: str | None,
         timeout: float,
+        trusted_urls: Sequence[str] = (),
     ) -> None:
         self.provider = provider
         self.base_url = base_url.rstrip("/") + "/"
@@ -501,59 +602,61 @@ class UpstreamHttp:
         self._headers = option_headers(options, provider)
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
-        retries = int(option_number(options, "retries", 2, provider, allow_zero=True))
-        backoff = option_number(options, "retry_backoff", 0.5, provider, allow_zero=True)
+        self._json_headers = {**self._headers, "Content-Type": "application/json"}
+        self._retries = int(option_number(options, "retries", 2, provider, allow_zero=True))
+        self._backoff = option_number(options, "retry_backoff", 0.5, provider, allow_zero=True)
         self._max_download = int(option_number(options, "max_download_bytes", 64 << 20, provider))
+        allowed = allowed_networks_option(options, provider)
         self._downloads = output_download_client(
             base_url,
-            allowed_networks_option(options, provider),
-            retries=retries,
-            retry_backoff=backoff,
+            allowed,
+            retries=self._retries,
+            retry_backoff=self._backoff,
             request_timeout=timeout,
         )
-        # POSTs start billed generations: retried only when refused before any work (429) or
-        # when the connection never opened. Idempotent calls (polls, downloads) retry more.
-        self._post_retry = Retry(
-            total=retries,
-            allowed_methods=["POST"],
-            status_forcelist=[429],
-            retry_on_exceptions=_UNSENT_ERRORS,
-            backoff_factor=backoff,
-            max_backoff_wait=30.0,
-        )
-        retry = Retry(
-            total=retries,
-            status_forcelist=_TRANSIENT_CODES,
-            backoff_factor=backoff,
-            max_backoff_wait=30.0,
-        )
-        # A gateway holds one upstream connection per request in flight: keep as many alive as
-        # it opens (httpx keeps 20, so past 20 concurrent requests every call reconnected).
+        # A gateway holds one upstream connection per request in flight: keep as many alive
+        # as it opens.
         connections = int(option_number(options, "max_connections", 1000, provider))
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        self._client = httpx.AsyncClient(
-            transport=RetryTransport(
-                transport=httpx.AsyncHTTPTransport(limits=limits), retry=retry
-            ),
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            follow_redirects=True,
+        trusted = [origin_of(url) for url in (base_url, *trusted_urls)]
+        # ``connect`` covers the wait for a free connection too; ``sock_read`` is the longest
+        # silence while an answer arrives.
+        limits = aiohttp.ClientTimeout(
+            total=None, connect=timeout, sock_connect=min(timeout, 10.0), sock_read=timeout
+        )
+        self._session = LazySession(
+            lambda: guarded_session(allowed, trusted, timeout=limits, limit=connections)
         )
 
     def url(self, path: str) -> str:
         """``path`` under the base URL; an absolute URL is kept as it is."""
         return path if "://" in path else self.base_url + path.lstrip("/")
 
-    async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """Send an API call (``json=``, ``data=``/``files=``, ``params=``) and return the 2xx
-        response, body read. Raises BackendError for any failure."""
-        request = self._build(method, path, **kwargs)
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Mapping[str, Any] | None = None,
+        params: Mapping[str, str] | None = None,
+        form: Mapping[str, str] | None = None,
+        files: Sequence[tuple[str, tuple[str, bytes, str]]] = (),
+    ) -> UpstreamAnswer:
+        """Send an API call (a ``json`` body, or ``form`` fields with ``files`` as multipart
+        ``(field, (filename, bytes, content type))``; query ``params``) and return the 2xx
+        answer, body read. Raises BackendError for any failure."""
+        url = self.url(path)
         try:
-            response = await self._client.send(request)
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc, request.url) from exc
-        if not response.is_success:
-            raise self.error_for(response)
-        return response
+            response = await self._send(
+                method, url, json=json, params=params, form=form, files=files
+            )
+            async with response:
+                content = await response.read()
+        except (aiohttp.ClientError, FetchRefused) as exc:
+            raise self._transport_error(exc, url) from exc
+        answer = UpstreamAnswer(response.status, response.headers, content, response.reason or "")
+        if not answer.is_success:
+            raise self.error_for(answer)
+        return answer
 
     async def post_json(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """POST ``body`` as JSON; the answer's JSON object. Raises BackendError."""
@@ -564,24 +667,75 @@ class UpstreamHttp:
         return _json_object(await self.request("GET", path, params=params), self.provider)
 
     @asynccontextmanager
-    async def stream(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
-        """An API call whose 2xx response body is read as it arrives; leaving the block closes
-        the connection, which tells the server to stop. Raises BackendError for any failure,
-        including one while the body is being read."""
-        request = self._build(method, path, **kwargs)
+    async def stream(
+        self, method: str, path: str, *, json: Mapping[str, Any] | None = None
+    ) -> AsyncIterator[StreamedAnswer]:
+        """An API call whose 2xx answer is read as it arrives; leaving the block closes the
+        connection unless the whole body was read (then it goes back to the pool), which
+        tells the server to stop. Raises BackendError for any failure, including one while
+        the body is being read."""
+        url = self.url(path)
         try:
-            response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc, request.url) from exc
+            response = await self._send(method, url, json=json)
+        except (aiohttp.ClientError, FetchRefused) as exc:
+            raise self._transport_error(exc, url) from exc
         try:
-            if not response.is_success:
-                await response.aread()
-                raise self.error_for(response)
-            yield response
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc, request.url) from exc
+            answer = StreamedAnswer(response)
+            if not 200 <= response.status < 300:
+                raise self.error_for(await answer.read())
+            yield answer
+        except aiohttp.ClientError as exc:
+            raise self._transport_error(exc, url) from exc
         finally:
-            await response.aclose()
+            if response.content.at_eof():
+                response.release()
+            else:
+                response.close()
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        json: Mapping[str, Any] | None = None,
+        params: Mapping[str, str] | None = None,
+        form: Mapping[str, str] | None = None,
+        files: Sequence[tuple[str, tuple[str, bytes, str]]] = (),
+    ) -> aiohttp.ClientResponse:
+        """The first answer not to be retried, its body unread. A POST is retried only on
+        429 or when its connection never opened; other methods on 429/502/503/504, timeouts
+        and network errors; at most ``retries`` times, waiting ``Retry-After`` or an
+        exponential backoff with full jitter (both capped at 30 s)."""
+        post = method.upper() == "POST"
+        statuses = _POST_RETRY_CODES if post else _TRANSIENT_CODES
+        errors = _UNSENT_ERRORS if post else _TRANSIENT_ERRORS
+        headers = self._json_headers if json is not None else self._headers
+        payload = orjson.dumps(json) if json is not None else None
+        session = self._session.get()
+        attempt = 0
+        while True:
+            data: Any = payload
+            if form is not None or files:
+                data = aiohttp.FormData(dict(form or {}))  # a FormData is sent once
+                for field, (filename, content, content_type) in files:
+                    data.add_field(field, content, filename=filename, content_type=content_type)
+            try:
+                response = await session.request(
+                    method, url, headers=headers, data=data, params=params
+                )
+            except errors:
+                if attempt >= self._retries:
+                    raise
+                attempt += 1
+                await asyncio.sleep(_retry_wait(attempt, self._backoff, None))
+                continue
+            if response.status not in statuses or attempt >= self._retries:
+                return response
+            retry_after = response.headers.get("Retry-After")
+            async with response:
+                await response.read()  # read to the end: the connection stays in the pool
+            attempt += 1
+            await asyncio.sleep(_retry_wait(attempt, self._backoff, retry_after))
 
     async def download(self, url: str) -> MediaBlob:
         """An output file (``http(s)`` or ``data:`` URL), fetched without our credentials; its
@@ -601,7 +755,7 @@ class UpstreamHttp:
             self._downloads, self.provider, url, max_bytes=self._max_download, timeout=self.timeout
         )
 
-    def error_for(self, response: httpx.Response) -> BackendError:
+    def error_for(self, response: UpstreamAnswer) -> BackendError:
         """The BackendError for a non-2xx answer, carrying the upstream's own message."""
         status = response.status_code
         message = upstream_message(response)
@@ -627,26 +781,51 @@ class UpstreamHttp:
             return BackendError(f"The {self.provider} failed (HTTP {status}): {message}")
         return BackendError(f"The {self.provider} refused the request (HTTP {status}): {message}")
 
-    def _build(self, method: str, path: str, **kwargs: Any) -> httpx.Request:
-        extensions = {"retry": self._post_retry} if method.upper() == "POST" else None
-        return self._client.build_request(
-            method, self.url(path), headers=self._headers, extensions=extensions, **kwargs
-        )
-
-    def _transport_error(self, exc: httpx.HTTPError, url: httpx.URL) -> BackendError:
+    def _transport_error(self, exc: Exception, url: str) -> BackendError:
         # The URL goes to the log only: error messages may reach API callers.
-        logger.warning("%s: %s %s failed: %r", self.provider, url.host, url.path, exc)
-        if isinstance(exc, httpx.TimeoutException):
+        parts = urlsplit(url)
+        logger.warning("%s: %s %s failed: %r", self.provider, parts.hostname, parts.path, exc)
+        if isinstance(exc, FetchRefused):
+            return BackendError(
+                f"Could not reach the {self.provider}: it sent us to an address that is not "
+                "public (see the backend option `allowed_private_networks`)"
+            )
+        if isinstance(exc, aiohttp.ServerTimeoutError):
             return BackendError(f"The {self.provider} did not answer within {self.timeout:g} s")
         return BackendError(f"Could not reach the {self.provider}: {exc or type(exc).__name__}")
 
     async def aclose(self) -> None:
         """Close the connection pools."""
-        await self._client.aclose()
+        await self._session.aclose()
         await self._downloads.aclose()
 
 
-def _credit_detail(response: httpx.Response) -> str:
+def _retry_wait(attempt: int, backoff: float, retry_after: str | None) -> float:
+    """Seconds before retry ``attempt`` (1, 2, ...): the server's ``Retry-After`` (seconds or
+    an HTTP date) when it names a positive wait, else ``backoff * 2**attempt`` with full
+    jitter; at most 30 s."""
+    if retry_after:
+        wait = _retry_after_seconds(retry_after.strip())
+        if wait is not None and wait > 0:
+            return min(wait, _MAX_RETRY_WAIT)
+    if not backoff:
+        return 0.0
+    return min(backoff * 2.0**attempt * random.uniform(0.0, 1.0), _MAX_RETRY_WAIT)
+
+
+def _retry_after_seconds(value: str) -> float | None:
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return (moment - datetime.now(UTC)).total_seconds()
+
+
+def _credit_detail(response: UpstreamAnswer) -> str:
     try:
         body = response.json()
     except ValueError:
