@@ -3,6 +3,12 @@ receiver (bench/receiver.py, its own process) that answers 500 to 20% of the del
 retry schedule is in milliseconds. Counts: delivered (unique webhook-ids answered 2xx),
 duplicates, invalid signatures; and deliveries/s (first submission to last 2xx).
 
+A second row measures delivery on its own, without the job pipeline: once the server has
+stopped, the same number of delivery rows are inserted into its database (for the jobs of the
+first row, so the same account and secret), then sent by a ``WebhookSender`` in this process
+to a fresh receiver, driven as the engine drives it (each delivery started at once, as a job's
+end starts it; due retries picked up every BENCH_ENGINE_POLL seconds).
+
 Env: BENCH_WEBHOOKS (jobs, 500), BENCH_WEBHOOK_FAIL_RATE (0.2), BENCH_WEBHOOKS_TIMEOUT (300),
 BENCH_WEBHOOK_SCHEDULE (seconds, comma separated), BENCH_ENGINE_POLL (seconds, 0.05).
 """
@@ -12,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy import select
 
 from bench.common import (
     HOST,
@@ -30,6 +38,10 @@ from bench.common import (
     workdir,
 )
 from bench.load import closed_loop, post_json
+from hypereal.settings import Settings
+from hypereal.store.db import Database
+from hypereal.store.models import Job, WebhookDelivery, utcnow
+from hypereal.webhooks.delivery import WebhookSender
 
 SCHEDULE = "0,0.001,0.002,0.005,0.01,0.02,0.05,0.1,0.2,0.5"
 
@@ -44,6 +56,60 @@ async def wait_delivered(stats_url: str, total: int, seconds: float) -> dict[str
                 await asyncio.sleep(1.0)
                 return dict((await http.get(stats_url)).json())
             await asyncio.sleep(0.2)
+
+
+async def send_directly(
+    work: Path, receiver: str, total: int, schedule: str, poll: float, timeout: float
+) -> tuple[float, dict[str, Any]]:
+    """Insert ``total`` deliveries into the stopped server's database and send them from this
+    process; (seconds from the first send to the last 2xx, the receiver's counts)."""
+    settings = Settings(
+        data_dir=work / "data",
+        allowed_private_networks=["127.0.0.1/32"],
+        webhook_retry_schedule=[float(x) for x in schedule.split(",")],
+    )
+    db = Database(settings.resolved_database_url)
+    async with db.session.begin() as session:
+        jobs = (await session.execute(select(Job.id, Job.account_id).limit(total))).all()
+        ids = [f"msg_direct_{i}" for i in range(len(jobs))]
+        for (job_id, account_id), delivery_id in zip(jobs, ids, strict=True):
+            session.add(
+                WebhookDelivery(
+                    id=delivery_id,
+                    job_id=job_id,
+                    account_id=account_id,
+                    url=f"{receiver}/hook",
+                    event="job.completed",
+                    payload={"jobId": job_id, "status": "completed"},
+                    next_attempt_at=utcnow(),
+                )
+            )
+    sender = WebhookSender(settings, db)
+    tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(delivery_id: str) -> None:
+        task = asyncio.create_task(sender.deliver(delivery_id))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    start = time.time()
+    for delivery_id in ids:
+        spawn(delivery_id)
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=10) as http:
+        stats: dict[str, Any] = (await http.get(f"{receiver}/stats")).json()
+        while stats["delivered"] < len(ids) and time.monotonic() < deadline:
+            await asyncio.sleep(poll)
+            for delivery_id in await sender.due():
+                spawn(delivery_id)
+            stats = (await http.get(f"{receiver}/stats")).json()
+        await asyncio.sleep(1.0)  # late duplicates
+        stats = (await http.get(f"{receiver}/stats")).json()
+    for task in tasks:
+        task.cancel()
+    await sender.aclose()
+    await db.dispose()
+    return (stats["last_ok_at"] or start) - start, stats
 
 
 def main() -> None:
@@ -81,7 +147,23 @@ def main() -> None:
                 )
                 accepted = sum(1 for s in submitted.samples if s.status == 202)
                 stats = asyncio.run(wait_delivered(f"{base}/stats", accepted, timeout))
-    result.raw = {"stats": stats, "accepted": accepted, "schedule": schedule}
+        poll = float(os.environ.get("BENCH_ENGINE_POLL", "0.05"))
+        port = free_port()
+        receiver_args = [PY, "-m", "bench.receiver", "--port", str(port), "--secret", secret]
+        receiver_args += ["--fail-rate", str(fail_rate)]
+        log = work / "receiver-direct.log"
+        with process(receiver_args, log=log) as receiver:
+            base = f"http://{HOST}:{port}"
+            wait_http(f"{base}/stats", receiver, log)
+            direct_span, direct = asyncio.run(
+                send_directly(work, base, total, schedule, poll, timeout)
+            )
+    result.raw = {
+        "stats": stats,
+        "accepted": accepted,
+        "schedule": schedule,
+        "delivery_only": {"stats": direct, "seconds": direct_span},
+    }
     span = (stats["last_ok_at"] or start) - start
     delivered = stats["delivered"]
     result.check(accepted == total, f"{accepted} of {total} jobs accepted")
@@ -95,6 +177,21 @@ def main() -> None:
             f"delivered {delivered}/{total}, duplicates {stats['duplicates']}, invalid "
             f"signatures {stats['invalid_signatures']}; {stats['received']} POSTs, "
             f"{stats['injected_500']} injected 500s; {span:.1f} s"
+        ),
+    )
+    result.check(direct["delivered"] == total, f"delivery only: {direct['delivered']} delivered")
+    result.check(direct["duplicates"] == 0, f"delivery only: {direct['duplicates']} duplicates")
+    result.check(
+        direct["invalid_signatures"] == 0,
+        f"delivery only: {direct['invalid_signatures']} invalid signatures",
+    )
+    result.add(
+        f"{total} deliveries inserted, then sent (no jobs), same receiver and schedule",
+        f"{direct['delivered'] / direct_span:.0f} deliveries/s" if direct_span > 0 else "n/a",
+        notes=(
+            f"delivered {direct['delivered']}/{total}, duplicates {direct['duplicates']}, "
+            f"invalid signatures {direct['invalid_signatures']}; {direct['received']} POSTs, "
+            f"{direct['injected_500']} injected 500s; {direct_span:.1f} s"
         ),
     )
     result.write(args.json)

@@ -53,6 +53,8 @@ class Settings(BaseSettings):
         default_factory=lambda: [0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
     )
     webhook_timeout_seconds: float = 15.0
+    # Webhook deliveries one process sends at once (more wait their turn).
+    webhook_max_concurrency: int = Field(default=64, ge=1)
 
     # Bench/test configuration only: adds the `noop` backend and the `noop-*` models.
     enable_test_backends: bool = False

@@ -1,5 +1,7 @@
 """Webhook delivery against a real receiver on 127.0.0.1 that verifies Standard Webhooks
-signatures: retries with the same id, 3xx not followed, 410 stops, restarts resume."""
+signatures: retries with the same id, 3xx not followed, 410 stops, restarts resume; one
+pooled connection across deliveries, a rotated secret signs what follows, and at most
+``webhook_max_concurrency`` deliveries at once."""
 
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from typer.testing import CliRunner
 
 from hypereal.cli import app as cli_app
-from hypereal.store.models import WebhookDelivery, utcnow
+from hypereal.engine.engine import engine_of
+from hypereal.store.models import Account, WebhookDelivery, utcnow
+from hypereal.webhooks.secrets import new_secret
 from tests.fakes_jobs import JobEnv, eventually, job_app
 from tests.support.servers import serve_app
 
@@ -34,6 +38,7 @@ class Receiver:
     secret: str | None = None
     received: list[dict[str, Any]] = field(default_factory=list)
     redirect_target_hits: int = 0
+    peers: list[tuple[str, int]] = field(default_factory=list)  # one per TCP connection
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -42,6 +47,8 @@ class Receiver:
         async def hook(request: Request) -> Response:
             body = await request.body()
             headers = dict(request.headers)
+            if request.client is not None:
+                self.peers.append((request.client.host, request.client.port))
             try:
                 payload = Webhook(self.secret or "").verify(body, headers) if self.secret else None
                 verified = True
@@ -288,3 +295,108 @@ async def test_each_schedule_entry_is_the_wait_after_the_attempt_before_it(
     assert third["status"] == "failed" and third["nextAttemptAt"] is None
     assert [a["statusCode"] for a in third["attemptLog"]] == [500, 500, 500]
     assert len(receiver.received) == 3
+
+
+async def test_deliveries_reuse_the_senders_pooled_connection(tmp_path: Path) -> None:
+    receiver = Receiver()
+    with receiving(receiver) as url:
+        async with job_app(tmp_path, **PRIVATE_OK) as env:
+            _, headers = await env.new_key()
+            for _ in range(3):
+                job_id = await _submit(env, headers, url)
+                assert (await _settled(env, job_id, headers))["status"] == "delivered"
+    # One long-lived client: the later deliveries went over the first one's connection.
+    assert len(receiver.peers) == 3 and len(set(receiver.peers)) == 1
+
+
+async def test_a_rotated_secret_signs_every_delivery_after_the_rotate(tmp_path: Path) -> None:
+    receiver = Receiver()
+    with receiving(receiver) as url:
+        async with job_app(tmp_path, **PRIVATE_OK) as env:
+            account_id, headers = await env.new_key()
+            secrets = [(await env.client.get("/v1/webhooks/secret", headers=headers)).json()]
+            await _settled(env, await _submit(env, headers, url), headers)
+            # Rotated through this process, after a delivery signed with the first secret.
+            rotated = await env.client.post("/v1/webhooks/secret/rotate", headers=headers)
+            secrets.append(rotated.json())
+            await _settled(env, await _submit(env, headers, url), headers)
+            # Rotated by another process: the next claim reads the new secret.
+            other = new_secret()
+            async with env.services.db.session.begin() as session:
+                await session.execute(
+                    update(Account).where(Account.id == account_id).values(webhook_secret=other)
+                )
+            secrets.append({"secret": other})
+            await _settled(env, await _submit(env, headers, url), headers)
+    assert len(receiver.received) == 3
+    for number, delivery in enumerate(receiver.received):
+        body, received_headers = delivery["raw"]
+        for index, secret in enumerate(secrets):
+            if index == number:
+                Webhook(secret["secret"]).verify(body, received_headers)
+            else:
+                with pytest.raises(WebhookVerificationError):
+                    Webhook(secret["secret"]).verify(body, received_headers)
+
+
+@dataclass
+class GatedReceiver:
+    """Holds each POST until ``limit`` are in flight at once (or a second passed), so a
+    sender exceeding the bound would show more than ``limit`` at once."""
+
+    limit: int
+    in_flight: int = 0
+    most: int = 0
+    delivered: set[str] = field(default_factory=set)
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.post("/hook")
+        async def hook(request: Request) -> Response:
+            await request.body()
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+            try:
+                for _ in range(100):
+                    if self.in_flight >= self.limit:
+                        break
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.05)  # room for any POST beyond the bound to arrive
+            finally:
+                self.in_flight -= 1
+            self.delivered.add(request.headers["webhook-id"])
+            return Response(status_code=204)
+
+        return app
+
+
+async def test_concurrent_deliveries_per_process_are_bounded(tmp_path: Path) -> None:
+    receiver = GatedReceiver(limit=3)
+    with serve_app(receiver.app()) as base:
+        settings = {**PRIVATE_OK, "webhook_max_concurrency": 3, "engine_poll_seconds": 3600}
+        async with job_app(tmp_path, **settings) as env:
+            account_id, headers = await env.new_key()
+            response = await env.client.post(
+                "/v1/videos/generate", json={"model": "test-video"}, headers=headers
+            )
+            job_id = response.json()["jobId"]
+            await env.wait_for(job_id, headers)
+            ids = [f"msg_bound_{i}" for i in range(9)]
+            async with env.services.db.session.begin() as session:
+                for delivery_id in ids:
+                    session.add(
+                        WebhookDelivery(
+                            id=delivery_id,
+                            job_id=job_id,
+                            account_id=account_id,
+                            url=f"{base}/hook",
+                            event="job.completed",
+                            payload={"jobId": job_id},
+                            next_attempt_at=utcnow(),
+                        )
+                    )
+            sender = engine_of(env.services).webhooks
+            await asyncio.gather(*(sender.deliver(delivery_id) for delivery_id in ids))
+    assert receiver.delivered == set(ids)
+    assert receiver.most == 3
