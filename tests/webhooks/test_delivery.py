@@ -25,6 +25,7 @@ from hypereal.engine.engine import engine_of
 from hypereal.store.models import Account, WebhookDelivery, utcnow
 from hypereal.webhooks.secrets import new_secret
 from tests.fakes_jobs import JobEnv, eventually, job_app
+from tests.support.infra import ensure_postgres, temporary_postgres_database
 from tests.support.servers import serve_app
 
 PRIVATE_OK = {"allowed_private_networks": ["127.0.0.1/32"]}
@@ -400,3 +401,29 @@ async def test_concurrent_deliveries_per_process_are_bounded(tmp_path: Path) -> 
             await asyncio.gather(*(sender.deliver(delivery_id) for delivery_id in ids))
     assert receiver.delivered == set(ids)
     assert receiver.most == 3
+
+
+async def test_retries_and_rotation_on_postgresql(tmp_path: Path) -> None:
+    """The claim, record and secret statements on PostgreSQL: a retried delivery keeps its
+    id and counts its attempts; after a rotate the next delivery is signed with the new
+    secret."""
+    if not ensure_postgres():
+        pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432 and could not be started")
+    receiver = Receiver(statuses=[500, 503])
+    with temporary_postgres_database() as database_url, receiving(receiver) as url:
+        async with job_app(tmp_path, **PRIVATE_OK, database_url=database_url) as env:
+            _, headers = await env.new_key()
+            old = (await env.client.get("/v1/webhooks/secret", headers=headers)).json()["secret"]
+            first = await _settled(env, await _submit(env, headers, url), headers)
+            new = (await env.client.post("/v1/webhooks/secret/rotate", headers=headers)).json()
+            second = await _settled(env, await _submit(env, headers, url), headers)
+    assert first["status"] == "delivered" and first["attempts"] == 3
+    assert [a["statusCode"] for a in first["attemptLog"]] == [500, 503, 200]
+    assert first["deliveredAt"] is not None and first["nextAttemptAt"] is None
+    assert second["status"] == "delivered" and second["attempts"] == 1
+    assert [r["id"] for r in receiver.received] == [first["id"]] * 3 + [second["id"]]
+    for delivery in receiver.received[:3]:
+        Webhook(old).verify(*delivery["raw"])
+    Webhook(new["secret"]).verify(*receiver.received[3]["raw"])
+    with pytest.raises(WebhookVerificationError):
+        Webhook(old).verify(*receiver.received[3]["raw"])
