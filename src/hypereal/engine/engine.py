@@ -109,6 +109,7 @@ class Engine:
             await asyncio.wait(pending, timeout=5)
         if self.broker is not None:
             await self.broker.shutdown()
+        await self.webhooks.aclose()
 
     async def kick(self, job_id: str, model: str) -> None:
         """Put a job on the queue (its row is already committed)."""

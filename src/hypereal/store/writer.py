@@ -177,6 +177,9 @@ def connect_sqlite(path: str, *, busy_timeout_ms: int = 60000) -> sqlite3.Connec
     conn.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
+    # Pages read through a shared mapping: a reader whose cache another connection's commit
+    # invalidated re-reads without a system call per page.
+    conn.execute("PRAGMA mmap_size=268435456")
     return conn
 
 
