@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from hypereal.backends.registry import BackendRegistry
 from hypereal.domain import keys, ledger
 from hypereal.domain.catalogue import Catalogue, load_catalogue
+from hypereal.domain.generation import Pipeline
 from hypereal.domain.ratelimit import RateLimiter
 from hypereal.media.store import LocalMediaStore, MediaStore, S3MediaStore
 from hypereal.settings import Settings
@@ -28,6 +30,13 @@ class Services:
     limiter: RateLimiter
     # The job engine (hypereal.engine.engine.Engine) while the app or a worker runs.
     engine: Any = None
+
+    @cached_property
+    def pipeline(self) -> Pipeline:
+        """The generation pipeline's view of these services (``domain/generation.py``)."""
+        return Pipeline(
+            db=self.db, media=self.media, backends=self.backends, settings=self.settings
+        )
 
     async def migrate(self) -> None:
         await upgrade_to_head(self.db.engine)

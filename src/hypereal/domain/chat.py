@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
+import anyio
+
 from hypereal.backends.base import BackendError, ChatBackend, ChatDelta, ChatMessage, ChatRequest
-from hypereal.domain import ledger
 from hypereal.domain.catalogue import ModelSpec
 from hypereal.domain.errors import BadRequest, GenerationFailed, UpstreamError
+from hypereal.domain.generation import Charge, client_error
 from hypereal.domain.ids import new_id
 from hypereal.domain.pricing import chat_price
 from hypereal.store.db import Database
@@ -62,19 +64,15 @@ def context_limit(spec: ModelSpec, backend: ChatBackend) -> int:
 class ChatTurn:
     """A metered chat turn. Use :meth:`open`, iterate :meth:`deltas`, then :meth:`settle`."""
 
-    db: Database
-    account_id: str
     spec: ModelSpec
     backend: ChatBackend
     request: ChatRequest
     prompt_tokens: int
-    reserved: int
-    debit_entry_id: int
+    charge: Charge
     id: str
     text: list[str] = field(default_factory=list)
     completion_tokens: int = 0
     finish_reason: str | None = None
-    credits_used: int | None = None
 
     @classmethod
     async def open(
@@ -116,18 +114,15 @@ class ChatTurn:
             request = ChatRequest(request.messages, temperature, room, upstream_model)
         turn_id = "chatcmpl-" + new_id("c")[2:]
         reserved = chat_price(spec, len(request.messages), prompt_tokens, room)
-        entry = await ledger.debit(
-            db, account_id, reserved, reference=turn_id, description=f"chat {spec.slug}"
+        charge = await Charge.reserve(
+            db, account_id, reserved, reference=turn_id, label=f"chat {spec.slug}"
         )
         return cls(
-            db=db,
-            account_id=account_id,
             spec=spec,
             backend=backend,
             request=request,
             prompt_tokens=prompt_tokens,
-            reserved=reserved,
-            debit_entry_id=entry.id,
+            charge=charge,
             id=turn_id,
         )
 
@@ -148,9 +143,7 @@ class ChatTurn:
                     self.finish_reason = delta.finish_reason
                 yield delta
         except BackendError as exc:
-            if exc.client_error:
-                raise BadRequest(exc.message) from exc
-            raise UpstreamError(f"Generation failed: {exc.message}") from exc
+            raise client_error(exc, failure=UpstreamError) from exc
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
 
@@ -163,25 +156,27 @@ class ChatTurn:
 
         ``delivered=False`` means the client received none of it (a failed non-streaming
         request, or a failure before a stream began): everything is refunded.
-        Idempotent: the first call decides. Returns the credits used.
+        Idempotent: the first call decides. Returns the credits used. Shielded: it completes
+        even when the caller is being cancelled (a client gone, a stream torn down).
         """
-        if self.credits_used is not None:
-            return self.credits_used
         if not delivered or (self.completion_tokens == 0 and self.finish_reason is None):
             actual = 0  # nothing was generated or nothing reached the client: nothing is owed
         else:
-            cost = chat_price(
+            actual = chat_price(
                 self.spec, len(self.request.messages), self.prompt_tokens, self.completion_tokens
             )
-            actual = min(self.reserved, cost)
-        self.credits_used = actual
-        await ledger.refund(
-            self.db,
-            self.debit_entry_id,
-            amount=self.reserved - actual,
-            description=f"chat {self.spec.slug}: settled at {actual} of {self.reserved} reserved",
-        )
-        return actual
+        reserved = self.charge.reserved
+        with anyio.CancelScope(shield=True):
+            used = await self.charge.settle(
+                actual,
+                note=f"chat {self.spec.slug}: settled at {min(actual, reserved)} of {reserved} "
+                "reserved",
+            )
+        return used
+
+    @property
+    def credits_used(self) -> int | None:
+        return self.charge.used
 
     def usage(self) -> dict[str, int]:
         return {

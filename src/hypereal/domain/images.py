@@ -1,5 +1,6 @@
-"""Synchronous image generation and editing: validate, resolve the backend, fetch inputs,
-debit, generate, store, record; refund when generation, storing or recording fails.
+"""Synchronous image generation and editing on the generation pipeline
+(``domain/generation.py``): validate, resolve the backend, fetch inputs, reserve, generate,
+store, record; refund when generation, storing or recording fails.
 
 Everything that can be refused (bad field, unknown model, no backend, unreachable input
 image) is refused before any credit is taken.
@@ -11,24 +12,20 @@ import asyncio
 import io
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PIL import Image
 
 from hypereal.backends.base import BackendError, ImageRequest, MediaBlob
-from hypereal.domain import jobs, ledger
+from hypereal.domain import jobs
 from hypereal.domain.catalogue import ModelSpec, validate_params
-from hypereal.domain.errors import BadRequest, GenerationFailed
+from hypereal.domain.errors import BadRequest
+from hypereal.domain.generation import Pipeline, client_error
 from hypereal.domain.ids import new_id
 from hypereal.domain.pricing import price
-from hypereal.media.fetch import fetch_media
 from hypereal.media.sniff import sniff_content_type
-from hypereal.media.store import new_media_key
-
-if TYPE_CHECKING:
-    from hypereal.services import Services
 
 MIN_SIDE, MAX_SIDE = 64, 4096
 FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg", "webp": "image/webp"}
@@ -98,17 +95,6 @@ def in_format(blob: MediaBlob, wanted: str | None) -> MediaBlob:
     return MediaBlob(out.getvalue(), wanted)
 
 
-async def _fetch_sources(services: Services, urls: Sequence[str]) -> list[MediaBlob]:
-    return list(
-        await asyncio.gather(
-            *(
-                fetch_media(url, services.settings, field=f"images[{i}]", expect="image")
-                for i, url in enumerate(urls)
-            )
-        )
-    )
-
-
 def request_size(params: Mapping[str, Any], values: Mapping[str, Any]) -> tuple[int, int] | None:
     """Width and height to ask the backend for: the ``size`` the client sent, else a
     catalogue default for ``size`` unless the client sent ``aspect_ratio`` (then the
@@ -119,42 +105,16 @@ def request_size(params: Mapping[str, Any], values: Mapping[str, Any]) -> tuple[
     return parse_size(params.get("size"))
 
 
-async def _record(
-    services: Services,
-    account_id: str,
-    spec: ModelSpec,
-    result_id: str,
-    params: Mapping[str, Any],
-    credits: int,
-    debit_entry_id: int,
-    stored: Sequence[tuple[str, str]],
-) -> None:
-    """The result as a completed ``image`` job, so ``GET /v1/jobs/{resultId}`` finds it."""
-    await jobs.record_completed(
-        services.db,
-        job_id=result_id,
-        account_id=account_id,
-        type="image",
-        model=spec.slug,
-        input={k: v for k, v in params.items() if k != "images"},
-        credits=credits,
-        debit_entry_id=debit_entry_id,
-        output_url=stored[0][1],
-        output_key=stored[0][0],
-        result={"urls": [url for _, url in stored]},
-    )
-
-
 async def generate(
-    services: Services, account_id: str, spec: ModelSpec, values: Mapping[str, Any]
+    pipeline: Pipeline, account_id: str, spec: ModelSpec, values: Mapping[str, Any]
 ) -> ImageResult:
     """Run one image request. Raises BadRequest/UnsupportedModel (400), ModelUnavailable
     (503), InsufficientCredits (402) before charging; GenerationFailed (500, refunded) or
     BadRequest (400, refunded) when the backend fails."""
     params = validate_params(spec, values)
     size = request_size(params, values)
-    resolved = services.backends.resolve(spec)
-    sources = await _fetch_sources(services, params.get("images") or [])
+    resolved = pipeline.resolve(spec)
+    sources = await pipeline.fetch_inputs(spec, params)
     # Only an output_format the request (or the model's catalogue default) names is forced.
     named_format = params.get("output_format")
     wanted = FORMATS[str(named_format)] if named_format else None
@@ -164,14 +124,14 @@ async def generate(
         height=size[1] if size else None,
         aspect_ratio=params.get("aspect_ratio"),
         output_format=(wanted or "image/png").split("/")[1],
-        images=tuple(sources),
+        images=tuple(sources.values()),
         upstream_model=resolved.upstream_model,
         params={k: v for k, v in params.items() if k not in ("prompt", "images", "size")},
     )
     credits = price(spec, params)
     result_id = new_id("res")
-    debit = await ledger.debit(
-        services.db, account_id, credits, reference=result_id, description=f"image {spec.slug}"
+    charge = await pipeline.reserve(
+        account_id, credits, reference=result_id, label=f"image {spec.slug}"
     )
     try:
         blobs = await asyncio.wait_for(
@@ -179,29 +139,32 @@ async def generate(
         )
         if not blobs:
             raise BackendError("the backend returned no images")
-        stored = []
-        for blob in blobs:
-            converted = in_format(blob, wanted)
-            key = new_media_key("image", converted.content_type)
-            url = await services.media.put(key, converted.data, converted.content_type)
-            stored.append((key, url))
+        stored = [await pipeline.store(in_format(blob, wanted), "image") for blob in blobs]
         # Inside the refunded section: a result that cannot be recorded is not charged.
-        await _record(services, account_id, spec, result_id, params, credits, debit.id, stored)
+        await jobs.record_completed(
+            pipeline.db,
+            job_id=result_id,
+            account_id=account_id,
+            type="image",
+            model=spec.slug,
+            input={k: v for k, v in params.items() if k != "images"},
+            credits=credits,
+            debit_entry_id=charge.entry_id,
+            output_url=stored[0].url,
+            output_key=stored[0].key,
+            result={"urls": [media.url for media in stored]},
+        )
     except BaseException as exc:
-        await ledger.refund(services.db, debit.id, description=f"image {spec.slug} failed")
-        if isinstance(exc, BackendError):
-            if exc.client_error:
-                raise BadRequest(exc.message) from exc
-            raise GenerationFailed(f"Image generation failed: {exc.message}") from exc
-        if isinstance(exc, TimeoutError):
-            raise GenerationFailed(
-                f"Image generation timed out after {spec.timeout_seconds} s"
+        await charge.refund()
+        if isinstance(exc, Exception):
+            raise client_error(
+                exc, what="Image generation", timeout_seconds=spec.timeout_seconds
             ) from exc
         raise
     return ImageResult(
         result_id=result_id,
         created=int(time.time()),
-        urls=[url for _, url in stored],
+        urls=[media.url for media in stored],
         credits=credits,
         model=spec.slug,
     )

@@ -17,13 +17,11 @@ from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
 
-from hypereal.backends.base import BackendError, JobRequest, JobResult, MediaBlob
+from hypereal.backends.base import JobRequest, JobResult, MediaBlob
 from hypereal.domain import jobs
 from hypereal.domain.catalogue import ModelSpec
-from hypereal.domain.errors import HyperealError
+from hypereal.domain.generation import client_error
 from hypereal.domain.ids import new_id
-from hypereal.media.sniff import sniff_content_type
-from hypereal.media.store import new_media_key
 from hypereal.services import Services
 
 log = logging.getLogger("hypereal.engine")
@@ -52,6 +50,7 @@ class JobRunner:
     def __init__(self, services: Services, on_end: JobEnded, worker_id: str | None = None) -> None:
         self.services = services
         self.settings = services.settings
+        self.pipeline = services.pipeline
         self.on_end = on_end
         self.worker_id = worker_id or new_worker_id()
         self.lease = self.settings.job_lease_seconds
@@ -132,7 +131,7 @@ class JobRunner:
             self.work.pop(job.id, None)
             self.progress.pop(job.id, None)
         if outcome == "timeout":
-            error = f"Generation timed out after {spec.timeout_seconds} seconds"
+            error = client_error(TimeoutError(), timeout_seconds=spec.timeout_seconds).message
             await self._end(await jobs.fail_job(db, job.id, error, worker_id=self.worker_id))
         elif outcome == "lost":
             log.info("job %s is no longer ours (canceled or re-queued); stopped", job.id)
@@ -191,7 +190,7 @@ class JobRunner:
                 return "lost"
 
     async def _generate(self, job: jobs.JobView, spec: ModelSpec) -> _Output:
-        resolved = self.services.backends.resolve(spec)
+        resolved = self.pipeline.resolve(spec)
         method = getattr(resolved.backend, MODALITY_METHODS[job.type])
         media_fields = {field.split("[")[0] for field in job.media}
         request = JobRequest(
@@ -201,21 +200,11 @@ class JobRunner:
             upstream_model=resolved.upstream_model,
         )
         result: JobResult = await method(request, self._progress_callback(job))
-        data = result.output.data
-        content_type = sniff_content_type(data) or result.output.content_type
-        key = new_media_key(MEDIA_KINDS.get(job.type, job.type), content_type)
-        url = await self.services.media.put(key, data, content_type)
-        return _Output(url, key, result)
+        stored = await self.pipeline.store(result.output, MEDIA_KINDS.get(job.type, job.type))
+        return _Output(stored.url, stored.key, result)
 
     async def _inputs(self, job: jobs.JobView) -> dict[str, MediaBlob]:
-        blobs: dict[str, MediaBlob] = {}
-        for field, key in job.media.items():
-            data = await self.services.media.get(key)
-            if data is None:
-                raise BackendError(f"The input '{field}' is no longer stored")
-            content_type = sniff_content_type(data) or "application/octet-stream"
-            blobs[field] = MediaBlob(data=data, content_type=content_type)
-        return blobs
+        return {field: await self.pipeline.load(key, field) for field, key in job.media.items()}
 
     def _progress_callback(self, job: jobs.JobView) -> Callable[[float, str], Awaitable[None]]:
         async def progress(fraction: float, message: str) -> None:
@@ -231,9 +220,4 @@ class JobRunner:
 
 def failure_message(exc: BaseException) -> str:
     """The ``error`` a client sees for a failed generation."""
-    if isinstance(exc, BackendError):
-        return f"Generation failed: {exc.message}"
-    if isinstance(exc, HyperealError):
-        return exc.message
-    log.error("generation crashed", exc_info=exc)
-    return f"Generation failed: internal error ({exc.__class__.__name__})"
+    return client_error(exc).message

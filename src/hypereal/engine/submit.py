@@ -1,5 +1,6 @@
-"""Submitting an async generation: validate, price, fetch and store the input media, debit,
-create the job and put it on the queue.
+"""Submitting an async generation, on the generation pipeline (``domain/generation.py``):
+validate, price, fetch and store the input media, then reserve the credits and create the
+job in one transaction and put it on the queue.
 
 Input media (``input.image``, ``input.audio`` ...) are fetched here, through the SSRF guard,
 so a bad or refused URL is a 400 before anything is charged; the bytes go to the media
@@ -17,8 +18,7 @@ from urllib.parse import urlsplit
 from hypereal.domain import jobs, ledger, pricing
 from hypereal.domain.catalogue import ModelSpec, validate_params
 from hypereal.domain.errors import BadRequest, HyperealError, InsufficientCredits
-from hypereal.media.fetch import FetchRefused, fetch_media, parse_networks, vetted_addresses
-from hypereal.media.store import new_media_key
+from hypereal.media.fetch import FetchRefused, parse_networks, vetted_addresses
 from hypereal.services import Services
 
 log = logging.getLogger("hypereal.engine")
@@ -106,10 +106,6 @@ async def checked_webhook_url(services: Services, url: object) -> str | None:
     return url
 
 
-def _expected_kind(field: str) -> str | None:
-    return next((kind for kind in ("image", "audio", "video") if kind in field), None)
-
-
 def _recorded(url: str, size: int) -> str:
     """What the job row keeps of a media reference: the URL, or a stub for a data: URI."""
     if url.startswith("data:"):
@@ -122,24 +118,20 @@ async def _store_inputs(
 ) -> dict[str, str]:
     """Fetch every media parameter into the media store; returns field -> store key and
     replaces data: URIs in ``params`` with a short stub."""
+    pipeline = services.pipeline
+    blobs = await pipeline.fetch_inputs(spec, params, prefix="input.")
     stored: dict[str, str] = {}
+    recorded: dict[str, str] = {}
+    for field, blob in blobs.items():
+        stored[field] = (await pipeline.store(blob, "inputs")).key
+        name, _, index = field.partition("[")
+        source = params[name] if not index else params[name][int(index.rstrip("]"))]
+        recorded[field] = _recorded(source, len(blob.data))
     for param in spec.params:
-        value = params.get(param.name)
-        if value is None or param.type not in ("media", "media-list"):
-            continue
-        urls = [value] if param.type == "media" else list(value)
-        recorded: list[str] = []
-        for index, url in enumerate(urls):
-            field = param.name if param.type == "media" else f"{param.name}[{index}]"
-            blob = await fetch_media(
-                url,
-                services.settings,
-                field=f"input.{field}",
-                expect=_expected_kind(param.name),
-            )
-            key = new_media_key("inputs", blob.content_type)
-            await services.media.put(key, blob.data, blob.content_type)
-            stored[field] = key
-            recorded.append(_recorded(url, len(blob.data)))
-        params[param.name] = recorded[0] if param.type == "media" else recorded
+        if param.name in params and param.type == "media":
+            params[param.name] = recorded.get(param.name, params[param.name])
+        elif param.name in params and param.type == "media-list":
+            params[param.name] = [
+                recorded.get(f"{param.name}[{i}]", url) for i, url in enumerate(params[param.name])
+            ]
     return stored

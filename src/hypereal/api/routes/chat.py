@@ -54,14 +54,6 @@ def _chunk(turn: ChatTurn, created: int, choice: dict[str, Any], **extra: Any) -
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
 
-async def _settle(turn: ChatTurn, *, delivered: bool = True) -> int:
-    # Runs even when the client went away and the stream task is being cancelled.
-    credits = 0
-    with anyio.CancelScope(shield=True):
-        credits = await turn.settle(delivered=delivered)
-    return credits
-
-
 async def _next(deltas: AsyncGenerator[ChatDelta]) -> ChatDelta:
     return await deltas.__anext__()
 
@@ -124,7 +116,7 @@ class _ChatStream(StreamingResponse):
                 with contextlib.suppress(RuntimeError):  # still running: it closes itself
                     await self._events.aclose()
                 await self._release()
-                await _settle(self._turn)
+                await self._turn.settle()
 
     async def _release(self) -> None:
         pending, self._pending = self._pending, None
@@ -155,7 +147,7 @@ class _ChatStream(StreamingResponse):
                         )
                         first = False
                         yield _chunk(turn, created, {"delta": content, "finish_reason": None})
-                credits = await _settle(turn)
+                credits = await turn.settle()
                 yield _chunk(
                     turn,
                     created,
@@ -165,14 +157,14 @@ class _ChatStream(StreamingResponse):
                 )
                 yield b"data: [DONE]\n\n"
             except HyperealError as exc:
-                yield _error_event(exc.message, exc.status, await _settle(turn))
+                yield _error_event(exc.message, exc.status, await turn.settle())
             except Exception:
                 logger.exception("Chat stream %s failed", turn.id)
-                yield _error_event("Internal server error", 500, await _settle(turn))
+                yield _error_event("Internal server error", 500, await turn.settle())
             finally:
                 # Before aclosing closes the deltas: a pending __anext__ must end first.
                 await self._release()
-                await _settle(turn)
+                await turn.settle()
 
 
 def _error_event(message: str, status: int, credits: int) -> bytes:
@@ -191,13 +183,13 @@ async def _stream(turn: ChatTurn, keepalive: float) -> Response:
         await asyncio.wait({first}, timeout=keepalive)
     except BaseException:
         await _stop(first, deltas)
-        await _settle(turn)
+        await turn.settle()
         raise
     if first.done() and not first.cancelled():
         exc = first.exception()
         if exc is not None and not isinstance(exc, StopAsyncIteration):
             await _stop(None, deltas)
-            await _settle(turn, delivered=False)
+            await turn.settle(delivered=False)
             raise exc
     return _ChatStream(turn, deltas, first, keepalive)
 
@@ -218,7 +210,7 @@ async def _complete(turn: ChatTurn, request: Request) -> Response:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
         await _stop(work, None)  # cancelled (server shutdown): stop, bill the part
-        await _settle(turn)
+        await turn.settle()
         raise
     finally:
         gone.cancel()
@@ -229,16 +221,16 @@ async def _complete(turn: ChatTurn, request: Request) -> Response:
             work.cancel()
             with contextlib.suppress(BaseException):
                 await work
-        credits = await _settle(turn)
+        credits = await turn.settle()
         return JSONResponse(
             {"error": "Client closed the request", "creditsUsed": credits},
             status_code=CLIENT_CLOSED_REQUEST,
         )
     exc = work.exception()
     if exc is not None:
-        await _settle(turn, delivered=False)
+        await turn.settle(delivered=False)
         raise exc
-    credits = await _settle(turn)
+    credits = await turn.settle()
     return JSONResponse(
         {
             "id": turn.id,

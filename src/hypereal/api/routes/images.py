@@ -48,7 +48,7 @@ async def _run(
     }
 
     async def produce() -> Response:
-        result = await images.generate(services, principal.account_id, spec, values)
+        result = await images.generate(services.pipeline, principal.account_id, spec, values)
         return JSONResponse(
             {
                 "created": result.created,

@@ -1,0 +1,186 @@
+"""The one generation pipeline that chat, images and jobs share.
+
+Every generation goes the same way: resolve the model's backend, fetch the media inputs
+(through the SSRF guard, before anything is charged), price, reserve the credits, call the
+backend, sniff and store what it made, and settle the reservation: charge what was used,
+refund the rest, exactly once. The pieces live here, once:
+
+- :class:`Pipeline` holds what a generation needs from the process (database, media store,
+  backends, settings), so the domain modules take it instead of the whole ``Services``;
+- :class:`Charge` is a reservation that is settled exactly once, whoever settles first;
+- :func:`client_error` is the one mapping from a backend's failure to the client's answer
+  (an HTTP error for chat and images, a job's ``error`` for jobs).
+
+A job reserves in the same transaction that creates it and is refunded in the one that ends
+it (``domain/jobs.py``): its :class:`Charge` is the job row itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from hypereal.backends.base import BackendError, MediaBlob
+from hypereal.domain import ledger
+from hypereal.domain.catalogue import ModelSpec
+from hypereal.domain.errors import BadRequest, GenerationFailed, HyperealError
+from hypereal.media.fetch import fetch_media
+from hypereal.media.sniff import sniff_content_type
+from hypereal.media.store import MediaStore, new_media_key
+from hypereal.settings import Settings
+from hypereal.store.db import Database
+
+if TYPE_CHECKING:
+    from hypereal.backends.registry import BackendRegistry, Resolved
+
+log = logging.getLogger("hypereal.generation")
+
+MEDIA_TYPES = ("media", "media-list")
+
+
+def client_error(
+    exc: BaseException,
+    *,
+    what: str = "Generation",
+    timeout_seconds: float | None = None,
+    failure: type[HyperealError] = GenerationFailed,
+) -> HyperealError:
+    """What the client is told when a generation fails with ``exc``.
+
+    A backend's ``client_error`` (the request itself was bad: an unreadable image, text too
+    long) is a 400 with the backend's message; any other backend failure is ``failure``
+    (500, or 502 for an upstream-only path) saying ``"{what} failed: ..."``; a timeout says
+    how long it waited; a :class:`HyperealError` is passed on as it is. Anything else is a
+    bug: logged with its traceback, shown as an internal error by class name only.
+    """
+    if isinstance(exc, HyperealError):
+        return exc
+    if isinstance(exc, BackendError):
+        if exc.client_error:
+            return BadRequest(exc.message)
+        return failure(f"{what} failed: {exc.message}")
+    if isinstance(exc, TimeoutError) and timeout_seconds is not None:
+        return failure(f"{what} timed out after {timeout_seconds:g} seconds")
+    log.error("%s crashed", what.lower(), exc_info=exc)
+    return failure(f"{what} failed: internal error ({exc.__class__.__name__})")
+
+
+class Charge:
+    """Credits reserved for one generation, settled exactly once.
+
+    :meth:`settle` charges what was used (at most the reservation) and refunds the rest;
+    :meth:`refund` is ``settle(0)``. The first call decides and later calls return its
+    answer, so every exit path of a request may settle without double-refunding; the
+    ledger's one-refund-per-debit rule holds the same across processes.
+    """
+
+    def __init__(self, db: Database, entry_id: int, reserved: int, label: str) -> None:
+        self.db = db
+        self.entry_id = entry_id
+        self.reserved = reserved
+        self.label = label
+        self.used: int | None = None
+        self._settling: asyncio.Future[int] | None = None
+
+    @classmethod
+    async def reserve(
+        cls, db: Database, account_id: str, amount: int, *, reference: str, label: str
+    ) -> Charge:
+        """Debit ``amount`` (InsufficientCredits, 402, when the balance is short)."""
+        entry = await ledger.debit(db, account_id, amount, reference=reference, description=label)
+        return cls(db, entry.id, amount, label)
+
+    @property
+    def settled(self) -> bool:
+        return self.used is not None
+
+    async def settle(self, used: int | None = None, *, note: str | None = None) -> int:
+        """Charge ``used`` credits (all of the reservation when None), refund the rest;
+        returns the credits charged. Safe to call again and concurrently."""
+        if self._settling is None:
+            self._settling = asyncio.ensure_future(self._settle(used, note))
+        return await asyncio.shield(self._settling)
+
+    async def refund(self, *, note: str | None = None) -> int:
+        """Refund the whole reservation (nothing was delivered)."""
+        return await self.settle(0, note=note or f"{self.label} failed")
+
+    async def _settle(self, used: int | None, note: str | None) -> int:
+        actual = self.reserved if used is None else max(0, min(self.reserved, used))
+        if actual < self.reserved:
+            await ledger.refund(
+                self.db,
+                self.entry_id,
+                amount=self.reserved - actual,
+                description=note or f"{self.label}: settled at {actual} of {self.reserved}",
+            )
+        self.used = actual
+        return actual
+
+
+@dataclass(frozen=True)
+class StoredMedia:
+    key: str
+    url: str
+    content_type: str
+
+
+def _expected_kind(field: str) -> str | None:
+    return next((kind for kind in ("image", "audio", "video") if kind in field), None)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """What a generation needs from the process (see the module doc)."""
+
+    db: Database
+    media: MediaStore
+    backends: BackendRegistry
+    settings: Settings
+
+    def resolve(self, spec: ModelSpec) -> Resolved:
+        """The backend serving ``spec`` (ModelUnavailable, 503, when none can)."""
+        return self.backends.resolve(spec)
+
+    async def fetch_inputs(
+        self, spec: ModelSpec, params: Mapping[str, Any], *, prefix: str = ""
+    ) -> dict[str, MediaBlob]:
+        """Every media parameter of ``params``, fetched concurrently through the SSRF guard:
+        field (``image``, ``images[1]``) -> bytes. Raises BadRequest naming the field."""
+        fields: list[tuple[str, str]] = []
+        for param in spec.params:
+            value = params.get(param.name)
+            if value is None or param.type not in MEDIA_TYPES:
+                continue
+            if param.type == "media":
+                fields.append((param.name, value))
+            else:
+                fields.extend((f"{param.name}[{i}]", url) for i, url in enumerate(value))
+        blobs = await asyncio.gather(
+            *(
+                fetch_media(url, self.settings, field=prefix + field, expect=_expected_kind(field))
+                for field, url in fields
+            )
+        )
+        return {field: blob for (field, _), blob in zip(fields, blobs, strict=True)}
+
+    async def store(self, blob: MediaBlob, kind: str) -> StoredMedia:
+        """Put ``blob`` in the media store under a new ``kind`` key; its type is sniffed
+        from the bytes (the backend's claim only when the bytes say nothing)."""
+        content_type = sniff_content_type(blob.data) or blob.content_type
+        key = new_media_key(kind, content_type)
+        url = await self.media.put(key, blob.data, content_type)
+        return StoredMedia(key, url, content_type)
+
+    async def load(self, key: str, field: str) -> MediaBlob:
+        """A stored input back as bytes (BackendError when it is gone)."""
+        data = await self.media.get(key)
+        if data is None:
+            raise BackendError(f"The input '{field}' is no longer stored")
+        return MediaBlob(data, sniff_content_type(data) or "application/octet-stream")
+
+    async def reserve(self, account_id: str, amount: int, *, reference: str, label: str) -> Charge:
+        return await Charge.reserve(self.db, account_id, amount, reference=reference, label=label)
