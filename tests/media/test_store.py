@@ -43,6 +43,13 @@ async def test_local_store_refuses_paths_outside_its_root(
         await services.media.put("../../escape.png", b"x", "image/png")
     assert (await client.get("/files/../hypereal.db")).status_code == 404
     assert (await client.get("/files/image/none.png")).json() == {"error": "File not found"}
+    for key in ["/etc/passwd", "a/../../x", "a//b", "./a", "a\\b", "a\x00b", ""]:
+        assert services.media.path_for(key) is None, key
+    assert (await client.get("/files/a%00b")).status_code == 404
+    assert (await client.get("/files/image%2F..%2F..%2Fhypereal.db")).status_code == 404
+    assert services.media.path_for("image/2026/12/x.png") == (
+        services.media.root.resolve() / "image/2026/12/x.png"
+    )
 
 
 async def test_s3_store_round_trips_through_an_s3_protocol_server() -> None:

@@ -37,14 +37,20 @@ class LocalMediaStore:
 
     def __init__(self, root: Path, base_url: str) -> None:
         self.root = root
+        self._resolved_root = root.resolve()
         self.base_url = base_url.rstrip("/")
 
     def path_for(self, key: str) -> Path | None:
-        """The file for ``key``, or None if the key escapes the root."""
-        path = (self.root / key).resolve()
-        if not path.is_relative_to(self.root.resolve()):
+        """The file for ``key``, or None when the key is not a plain relative path under the
+        root (empty, absolute, ``..``/``.``/empty segments, backslashes, NUL bytes).
+
+        Checked on the text, with no file system call: resolving the path cost two
+        ``realpath`` walks (a dozen ``lstat``) per stored image, a fifth of an image request."""
+        if not key or "\x00" in key or "\\" in key or key.startswith("/"):
             return None
-        return path
+        if any(part in ("", ".", "..") for part in key.split("/")):
+            return None
+        return self._resolved_root / key
 
     async def put(self, key: str, data: bytes, content_type: str) -> str:
         path = self.path_for(key)
