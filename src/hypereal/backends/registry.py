@@ -99,6 +99,7 @@ class BackendRegistry:
         self.types = {**BACKEND_TYPES, **(extra_types or {})}
         self._instances: dict[str, Any] = {}
         self._failures: dict[str, str] = {}
+        self._protocol_checks: dict[tuple[str, type], bool] = {}
         self._lock = asyncio.Lock()
 
     def _create(self, name: str) -> Any:
@@ -153,13 +154,22 @@ class BackendRegistry:
             except BackendUnavailable as exc:
                 reasons.append(str(exc))
                 continue
-            if not isinstance(backend, protocol):
+            if not self._serves(binding.backend, backend, protocol):
                 reasons.append(f"backend '{binding.backend}' does not serve {spec.modality}")
                 continue
             return Resolved(backend, binding.backend, binding.upstream_model)
         names = ", ".join(b.backend for b in spec.bindings) or "none listed"
         detail = "; ".join(reasons) if reasons else CONFIGURE_HINT.format(names=names)
         raise ModelUnavailable(f"Model {spec.slug} is not available on this server: {detail}")
+
+    def _serves(self, name: str, backend: object, protocol: type) -> bool:
+        """``isinstance(backend, protocol)``, remembered per instance: a runtime protocol
+        check walks the protocol's members (tens of microseconds, on every request)."""
+        key = (name, protocol)
+        serves = self._protocol_checks.get(key)
+        if serves is None:
+            serves = self._protocol_checks[key] = isinstance(backend, protocol)
+        return serves
 
     def concurrency(self, spec: ModelSpec) -> int:
         """How many jobs of ``spec`` may run at once, all workers together: the catalogue's
@@ -192,6 +202,7 @@ class BackendRegistry:
             if close is not None:
                 await close()
         self._instances.clear()
+        self._protocol_checks.clear()
 
 
 def check_bindings(catalogue: Catalogue, registry: BackendRegistry) -> list[str]:

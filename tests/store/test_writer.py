@@ -1,0 +1,85 @@
+"""The SQLite writer: a turn's writes commit together on the loop's thread; when another
+connection holds the lock they wait for it on the writer thread instead of failing; one
+failing operation fails only its own caller."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from hypereal.domain import keys, ledger
+from hypereal.domain.errors import InsufficientCredits
+from hypereal.store.db import Database
+from hypereal.store.migrate import upgrade_to_head
+from hypereal.store.writer import connect_sqlite
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> Database:
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'w.db'}")
+    await upgrade_to_head(database.engine)
+    yield database  # type: ignore[misc]
+    await database.dispose()
+
+
+async def test_writes_wait_for_a_lock_held_by_another_connection(
+    db: Database, tmp_path: Path
+) -> None:
+    account = await keys.create_account(db, "locked")
+    await ledger.grant(db, account, 100)
+    other = connect_sqlite(str(tmp_path / "w.db"))
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    debits = [
+        asyncio.ensure_future(ledger.debit(db, account, 10, reference=f"r{i}", description="d"))
+        for i in range(5)
+    ]
+    await asyncio.sleep(0.3)
+    assert not any(d.done() for d in debits)  # waiting, not failed
+    other.execute("COMMIT")
+    other.close()
+    entries = await asyncio.wait_for(asyncio.gather(*debits), timeout=30)
+    assert [e.amount for e in entries] == [-10] * 5
+    assert await ledger.balance(db, account) == 50
+    assert await ledger.ledger_sum(db, account) == 50
+
+
+async def test_one_turn_commits_together_and_a_refused_debit_fails_alone(db: Database) -> None:
+    account = await keys.create_account(db, "turn")
+    await ledger.grant(db, account, 25)
+    results = await asyncio.gather(
+        *(ledger.debit(db, account, 10, reference=f"t{i}", description="d") for i in range(3)),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, InsufficientCredits)]
+    assert len(refused) == 1 and (refused[0].required, refused[0].available) == (10, 5)
+    assert await ledger.balance(db, account) == 5
+    assert await ledger.ledger_sum(db, account) == 5
+
+
+async def test_the_wal_is_checkpointed_after_loop_thread_commits(
+    db: Database, tmp_path: Path
+) -> None:
+    account = await keys.create_account(db, "wal")
+    await ledger.grant(db, account, 10_000)
+    for i in range(200):
+        await ledger.debit(db, account, 1, reference=f"w{i}", description="d")
+    # Only the main file, without its WAL: it holds the writes once they are checkpointed.
+    main_file, copy = tmp_path / "w.db", tmp_path / "main-only.db"
+    balance = None
+    for _ in range(60):  # the writer thread checkpoints a second after the writes
+        await asyncio.sleep(0.1)
+        copy.write_bytes(main_file.read_bytes())
+        probe = sqlite3.connect(str(copy))
+        try:
+            row = probe.execute("SELECT balance FROM accounts WHERE id = ?", (account,)).fetchone()
+        except sqlite3.OperationalError:  # not even the tables are in the main file yet
+            row = None
+        finally:
+            probe.close()
+        balance = row[0] if row else None
+        if balance == 10_000 - 200:
+            break
+    assert balance == 10_000 - 200
