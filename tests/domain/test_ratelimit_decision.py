@@ -38,3 +38,25 @@ async def test_a_full_window_gives_a_retry_after_of_at_most_an_hour() -> None:
     assert [r.allowed for r in results] == [True, True, False]
     assert 3590 <= results[-1].retry_after <= 3600
     assert results[-1].headers()["X-RateLimit-Remaining"] == "0"
+
+
+async def test_memory_limiter_expires_old_hits_inline_without_thread_hops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    from hypereal.domain.ratelimit import RateLimiter
+
+    hops: list[object] = []
+
+    async def no_threads(*args: object, **kwargs: object) -> None:
+        hops.append(args)
+
+    monkeypatch.setattr(asyncio, "to_thread", no_threads)
+    limiter = RateLimiter("async+memory://", 3)
+    assert [(await limiter.hit("k")).allowed for _ in range(5)] == [True] * 3 + [False] * 2
+    assert hops == []
+    storage = limiter.storage
+    assert [len(hits) for hits in storage.events.values()] == [3]  # type: ignore[attr-defined]
+    storage._expire(time.time() + 3601)  # type: ignore[attr-defined]
+    assert storage.events == {}  # type: ignore[attr-defined]
