@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 # nginx's status for "the client closed the connection before the answer was ready".
 CLIENT_CLOSED_REQUEST = 499
+# A non-streamed answer still running after this many seconds starts watching for the
+# client's disconnect (see _complete).
+DISCONNECT_WATCH_AFTER = 0.25
 
 
 class ChatBody(BaseModel):
@@ -197,39 +200,53 @@ async def _stream(turn: ChatTurn, keepalive: float) -> Response:
 async def _complete(turn: ChatTurn, request: Request) -> Response:
     """Generate the whole answer unless the client leaves first: then generation stops and
     the turn is billed for what was generated. A failure refunds everything (the client
-    got nothing)."""
+    got nothing).
 
-    async def consume() -> None:
+    The generation runs in the request's own task. Only an answer still running after
+    DISCONNECT_WATCH_AFTER gets a watcher task, which cancels the request's task when the
+    client disconnects: most answers end sooner and cost no extra task."""
+    task = asyncio.current_task()
+    assert task is not None
+    watcher: asyncio.Task[None] | None = None
+    client_left = finished = False
+
+    async def watch() -> None:
+        nonlocal client_left
+        await _client_gone(request)
+        if not finished:  # else the answer is complete: nothing to stop
+            client_left = True
+            task.cancel()
+
+    def start_watching() -> None:
+        nonlocal watcher
+        watcher = asyncio.ensure_future(watch())
+
+    timer = asyncio.get_running_loop().call_later(DISCONNECT_WATCH_AFTER, start_watching)
+    try:
         async with contextlib.aclosing(turn.deltas()) as deltas:
             async for _ in deltas:
                 pass
-
-    work = asyncio.ensure_future(consume())
-    gone = asyncio.ensure_future(_client_gone(request))
-    try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        await _stop(work, None)  # cancelled (server shutdown): stop, bill the part
-        await turn.settle()
-        raise
-    finally:
-        gone.cancel()
-    if not work.done():
-        # The client disconnected: stop the backend, bill what it generated. Nobody reads
-        # this answer; a non-2xx status keeps it out of the idempotency store.
-        with anyio.CancelScope(shield=True):
-            work.cancel()
-            with contextlib.suppress(BaseException):
-                await work
+        finished = True  # no await since the generation ended: the watcher cannot cancel now
+    except asyncio.CancelledError:
+        if not client_left:
+            await turn.settle()  # cancelled (server shutdown): stopped, bill the part
+            raise
+        # The client disconnected: the backend is stopped (the deltas are closed); bill what
+        # it generated. Nobody reads this answer; a non-2xx status keeps it out of the
+        # idempotency store.
+        task.uncancel()
         credits = await turn.settle()
         return JSONResponse(
             {"error": "Client closed the request", "creditsUsed": credits},
             status_code=CLIENT_CLOSED_REQUEST,
         )
-    exc = work.exception()
-    if exc is not None:
+    except BaseException:
         await turn.settle(delivered=False)
-        raise exc
+        raise
+    finally:
+        timer.cancel()
+        if watcher is not None and not watcher.done():
+            watcher.cancel()
     credits = await turn.settle()
     return JSONResponse(
         {
