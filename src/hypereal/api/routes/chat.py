@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 # nginx's status for "the client closed the connection before the answer was ready".
 CLIENT_CLOSED_REQUEST = 499
+# Deltas read ahead of a slow SSE client before the backend is held back.
+FEED_AHEAD = 64
 # A non-streamed answer still running after this many seconds starts watching for the
 # client's disconnect (see _complete).
 DISCONNECT_WATCH_AFTER = 0.25
@@ -57,23 +59,52 @@ def _chunk(turn: ChatTurn, created: int, choice: dict[str, Any], **extra: Any) -
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
 
-async def _next(deltas: AsyncGenerator[ChatDelta]) -> ChatDelta:
-    return await deltas.__anext__()
+class _Feed:
+    """The backend's deltas read ahead by one task into a small queue, so the SSE writer can
+    wait for the next one with a keep-alive timeout without cancelling the backend's stream
+    (and without a task per delta). The queue is bounded: a client that reads slowly holds
+    the backend back. :meth:`stop` closes the deltas, which stops the backend."""
 
+    END: Any = object()
 
-async def _stop(
-    pending: asyncio.Future[Any] | None, deltas: AsyncGenerator[ChatDelta] | None
-) -> None:
-    """Cancel a pending ``__anext__`` and close the deltas (which stops the backend), shielded
-    from the cancellation that usually brings us here; waits until the backend let go."""
-    with anyio.CancelScope(shield=True):
-        if pending is not None:
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
-        if deltas is not None:
+    def __init__(self, deltas: AsyncGenerator[ChatDelta]) -> None:
+        self._deltas = deltas
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=FEED_AHEAD)
+        self._task = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        async with contextlib.aclosing(self._deltas) as deltas:
             try:
-                await deltas.aclose()
+                async for delta in deltas:
+                    await self._queue.put(delta)
+            except Exception as exc:  # handed to the writer, which reports it
+                await self._queue.put(exc)
+                return
+        await self._queue.put(self.END)
+
+    async def next(self, timeout: float) -> Any:
+        """The next delta, an exception the backend raised, :attr:`END`, or None when
+        ``timeout`` seconds passed without any."""
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            pass
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._queue.get()
+        except TimeoutError:
+            return None
+
+    async def stop(self) -> None:
+        """Stop reading and close the deltas, shielded from the cancellation that usually
+        brings us here; waits until the backend let go."""
+        with anyio.CancelScope(shield=True):
+            if not self._task.done():
+                self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
             except Exception:
                 logger.exception("Closing a chat stream failed")
 
@@ -86,23 +117,18 @@ async def _client_gone(request: Request) -> None:
 
 
 class _ChatStream(StreamingResponse):
-    """The SSE answer of a turn whose first delta was awaited for a while (``pending``).
+    """The SSE answer of a turn whose first delta (``first``, or None when it has not come
+    yet) was awaited for a while.
 
     Chunks as the backend yields them, keep-alive comments while it is silent, the final
     chunk with finish_reason/usage/creditsUsed, then ``[DONE]``. An error after the stream
     began arrives as a ``data:`` event with ``error``. However the response ends (finished,
     client gone, never started), the backend is stopped and the turn settled."""
 
-    def __init__(
-        self,
-        turn: ChatTurn,
-        deltas: AsyncGenerator[ChatDelta],
-        pending: asyncio.Future[ChatDelta],
-        keepalive: float,
-    ) -> None:
+    def __init__(self, turn: ChatTurn, feed: _Feed, first: Any, keepalive: float) -> None:
         self._turn = turn
-        self._deltas = deltas
-        self._pending: asyncio.Future[ChatDelta] | None = pending
+        self._feed = feed
+        self._first = first
         self._keepalive = keepalive
         self._events = self._sse()
         super().__init__(
@@ -118,56 +144,49 @@ class _ChatStream(StreamingResponse):
             with anyio.CancelScope(shield=True):
                 with contextlib.suppress(RuntimeError):  # still running: it closes itself
                     await self._events.aclose()
-                await self._release()
+                await self._feed.stop()
                 await self._turn.settle()
 
-    async def _release(self) -> None:
-        pending, self._pending = self._pending, None
-        await _stop(pending, self._deltas)
-
     async def _sse(self) -> AsyncGenerator[bytes]:
-        turn = self._turn
+        turn, feed = self._turn, self._feed
         created = int(time.time())
         first = True
-        async with contextlib.aclosing(self._deltas) as deltas:
-            try:
-                while True:
-                    pending = self._pending
-                    if pending is None:
-                        pending = self._pending = asyncio.ensure_future(_next(deltas))
-                    while not (await asyncio.wait({pending}, timeout=self._keepalive))[0]:
-                        yield b": keep-alive\n\n"
-                    self._pending = None
-                    try:
-                        delta = pending.result()
-                    except StopAsyncIteration:
-                        break
-                    if delta.text:
-                        content = (
-                            {"role": "assistant", "content": delta.text}
-                            if first
-                            else {"content": delta.text}
-                        )
-                        first = False
-                        yield _chunk(turn, created, {"delta": content, "finish_reason": None})
-                credits = await turn.settle()
-                yield _chunk(
-                    turn,
-                    created,
-                    {"delta": {}, "finish_reason": turn.finish_reason or "stop"},
-                    usage=turn.usage(),
-                    creditsUsed=credits,
-                )
-                yield b"data: [DONE]\n\n"
-            except HyperealError as exc:
-                yield _error_event(exc.message, exc.status, await turn.settle())
-            except Exception:
-                logger.exception("Chat stream %s failed", turn.id)
-                yield _error_event("Internal server error", 500, await turn.settle())
-            finally:
-                # Before aclosing closes the deltas: a pending __anext__ must end first.
-                await self._release()
-                await turn.settle()
+        item, self._first = self._first, None
+        try:
+            while True:
+                while item is None:
+                    yield b": keep-alive\n\n"
+                    item = await feed.next(self._keepalive)
+                if item is _Feed.END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if item.text:
+                    content = (
+                        {"role": "assistant", "content": item.text}
+                        if first
+                        else {"content": item.text}
+                    )
+                    first = False
+                    yield _chunk(turn, created, {"delta": content, "finish_reason": None})
+                item = await feed.next(self._keepalive)
+            credits = await turn.settle()
+            yield _chunk(
+                turn,
+                created,
+                {"delta": {}, "finish_reason": turn.finish_reason or "stop"},
+                usage=turn.usage(),
+                creditsUsed=credits,
+            )
+            yield b"data: [DONE]\n\n"
+        except HyperealError as exc:
+            yield _error_event(exc.message, exc.status, await turn.settle())
+        except Exception:
+            logger.exception("Chat stream %s failed", turn.id)
+            yield _error_event("Internal server error", 500, await turn.settle())
+        finally:
+            await feed.stop()
+            await turn.settle()
 
 
 def _error_event(message: str, status: int, credits: int) -> bytes:
@@ -180,21 +199,18 @@ async def _stream(turn: ChatTurn, keepalive: float) -> Response:
     before its first token (upstream 4xx/5xx, context errors) is a JSON error with its own
     status, fully refunded, not a 200 stream carrying an error event. A first token slower
     than that starts the stream, whose keep-alives then cover the wait."""
-    deltas = turn.deltas()
-    first: asyncio.Future[ChatDelta] = asyncio.ensure_future(_next(deltas))
+    feed = _Feed(turn.deltas())
     try:
-        await asyncio.wait({first}, timeout=keepalive)
+        first = await feed.next(keepalive)
     except BaseException:
-        await _stop(first, deltas)
+        await feed.stop()
         await turn.settle()
         raise
-    if first.done() and not first.cancelled():
-        exc = first.exception()
-        if exc is not None and not isinstance(exc, StopAsyncIteration):
-            await _stop(None, deltas)
-            await turn.settle(delivered=False)
-            raise exc
-    return _ChatStream(turn, deltas, first, keepalive)
+    if isinstance(first, BaseException):
+        await feed.stop()
+        await turn.settle(delivered=False)
+        raise first
+    return _ChatStream(turn, feed, first, keepalive)
 
 
 async def _complete(turn: ChatTurn, request: Request) -> Response:
