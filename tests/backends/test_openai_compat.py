@@ -619,3 +619,29 @@ async def test_redirect_to_a_private_address_is_refused_unless_allowed(
         await backend.aclose()
     assert "".join(d.text for d in deltas) == "Hello, world!"
     assert len(fake.requests) == 1 and fake.requests[0].authorization is None
+
+
+class _Chunks:
+    def __init__(self, parts: list[bytes]) -> None:
+        self.parts = parts
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for part in self.parts:
+            yield part
+
+
+@pytest.mark.parametrize("end", [b"\n", b"\r\n", b"\r"])
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 1000])
+async def test_sse_events_parse_any_line_end_split_anywhere(end: bytes, size: int) -> None:
+    from hypereal.backends.openai_compat import sse_events
+
+    text = (
+        b": keep-alive" + end + end
+        + b"data: one" + end + end
+        + b"event: error" + end + b"data: two" + end + b"data:three" + end + end
+        + b"data: caf\xc3\xa9" + end + end
+        + b"data: last"  # no line end at all
+    )  # fmt: skip
+    parts = [text[i : i + size] for i in range(0, len(text), size)]
+    events = [event async for event in sse_events(_Chunks(parts))]  # type: ignore[arg-type]
+    assert events == [(None, "one"), ("error", "two\nthree"), (None, "café"), (None, "last")]

@@ -313,24 +313,40 @@ class OpenAICompatible:
 
 
 async def sse_events(response: StreamedAnswer) -> AsyncGenerator[tuple[str | None, str]]:
-    """``(event, data)`` of each server-sent event, per the WHATWG rules: ``data`` lines of
-    one event are joined with newlines, comment lines (``: keep-alive``) are skipped."""
+    """``(event, data)`` of each server-sent event, per the WHATWG rules: lines end with LF,
+    CRLF or CR; ``data`` lines of one event are joined with newlines; comment lines
+    (``: keep-alive``) are skipped. Parsed a whole event block at a time as chunks arrive."""
+    pending = b""
+    async for chunk in response.chunks():
+        pending += chunk
+        if b"\r" in pending:
+            # A CR at the very end may be the first half of a CRLF: keep it for the next chunk.
+            held = pending.endswith(b"\r")
+            body = pending[:-1] if held else pending
+            pending = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + (b"\r" if held else b"")
+        if b"\n\n" not in pending:
+            continue
+        *blocks, pending = pending.split(b"\n\n")
+        for block in blocks:
+            event = _sse_event(block)
+            if event is not None:
+                yield event
+    if pending.strip(b"\r\n"):
+        event = _sse_event(pending.replace(b"\r\n", b"\n").replace(b"\r", b"\n"))
+        if event is not None:
+            yield event
+
+
+def _sse_event(block: bytes) -> tuple[str | None, str] | None:
     event: str | None = None
     data: list[str] = []
-    async for line in response.lines():
-        if not line:
-            if data:
-                yield event, "\n".join(data)
-            event, data = None, []
-            continue
+    for line in block.decode("utf-8", errors="replace").split("\n"):
         name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
         if name == "data":
-            data.append(value)
+            data.append(value.removeprefix(" "))
         elif name == "event":
-            event = value
-    if data:
-        yield event, "\n".join(data)
+            event = value.removeprefix(" ")
+    return (event, "\n".join(data)) if data else None
 
 
 async def chat_deltas(response: StreamedAnswer, provider: str) -> AsyncGenerator[ChatDelta]:
@@ -546,26 +562,10 @@ class StreamedAnswer:
         content = await response.read()
         return UpstreamAnswer(response.status, response.headers, content, response.reason or "")
 
-    async def lines(self) -> AsyncGenerator[str]:
-        """The body's lines as they arrive, without their line ends (LF, CRLF or CR), as
-        UTF-8 text; a last line without a line end is yielded too."""
-        pending = b""
+    async def chunks(self) -> AsyncGenerator[bytes]:
+        """The body's bytes as they arrive."""
         async for chunk in self._response.content.iter_any():
-            pending += chunk
-            if b"\n" not in chunk and b"\r" not in chunk:
-                continue
-            *complete, pending = pending.split(b"\n")
-            for raw in complete:
-                for line in _split_cr(raw):
-                    yield line
-        if pending:
-            for line in _split_cr(pending):
-                yield line
-
-
-def _split_cr(raw: bytes) -> list[str]:
-    text = raw.decode("utf-8", errors="replace").removesuffix("\r")
-    return text.split("\r") if "\r" in text else [text]
+            yield chunk
 
 
 class UpstreamHttp:
