@@ -32,6 +32,7 @@ class Target:
     url: str  # the chat completions endpoint
     model: str
     headers: dict[str, str]
+    pid: int | None = None  # the process serving it (its RSS is sampled), when the bench knows it
 
     def body(self, *, stream: bool, max_tokens: int) -> dict[str, object]:
         body: dict[str, object] = {
@@ -72,9 +73,9 @@ def litellm_binary() -> Path | None:
 
 
 @contextlib.contextmanager
-def litellm_proxy(work: Path, api_base: str) -> Iterator[str | None]:
-    """The LiteLLM proxy (one uvicorn worker) in front of ``api_base``; yields its base URL,
-    or None when bench/setup.sh has not installed it or BENCH_LITELLM=0."""
+def litellm_proxy(work: Path, api_base: str) -> Iterator[tuple[str, int] | None]:
+    """The LiteLLM proxy (one uvicorn worker) in front of ``api_base``; yields its base URL and
+    process id, or None when bench/setup.sh has not installed it or BENCH_LITELLM=0."""
     binary = litellm_binary()
     if binary is None or os.environ.get("BENCH_LITELLM") == "0":
         yield None
@@ -95,7 +96,7 @@ def litellm_proxy(work: Path, api_base: str) -> Iterator[str | None]:
     args += ["--num_workers", "1"]
     with process(args, env=env, log=log) as proc:
         wait_http(f"http://{HOST}:{port}/health/liveliness", proc, log, seconds=180)
-        yield f"http://{HOST}:{port}"
+        yield f"http://{HOST}:{port}", proc.pid
 
 
 @contextlib.contextmanager
@@ -111,13 +112,16 @@ def chat_targets(work: Path, tokens: int) -> Iterator[dict[str, Target]]:
                     f"{server.url}/v1/chat/completions",
                     "bench-chat",
                     {"authorization": f"Bearer {key}"},
+                    server.proc.pid,
                 ),
             }
             if litellm is not None:
+                litellm_url, litellm_pid = litellm
                 targets["litellm"] = Target(
                     "litellm",
-                    f"{litellm}/v1/chat/completions",
+                    f"{litellm_url}/v1/chat/completions",
                     "mock-model",
                     {"authorization": f"Bearer {LITELLM_MASTER_KEY}"},
+                    litellm_pid,
                 )
             yield targets

@@ -7,6 +7,7 @@ Every process listens on 127.0.0.1 only. Every wait is bounded in time.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -67,7 +68,9 @@ bindings = [{ backend = "noop" }]
 
 @dataclass
 class Row:
-    """One line of the results table. ``hypereal``/``direct``/``litellm`` are display strings."""
+    """One line of the results table. ``hypereal``/``direct``/``litellm`` are display strings;
+    ``goal`` is the issue's target for the row (empty when it has none) and ``met`` the verdict
+    on this run's figures ("✔ met", "✘ missed (...)", "n/a (...)")."""
 
     scenario: str
     metric: str
@@ -75,6 +78,81 @@ class Row:
     direct: str = ""
     litellm: str = ""
     notes: str = ""
+    goal: str = ""
+    met: str = ""
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One part of a row's target: its text and whether this run's figures meet it (None: it
+    could not be judged in this run, ``why`` says why, e.g. LiteLLM not installed)."""
+
+    text: str
+    met: bool | None
+    why: str = ""
+
+
+MET, MISSED = "✔ met", "✘ missed"
+
+
+def number(value: float) -> str:
+    """1500 -> "1,500", 0.5 -> "0.5"."""
+    return f"{value:,.0f}" if value == int(value) else f"{value:,g}"
+
+
+def at_least(value: float | None, goal: float, unit: str) -> Goal:
+    """``value`` >= ``goal`` (None or NaN: not measured)."""
+    text = f"≥ {number(goal)} {unit}"
+    if value is None or value != value:
+        return Goal(text, None, "not measured")
+    return Goal(text, value >= goal)
+
+
+def at_most(value: float | None, goal: float, unit: str) -> Goal:
+    text = f"≤ {number(goal)} {unit}"
+    if value is None or value != value:
+        return Goal(text, None, "not measured")
+    return Goal(text, value <= goal)
+
+
+def times_at_least(value: float, base: float | None, factor: float, who: str = "LiteLLM") -> Goal:
+    """``value`` >= ``factor`` x ``base``, the same figure of ``who`` in this run (None: ``who``
+    was not run, so the goal cannot be judged)."""
+    text = f"≥ {number(factor)}\N{MULTIPLICATION SIGN} {who}"
+    if base is None or base != base:
+        return Goal(text, None, f"{who} not run")
+    if base <= 0:
+        return Goal(text, None, f"{who} measured 0")
+    return Goal(text, value >= factor * base)
+
+
+def holds(ok: bool, text: str) -> Goal:
+    """A condition of the target that is a count, not a figure (0 duplicates, ledger sums)."""
+    return Goal(text, ok)
+
+
+def unmeasured(goals: Sequence[Goal], why: str) -> list[Goal]:
+    """The same goals, not judged (a skipped row keeps its target visible)."""
+    return [Goal(g.text, None, why) for g in goals]
+
+
+def judge(goals: Sequence[Goal]) -> tuple[str, str]:
+    """(the goal text, the verdict) for a row."""
+    if not goals:
+        return "", ""
+    texts = [g.text for g in goals]
+    text = ", ".join(texts[:-1]) + " and " + texts[-1] if len(texts) > 1 else texts[0]
+    missed = [g.text for g in goals if g.met is False]
+    unknown = sorted({g.why or "not measured" for g in goals if g.met is None})
+    if missed:
+        mark = MISSED + (f" ({', '.join(missed)})" if len(goals) > 1 else "")
+        return text, mark + (f"; n/a ({', '.join(unknown)})" if unknown else "")
+    if unknown:
+        judged = [g.text for g in goals if g.met]
+        return text, f"n/a ({', '.join(unknown)})" + (
+            f"; {', '.join(judged)}: met" if judged else ""
+        )
+    return text, MET
 
 
 @dataclass
@@ -85,9 +163,18 @@ class Result:
     problems: list[str] = field(default_factory=list)
 
     def add(
-        self, metric: str, hypereal: str, direct: str = "", litellm: str = "", notes: str = ""
+        self,
+        metric: str,
+        hypereal: str,
+        direct: str = "",
+        litellm: str = "",
+        notes: str = "",
+        goal: Sequence[Goal] = (),
     ) -> None:
-        self.rows.append(Row(self.scenario, metric, hypereal, direct, litellm, notes))
+        goal_text, met = judge(goal)
+        self.rows.append(
+            Row(self.scenario, metric, hypereal, direct, litellm, notes, goal_text, met)
+        )
 
     def check(self, ok: bool, what: str) -> None:
         """Record a failed expectation (the bench reports it; it does not stop)."""
@@ -115,7 +202,11 @@ def print_rows(rows: Sequence[Row]) -> None:
         extra = "".join(
             f"  {k}={v}" for k, v in (("direct", r.direct), ("litellm", r.litellm)) if v
         )
-        print(f"  {r.scenario:<22} {r.metric:<44} {r.hypereal:>14}{extra}  {r.notes}", flush=True)
+        goal = f"  [goal {r.goal}: {r.met}]" if r.goal else ""
+        print(
+            f"  {r.scenario:<22} {r.metric:<44} {r.hypereal:>14}{goal}{extra}  {r.notes}",
+            flush=True,
+        )
 
 
 def scenario_args(description: str) -> argparse.Namespace:
@@ -304,8 +395,6 @@ def create_key(env: dict[str, str], credits: int, rate_limit: int | None) -> str
 @contextlib.contextmanager
 def temporary_pg_database() -> Iterator[str]:
     """A fresh PostgreSQL database (dropped afterwards); yields its SQLAlchemy URL."""
-    import asyncio
-
     import asyncpg
 
     name = f"hypereal_bench_{uuid.uuid4().hex[:10]}"
@@ -340,6 +429,83 @@ def postgres_available() -> bool:
             return True
     except OSError:
         return False
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (from /proc/*/stat), e.g. a server and any workers it
+    forked; ``hypereal serve`` is a console script, so the Popen pid is the server itself."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += children.get(current, [])
+    return tree
+
+
+def memory_kib(pids: Sequence[int]) -> tuple[int, int]:
+    """(VmRSS, VmHWM) in KiB summed over ``pids`` (processes gone count 0). VmHWM is each
+    process's peak resident set since it started."""
+    rss = hwm = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("VmHWM:"):
+                    hwm += int(line.split()[1])
+    return rss, hwm
+
+
+def mb(kib: float) -> str:
+    """KiB as MB (10^6 bytes)."""
+    return f"{kib * 1024 / 1e6:.0f} MB"
+
+
+class RssSampler:
+    """Samples the resident set of a process tree every ``interval`` seconds from an asyncio
+    task while the load runs (``async with RssSampler(pid) as rss: ...``): ``first``, ``peak``
+    and ``last`` VmRSS and the VmHWM at the end, all KiB."""
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        self.pids = process_tree(pid)
+        self.interval = interval
+        self.first = self.peak = self.last = self.hwm = 0
+        self.samples = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def sample(self) -> None:
+        rss, hwm = memory_kib(self.pids)
+        if not self.samples:
+            self.first = rss
+        self.samples += 1
+        self.last = rss
+        self.peak = max(self.peak, rss)
+        self.hwm = max(self.hwm, hwm)
+
+    async def _run(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(self.interval)
+
+    async def __aenter__(self) -> RssSampler:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self.sample()
 
 
 # ------------------------------------------------------------------------ machine info

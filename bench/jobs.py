@@ -2,11 +2,13 @@
 configurations enable) submitted over HTTP at concurrency 32; submit->completed jobs/s
 (first submission to last completion, from the database's timestamps) and submit latency
 p50/p99, with the in-process broker (SQLite, the embedded default) and in Redis mode
-(PostgreSQL, `hypereal serve` enqueue-only plus 1 or 2 `hypereal worker` processes).
+(PostgreSQL, `hypereal serve` enqueue-only plus 1, 2 or 4 `hypereal worker` processes).
+Goals: >= 1,000 jobs/s embedded; >= 300 jobs/s with 2 workers, and more with 4 than with 2.
 
 Env: BENCH_JOBS (1000 by default to keep the whole run near 15 min on 2 cores; the issue's
 figure is BENCH_JOBS=5000), BENCH_JOBS_CONCURRENCY (32), BENCH_JOBS_MODES
-("inprocess,redis-1,redis-2"), BENCH_JOBS_TIMEOUT (seconds to wait for completion, 300).
+("inprocess,redis-1,redis-2,redis-4"), BENCH_JOBS_TIMEOUT (seconds to wait for completion,
+300).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from bench.common import (
     HYPEREAL,
     REDIS_URL,
+    Goal,
     Result,
+    at_least,
     env_int,
     hypereal_server,
     ms,
@@ -38,9 +42,14 @@ from bench.common import (
     scenario_args,
     server_env,
     temporary_pg_database,
+    unmeasured,
     workdir,
 )
 from bench.load import closed_loop, post_json
+
+# The issue's targets (bench/README.md), jobs/s submit->completed.
+GOAL_EMBEDDED = 1000.0
+GOAL_REDIS_2 = 300.0
 
 COUNTS = text("SELECT state, count(*), min(created_at), max(completed_at) FROM jobs GROUP BY state")
 
@@ -85,7 +94,29 @@ def as_datetime(value: object) -> dt.datetime:
     return dt.datetime.fromisoformat(str(value)).replace(tzinfo=None)
 
 
-def run_mode(result: Result, mode: str, total: int, concurrency: int, timeout: float) -> None:
+def goals(mode: str, rate: float | None, rates: dict[str, float]) -> list[Goal]:
+    """The targets of a mode's row; ``rates`` holds the jobs/s of the modes run before it."""
+    if mode == "inprocess":
+        return [at_least(rate, GOAL_EMBEDDED, "jobs/s")]
+    if mode == "redis-2":
+        return [at_least(rate, GOAL_REDIS_2, "jobs/s")]
+    if mode == "redis-4":
+        two = rates.get("redis-2")
+        if two is None:
+            return [Goal("> 2 workers' jobs/s", None, "2 workers not run")]
+        text = f"> 2 workers ({two:.0f} jobs/s)"
+        return [Goal(text, None, "not measured") if rate is None else Goal(text, rate > two)]
+    return []
+
+
+def run_mode(
+    result: Result,
+    mode: str,
+    total: int,
+    concurrency: int,
+    timeout: float,
+    rates: dict[str, float],
+) -> None:
     with contextlib.ExitStack() as stack:
         work = stack.enter_context(workdir(f"jobs-{mode}"))
         if mode == "inprocess":
@@ -130,14 +161,18 @@ def run_mode(result: Result, mode: str, total: int, concurrency: int, timeout: f
         "span_s": span,
         "submit_wall_s": submitted.wall,
     }
+    rate = completed / span if span > 0 else None
     result.add(
         f"{total} jobs: submit->completed ({label})",
-        f"{completed / span:.0f} jobs/s" if span > 0 else "n/a",
+        f"{rate:.0f} jobs/s" if rate is not None else "n/a",
         notes=(
             f"{completed}/{total} completed in {span:.1f} s; submit {accepted / submitted.wall:.0f}"
             f"/s, p50 {ms(percentile(latencies, 50))}, p99 {ms(percentile(latencies, 99))}"
         ),
+        goal=goals(mode, rate, rates),
     )
+    if rate is not None:
+        rates[mode] = rate
 
 
 def main() -> None:
@@ -146,12 +181,19 @@ def main() -> None:
     total = env_int("JOBS", 1000, 100, args.quick)
     concurrency = env_int("JOBS_CONCURRENCY", 32, 32, args.quick)
     timeout = float(os.environ.get("BENCH_JOBS_TIMEOUT", "300"))
-    modes = os.environ.get("BENCH_JOBS_MODES", "inprocess,redis-1,redis-2").split(",")
+    default_modes = "inprocess,redis-1,redis-2,redis-4"
+    modes = os.environ.get("BENCH_JOBS_MODES", default_modes).split(",")
+    rates: dict[str, float] = {}
     for mode in modes:
         if mode != "inprocess" and not (redis_available() and postgres_available()):
-            result.add(f"jobs ({mode})", "skipped", notes="Redis or PostgreSQL not reachable")
+            result.add(
+                f"jobs ({mode})",
+                "skipped",
+                notes="Redis or PostgreSQL not reachable",
+                goal=unmeasured(goals(mode, None, rates), "skipped"),
+            )
             continue
-        run_mode(result, mode, total, concurrency, timeout)
+        run_mode(result, mode, total, concurrency, timeout, rates)
     result.write(args.json)
 
 

@@ -1,5 +1,6 @@
 """Run every bench scenario (each in its own process, one after another) and write
-bench/RESULTS.md: the date, the machine, and one table of all the figures.
+bench/RESULTS.md: the date, the machine, one table of all the figures (each row beside the
+issue's goal for it, judged on this run's figures), and the goals missed.
 
 ``python -m bench.run_all [--quick] [--only 1,2,...] [--output PATH]``; see bench/README.md.
 """
@@ -15,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import BENCH_DIR, PY, ROOT, Row, machine_info
+from bench.common import BENCH_DIR, MET, MISSED, PY, ROOT, Row, machine_info
 
 SCENARIOS = [
     ("1", "chat_passthrough"),
@@ -31,6 +32,44 @@ SCENARIO_TIMEOUT = int(os.environ.get("BENCH_SCENARIO_TIMEOUT", "1200"))
 
 def cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def profile_route(row: Row) -> str:
+    """The ``bench.profile`` route that shows where a row's time goes ("" when none fits)."""
+    if row.metric.startswith("GET /v1/credits"):
+        return "credits"
+    number = row.scenario.split(" ", 1)[0]
+    return {"1": "chat", "2": "sse", "3": "jobs", "5": "debit"}.get(number, "")
+
+
+def goal_summary(rows: list[Row]) -> list[str]:
+    """The lines under the table: how many goals were met, and each missed one with the
+    command that profiles it (a missed row gets a profile note saying where its time goes)."""
+    judged = [r for r in rows if r.goal]
+    if not judged:
+        return []
+    met = sum(1 for r in judged if r.met == MET)
+    missed = [r for r in judged if r.met.startswith(MISSED)]
+    lines = [
+        f"Goals: {met} of {len(judged)} met, {len(missed)} missed, "
+        f"{len(judged) - met - len(missed)} not judged in this run (n/a).",
+        "",
+    ]
+    if missed:
+        lines.append("Missed goals (each needs a profile note saying where its time goes):")
+        for r in missed:
+            route = profile_route(r)
+            how = (
+                f"`.venv/bin/python -m bench.profile {route}`"
+                if route
+                else "`bench/.venv/bin/py-spy record --pid <server>` while the scenario runs"
+            )
+            lines.append(
+                f"- {cell(r.scenario)}, {cell(r.metric)}: {cell(r.hypereal)}, goal "
+                f"{cell(r.goal)}; profile with {how}"
+            )
+        lines.append("")
+    return lines
 
 
 def litellm_version() -> str:
@@ -100,16 +139,20 @@ def main() -> None:
         "",
         "Every figure is measured side by side in this one run on this machine, with the load "
         "generator, the server under test, the mock upstream and the other processes sharing "
-        "its cores; compare within a row (ratios), not against other machines. Nothing here is "
-        "a pass/fail test; failed expectations are listed under the table.",
+        "its cores; compare within a row (ratios), not against other machines. The goal "
+        "column holds the issue's target for the row and whether this run's figures meet it "
+        "(ratio goals against LiteLLM's figure in this same run; n/a when it was not run); "
+        "a missed goal or a failed expectation does not stop the run, both are listed under "
+        "the table.",
         "",
-        "| scenario | metric | hypereal | direct / raw | LiteLLM | notes |",
-        "|---|---|---|---|---|---|",
+        "| scenario | metric | hypereal | goal | vs goal | direct / raw | LiteLLM | notes |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        cells = (r.scenario, r.metric, r.hypereal, r.direct, r.litellm, r.notes)
+        cells = (r.scenario, r.metric, r.hypereal, r.goal, r.met, r.direct, r.litellm, r.notes)
         lines.append("| " + " | ".join(cell(c) for c in cells) + " |")
     lines.append("")
+    lines += goal_summary(rows)
     if problems:
         lines.append("Failed expectations:")
         lines += [f"- {cell(p)}" for p in problems]

@@ -12,10 +12,25 @@ from __future__ import annotations
 import asyncio
 
 from bench.chat_targets import Target, chat_targets
-from bench.common import Result, env_int, ms, percentile, ratio, scenario_args, workdir
+from bench.common import (
+    Result,
+    at_most,
+    env_int,
+    holds,
+    ms,
+    percentile,
+    ratio,
+    scenario_args,
+    times_at_least,
+    workdir,
+)
 from bench.load import closed_loop, stream_sse
 
 SECONDS_PER_RUN = 120.0
+
+# The targets (bench/README.md).
+GOAL_TIMES_LITELLM = 20.0  # streams/s at c=64
+GOAL_TTFT_P50_MS = 1.0  # TTFT overhead at c=1
 
 
 async def measure(result: Result, targets: dict[str, Target], tokens: int, quick: bool) -> None:
@@ -57,12 +72,14 @@ async def measure(result: Result, targets: dict[str, Target], tokens: int, quick
     notes = f"hypereal/direct {ratio(sps['hypereal'], sps['direct'])}"
     if has_litellm:
         notes += f", litellm/direct {ratio(sps['litellm'], sps['direct'])}"
+        notes += f", hypereal/litellm {ratio(sps['hypereal'], sps['litellm'])}"
     result.add(
         f"streams/s at c={concurrency} ({total} streams, {tokens} tok)",
         f"{sps['hypereal']:.0f}/s",
         f"{sps['direct']:.0f}/s",
         f"{sps['litellm']:.0f}/s" if has_litellm else "not installed",
         notes,
+        goal=[times_at_least(sps["hypereal"], sps.get("litellm"), GOAL_TIMES_LITELLM)],
     )
     for label, values in (("p50", p50), ("p99", p99)):
         added = {n: values[n] - values["direct"] for n in values if n != "direct"}
@@ -79,6 +96,9 @@ async def measure(result: Result, targets: dict[str, Target], tokens: int, quick
                 if has_litellm
                 else ""
             ),
+            goal=[at_most(added["hypereal"] * 1000, GOAL_TTFT_P50_MS, "ms")]
+            if label == "p50"
+            else [],
         )
     litellm_chunks = sorted(chunk_counts.get("litellm", set()))
     result.add(
@@ -87,6 +107,7 @@ async def measure(result: Result, targets: dict[str, Target], tokens: int, quick
         f"{sorted(chunk_counts['direct'])}",
         f"{litellm_chunks}" if has_litellm else "not installed",
         "OK: unchanged" if chunk_counts["hypereal"] == chunk_counts["direct"] else "CHANGED",
+        goal=[holds(chunk_counts["hypereal"] == chunk_counts["direct"], "= upstream's")],
     )
 
 
