@@ -21,7 +21,7 @@ STREAMED = Conflict(
 
 def _api_path(request: Request) -> str:
     # /api/v1/x and /v1/x are the same endpoint.
-    path = request.url.path
+    path: str = request.scope["path"]
     return path[len("/api") :] if path.startswith("/api/v1") else path
 
 

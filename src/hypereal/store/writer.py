@@ -141,6 +141,9 @@ def _sqlite_value(value: Any) -> Any:
 
 
 def _sqlite_params(params: dict[str, Any]) -> dict[str, Any]:
+    # Most statements carry no timestamp: pass their parameters as they are.
+    if not any(type(value) is datetime for value in params.values()):
+        return params
     return {name: _sqlite_value(value) for name, value in params.items()}
 
 

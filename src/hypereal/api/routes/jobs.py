@@ -83,7 +83,7 @@ def delivery_json(delivery: Delivery) -> dict[str, Any]:
 
 
 def _api_prefix(request: Request) -> str:
-    return "/api/v1" if request.url.path.startswith("/api/v1") else "/v1"
+    return "/api/v1" if request.scope["path"].startswith("/api/v1") else "/v1"
 
 
 async def _generate(
