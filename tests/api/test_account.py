@@ -217,3 +217,26 @@ async def test_admin_grant_refuses_huge_amounts_and_the_balance_stays_an_int(
         await client.get(f"/v1/admin/accounts/{account['accountId']}/balance", headers=admin)
     ).json()["balance"]
     assert balance == 10**12 + 5 and type(balance) is int
+
+
+@pytest.mark.parametrize(
+    "before", ["9223372036854775808", "-9223372036854775809", "99999999999999999999"]
+)
+async def test_ledger_cursor_outside_64_bits_is_400_naming_before(
+    client: httpx.AsyncClient, make_key: MakeKey, before: str
+) -> None:
+    key = auth(await make_key(credits=3))
+    admin = auth(await make_key(admin=True))
+    account = (await client.get("/v1/credits", headers=key)).json()["accountId"]
+    urls = [(f"{prefix}/usage", key) for prefix in ("/v1", "/api/v1")] + [
+        (f"{prefix}/admin/accounts/{account}/ledger", admin) for prefix in ("/v1", "/api/v1")
+    ]
+    for url, headers in urls:
+        response = await client.get(url, params={"before": before}, headers=headers)
+        assert response.status_code == 400, (url, response.text)
+        assert response.json()["error"].startswith("Invalid value for 'before': "), url
+    # The edges of the range are still cursors (nothing older than the largest, nothing at all
+    # before the smallest).
+    for edge, count in (("9223372036854775807", 1), ("-9223372036854775808", 0)):
+        ok = await client.get("/v1/usage", params={"before": edge}, headers=key)
+        assert ok.status_code == 200 and len(ok.json()["data"]) == count

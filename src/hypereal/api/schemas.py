@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
+
+from fastapi import Query
 
 from hypereal.domain.ids import as_utc
 from hypereal.domain.keys import KeyInfo
 from hypereal.domain.ledger import Entry
+
+# A ledger cursor is an entry id, a 64-bit INTEGER in SQLite and PostgreSQL: a number outside
+# that range is a 400 naming ``before`` instead of an OverflowError in the driver.
+LedgerCursor = Annotated[
+    int | None,
+    Query(ge=-(2**63), le=2**63 - 1, description="nextCursor of the previous page"),
+]
 
 
 def iso(moment: datetime | None) -> str | None:

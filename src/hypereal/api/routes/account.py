@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from hypereal.api.deps import PrincipalDep, ServicesDep
-from hypereal.api.schemas import page
+from hypereal.api.schemas import LedgerCursor, page
 from hypereal.domain import ledger
 
 router = APIRouter(tags=["account"])
@@ -25,7 +25,7 @@ async def get_usage(
     principal: PrincipalDep,
     services: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    before: Annotated[int | None, Query(description="nextCursor of the previous page")] = None,
+    before: LedgerCursor = None,
 ) -> dict[str, Any]:
     """The caller's ledger (grants, debits, refunds), newest first, paginated."""
     rows = await ledger.entries(

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from hypereal.api.deps import AdminDep, ServicesDep
-from hypereal.api.schemas import entry_json, iso, key_json, page
+from hypereal.api.schemas import LedgerCursor, entry_json, iso, key_json, page
 from hypereal.domain import keys, ledger
 from hypereal.store.models import Account
 
@@ -144,7 +144,7 @@ async def account_ledger(
     _: AdminDep,
     services: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    before: Annotated[int | None, Query()] = None,
+    before: LedgerCursor = None,
 ) -> dict[str, Any]:
     await ledger.balance(services.db, account_id)  # 404 for an unknown account
     rows = await ledger.entries(services.db, account_id, limit=limit + 1, before_id=before)
