@@ -340,6 +340,14 @@ class SqliteWriter:
         try:
             if not begun:
                 conn.execute("BEGIN IMMEDIATE")
+            if len(batch) == 1:  # alone in its transaction: no savepoint needed
+                try:
+                    outcome: tuple[bool, Any] = (True, _drive_sync(conn, batch[0].operation))
+                except Exception as exc:
+                    conn.execute("ROLLBACK")
+                    return [(False, _sqlite_error(exc))]
+                conn.execute("COMMIT")
+                return [outcome]
             outcomes: list[tuple[bool, Any]] = []
             for pending in batch:
                 conn.execute("SAVEPOINT op")
