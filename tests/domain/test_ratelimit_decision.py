@@ -57,6 +57,39 @@ async def test_memory_limiter_expires_old_hits_inline_without_thread_hops(
     assert [(await limiter.hit("k")).allowed for _ in range(5)] == [True] * 3 + [False] * 2
     assert hops == []
     storage = limiter.storage
-    assert [len(hits) for hits in storage.events.values()] == [3]  # type: ignore[attr-defined]
+    assert [len(hits) for hits in storage.windows.values()] == [3]  # type: ignore[attr-defined]
     storage._expire(time.time() + 3601)  # type: ignore[attr-defined]
-    assert storage.events == {}  # type: ignore[attr-defined]
+    assert storage.windows == {}  # type: ignore[attr-defined]
+
+
+async def test_memory_limiter_answers_like_the_library_storage(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Differential: the same hits at the same (fake) times get the same decisions and
+    window stats from our storage and from limits' own MemoryStorage."""
+    import random
+
+    import limits.aio.storage.memory as library_memory
+    from limits import RateLimitItemPerMinute
+    from limits.aio.storage import MemoryStorage
+    from limits.aio.strategies import MovingWindowRateLimiter
+
+    from hypereal.domain import ratelimit
+
+    clock = [1_000_000.0]
+    monkeypatch.setattr(library_memory.time, "time", lambda: clock[0])
+    monkeypatch.setattr(ratelimit.time, "time", lambda: clock[0])
+    ours = MovingWindowRateLimiter(ratelimit._MemoryStorage())
+    theirs = MovingWindowRateLimiter(MemoryStorage())
+    item = RateLimitItemPerMinute(5)
+    rng = random.Random(7)
+    decisions = []
+    for _ in range(400):
+        clock[0] += rng.choice([0.0, 0.5, 3.0, 11.0, 61.0])
+        key = rng.choice(["a", "b"])
+        mine = await ours.hit(item, key)
+        assert mine == await theirs.hit(item, key)
+        mine_stats = await ours.get_window_stats(item, key)
+        assert mine_stats == await theirs.get_window_stats(item, key)
+        decisions.append(mine)
+    assert True in decisions and False in decisions  # both answers were exercised

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import bisect
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from limits import RateLimitItemPerHour
@@ -42,40 +42,84 @@ class RateLimitDecision:
 
 
 class _MemoryStorage(MemoryStorage):
-    """limits' in-process storage, with its expiry of old hits run at most once a second,
-    inline on the event loop.
+    """limits' in-process storage with its moving windows kept as deques of hit times.
 
-    The library starts an expiry task after almost every hit, and that task hops to a
-    worker thread per key to find the cut-off: a thread hop per request, and the loop then
-    waited for the GIL behind the thread (the largest single cost of a chat request in
-    the bench's profile). The cut-off is a bisection of an ordered list: microseconds."""
+    The library keeps a key's hits in a list, newest first, and inserts each hit at the
+    front: a copy of the whole list per hit, and a key allowed a million requests an hour
+    holds up to a million entries. It also starts an expiry task after almost every hit that
+    hops to a worker thread (a thread hop per request, and the loop then waited for the GIL
+    behind it). Here a hit is an ``appendleft``, hits that left the window are dropped from
+    the old end as they are met, and idle keys are swept inline at most once a second. The
+    answers are the library's: the same window start and count, the same refusals. Fixed
+    windows (``incr``) stay the library's, with the same once-a-second expiry."""
 
     EXPIRE_EVERY_SECONDS = 1.0
 
     def __init__(self) -> None:
         super().__init__()
         self._next_expiry = 0.0
+        self.windows: dict[str, deque[float]] = {}  # hit times, newest first
 
     # Overrides the library's private ``__schedule_expiry`` (name-mangled in its class).
     async def _MemoryStorage__schedule_expiry(self) -> None:
+        self._sweep()
+
+    def _sweep(self) -> None:
         now = time.monotonic()
         if now >= self._next_expiry:
             self._next_expiry = now + self.EXPIRE_EVERY_SECONDS
             self._expire(time.time())
 
     def _expire(self, now: float) -> None:
-        for key in list(self.events):
-            events = self.events[key]  # newest first
-            cutoff = bisect.bisect_left(events, -now, key=lambda event: -event.expiry)
-            if cutoff:
-                del events[cutoff:]
-            else:
-                del self.events[key]
-                self.locks.pop(key, None)
+        """Drop every key whose hits all left their window (an hour) and expired counters."""
+        for key in [k for k, hits in self.windows.items() if not hits or hits[0] < now - 3600]:
+            del self.windows[key]
         for key in [k for k, expires in self.expirations.items() if expires <= now]:
             self.storage.pop(key, None)
             self.expirations.pop(key, None)
             self.locks.pop(key, None)
+
+    def _window(self, key: str, start: float) -> deque[float]:
+        hits = self.windows.get(key)
+        if hits is None:
+            hits = self.windows[key] = deque()
+        while hits and hits[-1] < start:  # the oldest hits left the window
+            hits.pop()
+        return hits
+
+    async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        if amount > limit:
+            return False
+        self._sweep()
+        now = time.time()
+        hits = self._window(key, now - expiry)
+        if len(hits) + amount > limit:
+            return False
+        hits.extendleft([now] * amount)
+        return True
+
+    async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
+        now = time.time()
+        start = now - expiry
+        hits = self._window(key, start)
+        # As the library counts here: a hit exactly ``expiry`` old is out of the window
+        # (while acquire_entry still counts it in).
+        edge = 0
+        while edge < len(hits) and hits[-1 - edge] == start:
+            edge += 1
+        if edge == len(hits):
+            return now, 0
+        return hits[-1 - edge], len(hits) - edge
+
+    async def clear(self, key: str) -> None:
+        await super().clear(key)
+        self.windows.pop(key, None)
+
+    async def reset(self) -> int | None:
+        cleared = await super().reset()
+        cleared = max(cleared or 0, len(self.windows))
+        self.windows.clear()
+        return cleared
 
 
 class RateLimiter:
