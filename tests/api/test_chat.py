@@ -282,6 +282,45 @@ async def test_validation_errors_are_400_naming_the_field(
     assert await ledger.balance(chat_services.db, account) == 5000
 
 
+@pytest.mark.parametrize("route", ["/chat", "/spicy-chat", "/chat/completions"])
+@pytest.mark.parametrize("prefix", ["/v1", "/api/v1"])
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (
+            b'{"messages":[{"role":"user","content":"\\ud800"}],"max_tokens":2,"stream":false}',
+            "messages[0].content",
+        ),
+        (
+            b'{"messages":[{"role":"system","content":"ok"},'
+            b'{"role":"user","content":[{"type":"text","text":"a\\udfffb"}]}],"max_tokens":2}',
+            "messages[1].content",
+        ),
+        (b'{"messages":[{"role":"user","content":"hi"}],"model":"\\udc80"}', "model"),
+    ],
+)
+async def test_a_lone_surrogate_is_a_400_before_any_charge_or_tokenizing(
+    chat_client: httpx.AsyncClient,
+    chat_services: Services,
+    route: str,
+    prefix: str,
+    body: bytes,
+    field: str,
+) -> None:
+    key, account = await new_key(chat_services, 5000)
+    ScriptedChat.runs.pop("scripted", None)
+    response = await chat_client.post(
+        prefix + route,
+        headers={**bearer(key), "Content-Type": "application/json"},
+        content=body,
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"].startswith(f"Invalid value for '{field}': ")
+    assert "scripted" not in ScriptedChat.runs  # never counted nor generated
+    assert await ledger.balance(chat_services.db, account) == 5000
+    assert await ledger.ledger_sum(chat_services.db, account) == 5000
+
+
 async def test_context_limit_is_enforced_with_the_models_tokenizer(
     chat_client: httpx.AsyncClient, chat_services: Services
 ) -> None:

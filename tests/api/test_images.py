@@ -274,6 +274,30 @@ async def test_bad_requests_are_400_and_charge_nothing(
     assert await ledger.balance(image_services.db, account) == 10
 
 
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"prompt":"\\ud800","model":"image-transform","image":"%s"}', "prompt"),
+        (b'{"prompt":"upscale 2x","model":"image-transform","images":["\\udfff"]}', "images[0]"),
+        (b'{"prompt":"x","model":"\\ud800"}', "model"),
+    ],
+)
+async def test_a_lone_surrogate_is_a_400_and_charges_nothing(
+    client: httpx.AsyncClient, image_services: Services, body: bytes, field: str
+) -> None:
+    headers, account = await user(image_services, 10)
+    if b"%s" in body:
+        body = body % png_uri().encode()
+    response = await client.post(
+        "/v1/images/generate",
+        headers={**headers, "Content-Type": "application/json"},
+        content=body,
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"].startswith(f"Invalid value for '{field}': ")
+    assert await ledger.balance(image_services.db, account) == 10
+
+
 async def test_aspect_ratio_reaches_the_backend_as_a_wide_request(
     client: httpx.AsyncClient,
     image_services: Services,

@@ -151,6 +151,27 @@ async def test_submission_errors_are_400_402_and_charge_nothing(tmp_path: Path) 
         assert await jobs.list_jobs(env.services.db, account, limit=10) == []
 
 
+async def test_a_lone_surrogate_in_any_text_field_is_a_400_and_charges_nothing(
+    tmp_path: Path,
+) -> None:
+    async with job_app(tmp_path) as env:
+        account, headers = await env.new_key(credits=100)
+        headers = {**headers, "Content-Type": "application/json"}
+        cases = [
+            (b'{"model":"test-tts","input":{"text":"\\ud800"}}', "input.text"),
+            (b'{"model":"test-tts","input":{"text":"a\\udfffb"}}', "input.text"),
+            (b'{"model":"test-tts","input":{"text":"hi","voice":"\\ud800"}}', "input.voice"),
+            (b'{"model":"test-tts","text":"\\ud800"}', "input.text"),  # top-level field
+            (b'{"model":"\\ud800","input":{"text":"hi"}}', "model"),
+        ]
+        for body, field in cases:
+            response = await env.client.post("/v1/audio/generate", content=body, headers=headers)
+            assert response.status_code == 400, (body, response.text)
+            assert response.json()["error"].startswith(f"Invalid value for '{field}': "), body
+        assert await ledger.balance(env.services.db, account) == 100
+        assert await jobs.list_jobs(env.services.db, account, limit=10) == []
+
+
 async def test_idempotency_key_creates_one_job_and_charges_once(tmp_path: Path) -> None:
     async with job_app(tmp_path) as env:
         account, headers = await env.new_key(credits=100)

@@ -134,6 +134,7 @@ class Catalogue:
             slug = default
         if not isinstance(slug, str):
             raise BadRequest("Invalid value for 'model': must be a string")
+        check_text(slug, "model")
         spec = self.models.get(slug)
         if spec is None or spec.modality not in modalities:
             raise UnsupportedModel(modalities[0], slug)
@@ -241,11 +242,27 @@ def _finite(value: int | float) -> bool:
         return False
 
 
+def check_text(value: str, field_name: str) -> str:
+    """``value`` if it can be encoded as UTF-8. JSON's ``"\\ud800"`` parses into a Python
+    string holding a lone surrogate, which no tokenizer, file or response can encode: refused
+    here, at submission, rather than failing (a 500, or a charged job refunded) later."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise _invalid(
+                field_name,
+                f"is not valid Unicode text (a lone surrogate at character {exc.start})",
+            ) from None
+    return value
+
+
 def _check(param: Param, value: Any, field_name: str) -> Any:
     kind = param.type
     if kind in ("string", "media"):
         if not isinstance(value, str):
             raise _invalid(field_name, "must be a string")
+        check_text(value, field_name)
         if param.max_length is not None and len(value) > param.max_length:
             raise _invalid(field_name, f"must be at most {param.max_length} characters")
     elif kind == "media-list":
@@ -253,6 +270,8 @@ def _check(param: Param, value: Any, field_name: str) -> Any:
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise _invalid(field_name, "must be a list of URLs")
+        for index, item in enumerate(value):
+            check_text(item, f"{field_name}[{index}]")
     elif kind == "boolean":
         if not isinstance(value, bool):
             raise _invalid(field_name, "must be true or false")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from hypereal.backends.base import BackendError, ChatBackend, ChatDelta, ChatMessage, ChatRequest
-from hypereal.domain.catalogue import ModelSpec
+from hypereal.domain.catalogue import ModelSpec, check_text
 from hypereal.domain.errors import BadRequest, GenerationFailed, UpstreamError
 from hypereal.domain.generation import Charge, client_error
 from hypereal.domain.ids import new_id
@@ -46,6 +46,7 @@ def parse_messages(raw: object) -> list[ChatMessage]:
             content = "".join(str(p) for p in parts)
         if not isinstance(content, str):
             raise BadRequest(f"Invalid value for '{where}.content': must be a string")
+        check_text(content, f"{where}.content")
         messages.append(ChatMessage(role=role, content=content))
     return messages
 
