@@ -298,6 +298,19 @@ async def test_a_lone_surrogate_is_a_400_and_charges_nothing(
     assert await ledger.balance(image_services.db, account) == 10
 
 
+@pytest.mark.parametrize("url", ["http://0177.0.0.1:8690/k0", "http://01.02.03.04/x.png"])
+@pytest.mark.parametrize("field", ["image", "images"])
+async def test_a_leading_zero_ipv4_image_url_is_a_400_and_charges_nothing(
+    client: httpx.AsyncClient, image_services: Services, url: str, field: str
+) -> None:
+    headers, account = await user(image_services, 10)
+    body = {"prompt": "upscale 2x", "model": "image-transform", field: url}
+    response = await client.post("/v1/images/edit", headers=headers, json=body)
+    assert response.status_code == 400, response.text
+    assert "'images[0]'" in response.json()["error"]
+    assert await ledger.balance(image_services.db, account) == 10
+
+
 async def test_aspect_ratio_reaches_the_backend_as_a_wide_request(
     client: httpx.AsyncClient,
     image_services: Services,

@@ -172,6 +172,23 @@ async def test_a_lone_surrogate_in_any_text_field_is_a_400_and_charges_nothing(
         assert await jobs.list_jobs(env.services.db, account, limit=10) == []
 
 
+async def test_a_leading_zero_ipv4_media_url_is_a_400_naming_the_field(tmp_path: Path) -> None:
+    # Refused as an invalid URL before any connection (nothing listens there anyway).
+    async with job_app(tmp_path) as env:
+        account, headers = await env.new_key(credits=100)
+        for url in ("http://0177.0.0.1:8690/k0", "http://01.02.03.04/x.png"):
+            for path, model in (
+                ("/v1/videos/generate", "test-video"),
+                ("/v1/3d/generate", "test-3d"),
+            ):
+                body = {"model": model, "input": {"image": url}}
+                response = await env.client.post(path, json=body, headers=headers)
+                assert response.status_code == 400, (path, url, response.text)
+                assert "'input.image'" in response.json()["error"]
+        assert await ledger.balance(env.services.db, account) == 100
+        assert await jobs.list_jobs(env.services.db, account, limit=10) == []
+
+
 async def test_idempotency_key_creates_one_job_and_charges_once(tmp_path: Path) -> None:
     async with job_app(tmp_path) as env:
         account, headers = await env.new_key(credits=100)

@@ -10,6 +10,7 @@ import base64
 import io
 import ipaddress
 
+import httpx
 import pytest
 from fastapi import FastAPI, Response
 from fastapi.responses import RedirectResponse
@@ -44,6 +45,10 @@ def image_server() -> FastAPI:
     @app.get("/to-private")
     async def to_private() -> RedirectResponse:
         return RedirectResponse("http://10.20.30.40/secret")
+
+    @app.get("/to-octal")
+    async def to_octal() -> RedirectResponse:
+        return RedirectResponse("http://0177.0.0.1:8690/k0")
 
     @app.get("/to-cat")
     async def to_cat() -> RedirectResponse:
@@ -82,6 +87,38 @@ DEFAULT = Settings()
 async def test_non_global_addresses_are_refused_without_connecting(url: str) -> None:
     with pytest.raises(FetchRefused, match="not a public address"):
         await fetch_media(url, DEFAULT)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://0177.0.0.1:8690/k0", "http://01.02.03.04/x.png", "https://010.0.0.1/"]
+)
+async def test_leading_zero_ipv4_octets_are_a_400_naming_the_field_without_connecting(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attempts: list[object] = []
+
+    async def no_connection(self: object, request: object) -> None:
+        attempts.append(request)
+        raise AssertionError("a connection was attempted")
+
+    async def no_lookup(self: object, host: object, *args: object, **kwargs: object) -> None:
+        attempts.append(host)
+        raise AssertionError("a name was looked up")
+
+    monkeypatch.setattr(httpx.AsyncHTTPTransport, "handle_async_request", no_connection)
+    monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", no_lookup)
+    # Even where loopback is allowed: the host is not a valid URL host at all.
+    for settings in (DEFAULT, LOOPBACK):
+        with pytest.raises(FetchRefused, match=r"'input\.image'") as refused:
+            await fetch_media(url, settings, field="input.image")
+        assert refused.value.status == 400
+    assert attempts == []
+
+
+async def test_redirect_to_a_leading_zero_ipv4_host_is_refused() -> None:
+    with serve_app(image_server()) as base:
+        with pytest.raises(FetchRefused, match="'image'"):
+            await fetch_media(f"{base}/to-octal", LOOPBACK, field="image")
 
 
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/x", "gopher://x"])

@@ -245,6 +245,10 @@ async def fetch_url(
         ) from exc
     except httpx.HTTPError as exc:
         raise FetchRefused(f"Could not fetch '{field}': {exc.__class__.__name__}") from exc
+    except httpx.InvalidURL as exc:
+        # A host httpx will not parse (an IPv4 address with leading-zero octets, 0177.0.0.1,
+        # ...) fails as the request is built, before any lookup or connection.
+        raise FetchRefused(f"Invalid URL in '{field}': {exc}") from exc
 
 
 async def fetch_media(
