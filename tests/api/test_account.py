@@ -184,6 +184,58 @@ async def test_admin_create_refuses_out_of_range_numbers_and_creates_nothing(
     assert (await client.get("/v1/admin/keys", headers=admin)).json()["data"] == keys_before
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/admin/accounts", {"isAdmin": 0}, "isAdmin"),
+        ("/admin/accounts", {"isAdmin": 1}, "isAdmin"),
+        ("/admin/accounts", {"isAdmin": "true"}, "isAdmin"),
+        ("/admin/accounts", {"credits": True}, "credits"),
+        ("/admin/accounts", {"credits": "5"}, "credits"),
+        ("/admin/accounts", {"credits": 5.0}, "credits"),
+        ("/admin/accounts", {"name": 5}, "name"),
+        ("/admin/keys", {"credits": False}, "credits"),
+        ("/admin/keys", {"credits": "10"}, "credits"),
+        ("/admin/keys", {"rateLimitPerHour": True}, "rateLimitPerHour"),
+        ("/admin/keys", {"rateLimitPerHour": "100"}, "rateLimitPerHour"),
+        ("/admin/keys", {"accountId": 5}, "accountId"),
+    ],
+)
+async def test_admin_bodies_are_strictly_typed_and_create_nothing(
+    client: httpx.AsyncClient, make_key: MakeKey, path: str, body: dict[str, object], field: str
+) -> None:
+    admin = auth(await make_key(admin=True))
+    before = await _account_ids(client, admin)
+    keys_before = (await client.get("/v1/admin/keys", headers=admin)).json()["data"]
+    response = await client.post(f"/v1{path}", headers=admin, json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"].startswith(f"Invalid value for '{field}': ")
+    assert await _account_ids(client, admin) == before
+    assert (await client.get("/v1/admin/keys", headers=admin)).json()["data"] == keys_before
+
+
+async def test_admin_grant_and_key_update_are_strictly_typed(
+    client: httpx.AsyncClient, make_key: MakeKey
+) -> None:
+    admin = auth(await make_key(admin=True))
+    account = (await client.post("/v1/admin/accounts", headers=admin, json={"credits": 5})).json()
+    url = f"/v1/admin/accounts/{account['accountId']}/credits"
+    for body in ({"amount": True}, {"amount": "3"}, {"amount": 3, "description": 7}):
+        response = await client.post(url, headers=admin, json=body)
+        assert response.status_code == 400, (body, response.text)
+    created = (await client.post("/v1/admin/keys", headers=admin, json={})).json()
+    for value in (True, "50"):
+        response = await client.patch(
+            f"/v1/admin/keys/{created['id']}", headers=admin, json={"rateLimitPerHour": value}
+        )
+        assert response.status_code == 400, (value, response.text)
+        assert response.json()["error"].startswith("Invalid value for 'rateLimitPerHour': ")
+    balance = (
+        await client.get(f"/v1/admin/accounts/{account['accountId']}/balance", headers=admin)
+    ).json()["balance"]
+    assert balance == 5
+
+
 async def test_admin_rate_limit_update_refuses_huge_numbers(
     client: httpx.AsyncClient, make_key: MakeKey
 ) -> None:

@@ -22,7 +22,8 @@ MAX_RATE_LIMIT_PER_HOUR = 10**9
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    # Strict: {"isAdmin": 0}, {"credits": false} or {"credits": "5"} is a 400, not coerced.
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
 
 
 class CreateAccount(Body):
