@@ -138,3 +138,29 @@ async def test_unexpected_errors_are_500_json_without_traceback(services: Servic
     assert second.headers["x-ratelimit-remaining"] == "998"
     # Each 500 is a new response: no header piles up from one request to the next.
     assert second.headers.get_list("access-control-allow-origin") == ["*"]
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("DELETE", "/admin/accounts", {"GET", "POST"}),
+        ("PUT", "/admin/accounts", {"GET", "POST"}),
+        ("PUT", "/admin/keys/key_x", {"DELETE", "PATCH"}),
+        ("GET", "/admin/keys/key_x", {"DELETE", "PATCH"}),
+        ("DELETE", "/credits", {"GET"}),
+    ],
+)
+async def test_405_allow_lists_every_method_of_the_path(
+    client: httpx.AsyncClient,
+    make_key: MakeKey,
+    prefix: str,
+    method: str,
+    path: str,
+    allowed: set[str],
+) -> None:
+    admin = auth(await make_key(admin=True))
+    response = await client.request(method, prefix + path, headers=admin)
+    assert response.status_code == 405, response.text
+    assert response.json() == {"error": "Method not allowed"}
+    assert set(response.headers["allow"].split(", ")) == allowed

@@ -5,7 +5,9 @@ prefixes the app has about 70 routes, and FastAPI's per-route bookkeeping made m
 last of them cost more CPU than the whole of ``GET /v1/credits`` besides. :class:`IndexedRouter`
 tries only the routes that can match the path (those registered for exactly that path, and
 those with parameters whose literal start it begins with), in their original order, and
-leaves everything else (405s, 404s, slash redirects, telemetry) to FastAPI's own loop.
+leaves everything else (404s, slash redirects, telemetry) to FastAPI's own loop. A path
+whose routes all want other methods is a 405 here, whose ``Allow`` names every method of
+the path (FastAPI's loop would name those of the first route only).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI
 from fastapi.routing import APIRouter
 from starlette._utils import get_route_path
+from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import Receive, Scope, Send
 
@@ -56,12 +59,19 @@ class IndexedRouter(APIRouter):
             if index is None or index.size != len(self.routes):
                 index = self._path_index = _index(self.routes)
             scope.setdefault("router", self)
+            allowed: set[str] = set()
             for route in index.candidates(get_route_path(scope)):
                 match, child_scope = route.matches(scope)
                 if match == Match.FULL:
                     scope.update(child_scope)
                     await route.handle(scope, receive, send)
                     return
+                if match == Match.PARTIAL:  # the path, another method
+                    allowed.update(getattr(route, "methods", None) or ())
+            if allowed:
+                # FastAPI's loop would answer from the first partial match, whose Allow names
+                # only that route's methods; the path may have several routes.
+                raise HTTPException(405, headers={"Allow": ", ".join(sorted(allowed))})
         await super().app(scope, receive, send)
 
 
