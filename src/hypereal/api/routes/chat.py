@@ -1,5 +1,9 @@
 """LLM chat: ``/spicy-chat`` and ``/chat`` (stream by default) and the OpenAI-shaped
-``/chat/completions`` (stream off by default). One implementation serves all three."""
+``/chat/completions`` (stream off by default). One implementation serves all three.
+
+The way a metered turn is delivered (a read-ahead :class:`Feed`, :class:`TurnStream` with its
+keep-alives, :func:`open_stream`, :func:`run_turn` with its disconnect watch) is shared with
+the Anthropic-shaped ``/messages`` (``messages.py``), which formats the same turn its way."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import anyio
@@ -59,7 +63,7 @@ def _chunk(turn: ChatTurn, created: int, choice: dict[str, Any], **extra: Any) -
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
 
-class _Feed:
+class Feed:
     """The backend's deltas read ahead by one task into a small queue, so the SSE writer can
     wait for the next one with a keep-alive timeout without cancelling the backend's stream
     (and without a task per delta). The queue is bounded: a client that reads slowly holds
@@ -116,16 +120,13 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-class _ChatStream(StreamingResponse):
+class TurnStream(StreamingResponse):
     """The SSE answer of a turn whose first delta (``first``, or None when it has not come
-    yet) was awaited for a while.
+    yet) was awaited for a while. Subclasses write the events (:meth:`_sse`), reading the
+    deltas from :meth:`_items`. However the response ends (finished, client gone, never
+    started), the backend is stopped and the turn settled."""
 
-    Chunks as the backend yields them, keep-alive comments while it is silent, the final
-    chunk with finish_reason/usage/creditsUsed, then ``[DONE]``. An error after the stream
-    began arrives as a ``data:`` event with ``error``. However the response ends (finished,
-    client gone, never started), the backend is stopped and the turn settled."""
-
-    def __init__(self, turn: ChatTurn, feed: _Feed, first: Any, keepalive: float) -> None:
+    def __init__(self, turn: ChatTurn, feed: Feed, first: Any, keepalive: float) -> None:
         self._turn = turn
         self._feed = feed
         self._first = first
@@ -147,29 +148,42 @@ class _ChatStream(StreamingResponse):
                 await self._feed.stop()
                 await self._turn.settle()
 
+    def _sse(self) -> AsyncGenerator[bytes]:
+        raise NotImplementedError
+
+    async def _items(self) -> AsyncGenerator[ChatDelta | None]:
+        """The backend's deltas as they come, None for each keep-alive interval that passed
+        without one; raises what the backend raised."""
+        item, self._first = self._first, None
+        while item is not Feed.END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            item = await self._feed.next(self._keepalive)
+
+
+class _ChatStream(TurnStream):
+    """Chunks as the backend yields them, keep-alive comments while it is silent, the final
+    chunk with finish_reason/usage/creditsUsed, then ``[DONE]``. An error after the stream
+    began arrives as a ``data:`` event with ``error``."""
+
     async def _sse(self) -> AsyncGenerator[bytes]:
         turn, feed = self._turn, self._feed
         created = int(time.time())
         first = True
-        item, self._first = self._first, None
         try:
-            while True:
-                while item is None:
-                    yield b": keep-alive\n\n"
-                    item = await feed.next(self._keepalive)
-                if item is _Feed.END:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                if item.text:
-                    content = (
-                        {"role": "assistant", "content": item.text}
-                        if first
-                        else {"content": item.text}
-                    )
-                    first = False
-                    yield _chunk(turn, created, {"delta": content, "finish_reason": None})
-                item = await feed.next(self._keepalive)
+            async with contextlib.aclosing(self._items()) as items:
+                async for item in items:
+                    if item is None:
+                        yield b": keep-alive\n\n"
+                    elif item.text:
+                        content = (
+                            {"role": "assistant", "content": item.text}
+                            if first
+                            else {"content": item.text}
+                        )
+                        first = False
+                        yield _chunk(turn, created, {"delta": content, "finish_reason": None})
             credits = await turn.settle()
             yield _chunk(
                 turn,
@@ -194,12 +208,21 @@ def _error_event(message: str, status: int, credits: int) -> bytes:
     return f"data: {json.dumps(error)}\n\n".encode()
 
 
-async def _stream(turn: ChatTurn, keepalive: float) -> Response:
+StreamFactory = Callable[[ChatTurn, Feed, Any, float], TurnStream]
+
+
+async def open_stream(
+    turn: ChatTurn,
+    keepalive: float,
+    make: StreamFactory,
+    deltas: AsyncGenerator[ChatDelta] | None = None,
+) -> Response:
     """Wait up to one keep-alive interval for the first delta, so that a backend failing
     before its first token (upstream 4xx/5xx, context errors) is a JSON error with its own
     status, fully refunded, not a 200 stream carrying an error event. A first token slower
-    than that starts the stream, whose keep-alives then cover the wait."""
-    feed = _Feed(turn.deltas())
+    than that starts the stream (``make``), whose keep-alives then cover the wait.
+    ``deltas`` replaces ``turn.deltas()`` (a filter over them)."""
+    feed = Feed(turn.deltas() if deltas is None else deltas)
     try:
         first = await feed.next(keepalive)
     except BaseException:
@@ -210,13 +233,16 @@ async def _stream(turn: ChatTurn, keepalive: float) -> Response:
         await feed.stop()
         await turn.settle(delivered=False)
         raise first
-    return _ChatStream(turn, feed, first, keepalive)
+    return make(turn, feed, first, keepalive)
 
 
-async def _complete(turn: ChatTurn, request: Request) -> Response:
-    """Generate the whole answer unless the client leaves first: then generation stops and
-    the turn is billed for what was generated. A failure refunds everything (the client
-    got nothing).
+async def run_turn(
+    turn: ChatTurn, request: Request, deltas: AsyncGenerator[ChatDelta] | None = None
+) -> Response | None:
+    """Generate the whole answer (``deltas``, by default ``turn.deltas()``) unless the client
+    leaves first: then generation stops, the turn is billed for what was generated and the
+    answer nobody reads is returned. Else None: the turn is complete, not yet settled. A
+    failure refunds everything (the client got nothing) and is raised.
 
     The generation runs in the request's own task. Only an answer still running after
     DISCONNECT_WATCH_AFTER gets a watcher task, which cancels the request's task when the
@@ -239,8 +265,8 @@ async def _complete(turn: ChatTurn, request: Request) -> Response:
 
     timer = asyncio.get_running_loop().call_later(DISCONNECT_WATCH_AFTER, start_watching)
     try:
-        async with contextlib.aclosing(turn.deltas()) as deltas:
-            async for _ in deltas:
+        async with contextlib.aclosing(turn.deltas() if deltas is None else deltas) as items:
+            async for _ in items:
                 pass
         finished = True  # no await since the generation ended: the watcher cannot cancel now
     except asyncio.CancelledError:
@@ -263,6 +289,13 @@ async def _complete(turn: ChatTurn, request: Request) -> Response:
         timer.cancel()
         if watcher is not None and not watcher.done():
             watcher.cancel()
+    return None
+
+
+async def _complete(turn: ChatTurn, request: Request) -> Response:
+    left = await run_turn(turn, request)
+    if left is not None:
+        return left
     credits = await turn.settle()
     return JSONResponse(
         {
@@ -306,7 +339,7 @@ async def _chat(
             resolved.upstream_model,
         )
         if body.stream if body.stream is not None else stream_default:
-            return await _stream(turn, services.settings.chat_keepalive_seconds)
+            return await open_stream(turn, services.settings.chat_keepalive_seconds, _ChatStream)
         return await _complete(turn, request)
 
     return await idempotent(request, principal, services, produce)
