@@ -13,9 +13,20 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from hypereal.api.error_shapes import ErrorShapeMiddleware, anthropic_error
 from hypereal.api.errors import InternalErrorMiddleware, install_error_handlers
 from hypereal.api.middleware import AuthRateLimitMiddleware
-from hypereal.api.routes import account, admin, chat, files, images, jobs, models, upstream_webhooks
+from hypereal.api.routes import (
+    account,
+    admin,
+    chat,
+    files,
+    images,
+    jobs,
+    messages,
+    models,
+    upstream_webhooks,
+)
 from hypereal.api.routing import use_indexed_router
 from hypereal.engine.engine import engine_lifespan
 from hypereal.services import Services, bootstrap_admin, build_services
@@ -28,6 +39,7 @@ API_ROUTERS: list[APIRouter] = [
     models.router,
     admin.router,
     chat.router,
+    messages.router,
     images.router,
     jobs.router,
 ]
@@ -205,6 +217,11 @@ def create_app(
     app.add_middleware(AuthRateLimitMiddleware, services=services)
     # Outside auth (a huge body is refused before anything else), inside CORS (its headers).
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    # Outside all of the above, so that every error of an Anthropic-shaped route (401, 413,
+    # 429 included) leaves in Anthropic's shape.
+    app.add_middleware(
+        ErrorShapeMiddleware, shapes={"/messages": anthropic_error}, prefixes=API_PREFIXES
+    )
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,

@@ -1,4 +1,6 @@
 """Authentication and per-key rate limiting for every ``/v1`` and ``/api/v1`` request.
+The key comes as ``Authorization: Bearer ck_...`` or, as Anthropic's clients send it,
+``x-api-key: ck_...``.
 
 A pure ASGI middleware (not a dependency) so that every response, errors and streams
 included, carries the ``X-RateLimit-*`` headers, and SSE passes through unbuffered.
@@ -11,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hypereal.api.errors import error_response
 from hypereal.domain import keys
-from hypereal.domain.errors import HyperealError, RateLimited
+from hypereal.domain.errors import HyperealError, RateLimited, Unauthorized
 from hypereal.services import Services
 
 API_PREFIXES = ("/v1/", "/api/v1/")
@@ -19,6 +21,20 @@ API_PREFIXES = ("/v1/", "/api/v1/")
 
 def is_api_path(path: str) -> bool:
     return path.startswith(API_PREFIXES) or path in ("/v1", "/api/v1")
+
+
+def _authorization(scope: Scope) -> str | None:
+    """The ``Authorization`` header, or else the key of an ``x-api-key`` header (as
+    Anthropic's clients send it) as a Bearer credential."""
+    headers = Headers(scope=scope)
+    authorization = headers.get("authorization")
+    if authorization is None:
+        api_key = headers.get("x-api-key")
+        if api_key is not None:
+            if not api_key.strip().startswith(keys.KEY_PREFIX):
+                raise Unauthorized("Malformed x-api-key header; expected 'ck_...'")
+            return f"Bearer {api_key.strip()}"
+    return authorization
 
 
 class AuthRateLimitMiddleware:
@@ -31,9 +47,7 @@ class AuthRateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            principal = await keys.authenticate(
-                self.services.db, Headers(scope=scope).get("authorization")
-            )
+            principal = await keys.authenticate(self.services.db, _authorization(scope))
         except HyperealError as exc:
             await error_response(exc)(scope, receive, send)
             return
