@@ -8,14 +8,16 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from hypereal.api.routes.messages import StopAt
 from hypereal.app import create_app
+from hypereal.backends.base import ChatDelta
 from hypereal.domain import keys, ledger
 from hypereal.services import Services
 from tests.api.test_chat import TOKENS, make_services, new_key
@@ -516,3 +518,71 @@ async def test_the_local_model_serves_messages_through_the_sdk(
     # one credit at this model's prices. Both turns billed so.
     assert first == 4
     await assert_billed(services, account, 2 * 4)
+
+
+async def test_413_is_anthropic_shaped(services: Services) -> None:
+    settings = services.settings.model_copy(update={"max_request_bytes": 200})
+    app = create_app(settings, services=services)
+    key, _ = await new_key(services, 5000)
+    body = {
+        "model": "test-chat",
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": "x" * 500}],
+    }
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            response = await http.post("/v1/messages", headers={"x-api-key": key}, json=body)
+    assert response.status_code == 413
+    assert response.json()["type"] == "error"
+    assert response.json()["error"]["type"] == "request_too_large"
+    assert response.json()["error"]["message"].startswith("Request body too large")
+
+
+async def test_a_client_leaving_a_stream_stops_the_backend_and_pays_what_was_generated(
+    live_url: str, services: Services
+) -> None:
+    key, account = await new_key(services, 5000)
+    async with httpx.AsyncClient(timeout=30) as http:
+        async with http.stream(
+            "POST",
+            f"{live_url}/v1/messages",
+            headers={"x-api-key": key},
+            json={"model": "slow-chat", "max_tokens": 100, "messages": HELLO, "stream": True},
+        ) as response:
+            deltas = 0
+            async for line in response.aiter_lines():
+                deltas += line == "event: content_block_delta"
+                if deltas == 3:
+                    break
+    run = ScriptedChat.runs["slow"]
+    for _ in range(100):  # the server notices the disconnect and settles
+        if run["stopped"] and await ledger.balance(services.db, account) > 5000 - 102:
+            break
+        await asyncio.sleep(0.05)
+    produced = run["produced"]
+    assert run["stopped"] and not run["finished"] and produced < len(TOKENS)
+    await assert_billed(services, account, 2 + produced)
+
+
+@pytest.mark.parametrize(
+    ("pieces", "stops", "sent", "matched"),
+    [
+        (["ab", "cd"], ["bc"], "a", "bc"),
+        (["a", "b", "c"], ["abd"], "abc", None),  # held back, then released at the end
+        (["xa", "bx"], ["ab", "b"], "x", "ab"),  # the earliest match wins
+        (["xy", "z"], ["z", "yz"], "x", "yz"),
+        (["hello"], [], "hello", None),
+    ],
+)
+async def test_stop_at_cuts_at_the_first_sequence(
+    pieces: list[str], stops: list[str], sent: str, matched: str | None
+) -> None:
+    async def source() -> AsyncGenerator[ChatDelta]:
+        for piece in pieces:
+            yield ChatDelta(text=piece)
+
+    stop = StopAt(stops)
+    out = [delta.text async for delta in stop.deltas(source())]
+    assert "".join(out) == stop.text == sent
+    assert stop.matched == matched
