@@ -586,3 +586,42 @@ async def test_stop_at_cuts_at_the_first_sequence(
     out = [delta.text async for delta in stop.deltas(source())]
     assert "".join(out) == stop.text == sent
     assert stop.matched == matched
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"role":"user","content":"\\ud800"}', "messages[0].content"),
+        (b'{"role":"user","content":[{"type":"text","text":"a\\udfffb"}]}', "messages[0].content"),
+    ],
+)
+async def test_a_lone_surrogate_is_a_400_before_any_charge(
+    http: httpx.AsyncClient, services: Services, body: bytes, field: str
+) -> None:
+    key, account = await new_key(services, 5000)
+    raw = b'{"model":"test-chat","max_tokens":5,"messages":[' + body + b"]}"
+    response = await http.post(
+        "/v1/messages",
+        headers={"x-api-key": key, "Content-Type": "application/json"},
+        content=raw,
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"].startswith(f"Invalid value for '{field}': ")
+    await assert_billed(services, account, 0)
+
+
+async def test_a_lone_surrogate_in_system_is_a_400(
+    http: httpx.AsyncClient, services: Services
+) -> None:
+    key, _ = await new_key(services, 5000)
+    raw = (
+        b'{"model":"test-chat","max_tokens":5,"system":"\\ud800",'
+        b'"messages":[{"role":"user","content":"hi"}]}'
+    )
+    response = await http.post(
+        "/v1/messages",
+        headers={"x-api-key": key, "Content-Type": "application/json"},
+        content=raw,
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["message"].startswith("Invalid value for 'system': ")
