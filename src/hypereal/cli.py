@@ -1,4 +1,6 @@
-"""``hypereal`` command line: serve, migrate, keys, credits, models."""
+"""``hypereal`` command line. Operator commands on the database: serve, migrate, worker, keys,
+credits, models, webhooks. End-user commands over HTTP with an API key (in
+``hypereal.client.cli``): run, chat, jobs, balance, usage."""
 
 from __future__ import annotations
 
@@ -11,12 +13,17 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
+from hypereal.client.cli import register as register_client_commands
 from hypereal.domain import keys, ledger
 from hypereal.domain.errors import HyperealError
 from hypereal.services import Services, build_services
 from hypereal.settings import Settings
 
-app = typer.Typer(help="Self-hosted Hypereal API server.", no_args_is_help=True)
+app = typer.Typer(
+    help="Self-hosted Hypereal API: run the server and manage it (operator commands, on the "
+    "database), or use it (run, chat, jobs, balance, usage: over HTTP with HYPEREAL_API_KEY).",
+    no_args_is_help=True,
+)
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
 credits_app = typer.Typer(help="Grant credits and read balances.", no_args_is_help=True)
 models_app = typer.Typer(help="The model catalogue.", no_args_is_help=True)
@@ -271,6 +278,14 @@ def _price_text(spec: object) -> str:
         return f"{rule.credits_per_second}/s (min {rule.minimum})"
     return f"{rule.base_credits} + tokens"
 
+
+# The operator commands above in one help panel, the end-user ones in another.
+OPERATOR_PANEL = "Run and manage the server (on its database)"
+for _command in app.registered_commands:
+    _command.rich_help_panel = OPERATOR_PANEL
+for _group in app.registered_groups:
+    _group.rich_help_panel = OPERATOR_PANEL
+register_client_commands(app)
 
 if __name__ == "__main__":
     app()
