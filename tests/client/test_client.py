@@ -107,10 +107,13 @@ def test_jobs_submit_get_list_cancel_and_wait(
         assert [j.id for j in listed] == [mesh.id, long.id]
         assert [j.id for j in client.jobs.list(type="3d")] == [mesh.id]
         assert len(list(client.jobs.list(limit=1))) == 1
+        assert [j.id for j in client.jobs.list(page_size=1)] == [mesh.id, long.id]  # 2 pages
         assert client.balance().balance == 200 - 5
         entries = list(client.usage())
         assert [e.type for e in entries] == ["debit", "refund", "debit", "grant"]
         assert entries[1].refund_of == entries[2].id
+        assert list(client.usage(page_size=1)) == entries
+        assert list(client.usage(limit=3, page_size=2)) == entries[:3]
 
 
 def test_streamed_chat_with_the_local_model(server: Server, make_user: MakeUser) -> None:

@@ -282,12 +282,14 @@ class AsyncClient:
     async def balance(self) -> Balance:
         return Balance.from_json(await self._json("GET", "/v1/credits"))
 
-    async def usage(self, *, limit: int | None = None) -> AsyncIterator[LedgerEntry]:
+    async def usage(
+        self, *, limit: int | None = None, page_size: int = 200
+    ) -> AsyncIterator[LedgerEntry]:
         """The caller's ledger, newest first: ``async for entry in client.usage()``."""
         yielded = 0
         before: Any = None
         while True:
-            size = 200 if limit is None else max(1, min(200, limit - yielded))
+            size = max(1, min(page_size, 200, limit - yielded if limit is not None else 200))
             params: dict[str, Any] = {"limit": size}
             if before is not None:
                 params["before"] = before
@@ -474,13 +476,13 @@ class AsyncJobs:
         return (await self._get(job_id))[0]
 
     async def list(
-        self, *, type: str | None = None, limit: int | None = None
+        self, *, type: str | None = None, limit: int | None = None, page_size: int = 100
     ) -> AsyncIterator[Job]:
         client = self._client
         yielded = 0
         before: str | None = None
         while True:
-            size = 100 if limit is None else max(1, min(100, limit - yielded))
+            size = max(1, min(page_size, 100, limit - yielded if limit is not None else 100))
             params: dict[str, Any] = {"limit": size}
             if type is not None:
                 params["type"] = type

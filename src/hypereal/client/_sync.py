@@ -295,13 +295,13 @@ class Client:
         """The caller's credits."""
         return Balance.from_json(self._json("GET", "/v1/credits"))
 
-    def usage(self, *, limit: int | None = None) -> Iterator[LedgerEntry]:
+    def usage(self, *, limit: int | None = None, page_size: int = 200) -> Iterator[LedgerEntry]:
         """The caller's ledger, newest first (pages fetched as the iteration goes on);
         ``limit`` stops after that many entries."""
         yielded = 0
         before: Any = None
         while True:
-            size = 200 if limit is None else max(1, min(200, limit - yielded))
+            size = max(1, min(page_size, 200, limit - yielded if limit is not None else 200))
             params: dict[str, Any] = {"limit": size}
             if before is not None:
                 params["before"] = before
@@ -498,14 +498,16 @@ class Jobs:
         """A job's current state."""
         return self._get(job_id)[0]
 
-    def list(self, *, type: str | None = None, limit: int | None = None) -> Iterator[Job]:
-        """The caller's jobs, newest first (pages fetched as the iteration goes on);
-        ``type``: ``video``, ``audio`` or ``3d``; ``limit`` stops after that many."""
+    def list(
+        self, *, type: str | None = None, limit: int | None = None, page_size: int = 100
+    ) -> Iterator[Job]:
+        """The caller's jobs, newest first, fetched ``page_size`` at a time as the iteration
+        goes on; ``type``: ``video``, ``audio`` or ``3d``; ``limit`` stops after that many."""
         client = self._client
         yielded = 0
         before: str | None = None
         while True:
-            size = 100 if limit is None else max(1, min(100, limit - yielded))
+            size = max(1, min(page_size, 100, limit - yielded if limit is not None else 100))
             params: dict[str, Any] = {"limit": size}
             if type is not None:
                 params["type"] = type
