@@ -192,7 +192,7 @@ async def test_rejected_key_is_reported_as_a_server_side_failure(fal_url: str) -
         await backend.aclose()
 
     assert not caught.value.client_error
-    assert "rejected the configured API key (HTTP 401)" in caught.value.message
+    assert "rejected the configured credentials (HTTP 401)" in caught.value.message
 
 
 async def test_validation_error_at_submit_is_a_client_error_with_fal_message(

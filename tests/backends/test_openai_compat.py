@@ -633,7 +633,7 @@ class _Chunks:
 @pytest.mark.parametrize("end", [b"\n", b"\r\n", b"\r"])
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 1000])
 async def test_sse_events_parse_any_line_end_split_anywhere(end: bytes, size: int) -> None:
-    from hypereal.backends.openai_compat import sse_events
+    from hypereal.backends.upstream.chat import sse_events
 
     text = (
         b": keep-alive" + end + end

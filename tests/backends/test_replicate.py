@@ -223,7 +223,7 @@ async def test_rejected_token_is_reported_as_a_server_side_failure(api_url: str)
         (422, True, "- input.prompt: prompt is too long"),
         (402, False, "HTTP 402"),
         (404, False, "HTTP 404"),
-        (500, False, "Replicate failed with HTTP 500"),
+        (500, False, "Replicate failed (HTTP 500)"),
     ],
 )
 async def test_create_errors_map_to_backend_errors(

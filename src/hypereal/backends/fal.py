@@ -36,15 +36,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hypereal.backends._upstream import (
-    ProgressReporter,
-    UpstreamClient,
-    UpstreamOptions,
-    apply_input_map,
-    cancel_quietly,
-    create_then_guard,
-    to_data_uri,
-)
 from hypereal.backends.base import (
     BackendError,
     BackendUnavailable,
@@ -53,6 +44,15 @@ from hypereal.backends.base import (
     JobResult,
     MediaBlob,
     ProgressCallback,
+)
+from hypereal.backends.upstream.http import UpstreamHttp
+from hypereal.backends.upstream.jobs import CANCEL_TIMEOUT, JobStatus, ProgressReporter, run_job
+from hypereal.backends.upstream.media import to_data_uri
+from hypereal.backends.upstream.options import (
+    HttpOptions,
+    JobOptions,
+    apply_input_map,
+    input_map_option,
 )
 
 PROVIDER = "fal.ai"
@@ -67,7 +67,6 @@ _OUTPUT_KEYS: Mapping[str, tuple[str, ...]] = {
 }
 # Namespaced app ids keep one more path segment in their queue root (fal-client's AppId rule).
 _NAMESPACES = ("workflows", "comfy")
-_CANCEL_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -88,18 +87,27 @@ class FalQueue:
     """ImageBackend, VideoBackend, AudioBackend and MeshBackend over fal.ai's queue."""
 
     def __init__(self, options: Mapping[str, Any]) -> None:
-        self._options = UpstreamOptions.parse(
-            options, provider=PROVIDER, default_base_url=DEFAULT_BASE_URL, key_hint="your FAL_KEY"
+        self._jobs = JobOptions.parse(options, backend=PROVIDER, poll_interval=1.0)
+        http = HttpOptions.parse(
+            options,
+            backend=PROVIDER,
+            default_base_url=DEFAULT_BASE_URL,
+            api_key_hint="your FAL_KEY",
+            timeout=60.0,
+            download_timeout=self._jobs.timeout,
+            retries=4,
+            max_download_bytes=512 << 20,
         )
+        self._input_map = input_map_option(options, PROVIDER)
         output_key = options.get("output_key")
         if output_key is not None and not isinstance(output_key, str):
             raise BackendUnavailable("The fal.ai backend option `output_key` must be a string.")
         self._output_key = output_key
-        self._client = UpstreamClient(PROVIDER, self._options, f"Key {self._options.api_key}")
+        self._http = UpstreamHttp(PROVIDER, http, auth=f"Key {http.api_key}")
 
     async def aclose(self) -> None:
         """Close the HTTP connection pool."""
-        await self._client.aclose()
+        await self._http.aclose()
 
     # ------------------------------------------------------------------ modalities
 
@@ -118,7 +126,7 @@ class FalQueue:
         arguments.update(request.params)
         result = await self._run(_model_id(request.upstream_model), arguments, None)
         outputs = self._outputs(result, "images")
-        return [await self._client.download(out.url, out.content_type) for out in outputs]
+        return [await self._http.download(out.url, out.content_type) for out in outputs]
 
     async def generate_video(self, request: JobRequest, progress: ProgressCallback) -> JobResult:
         """Run a video model. Raises BackendError."""
@@ -141,74 +149,28 @@ class FalQueue:
         reporter = ProgressReporter(progress)
         result = await self._run(_model_id(request.upstream_model), arguments, reporter)
         output = self._outputs(result, kind)[0]
-        blob = await self._client.download(output.url, output.content_type)
+        blob = await self._http.download(output.url, output.content_type)
         await reporter.done()
         return JobResult(output=blob)
 
     async def _run(
         self, model_id: str, arguments: Mapping[str, Any], reporter: ProgressReporter | None
     ) -> dict[str, Any]:
-        """Submit, wait for completion and return the result JSON; cancels the fal request when
-        our task is cancelled or the overall timeout passes."""
-        payload = apply_input_map(arguments, self._options.input_map)
-        try:
-            async with asyncio.timeout(self._options.timeout):
-                handle = await create_then_guard(
-                    self._submit(model_id, payload),
-                    self._cancel,
-                    grace=self._options.request_timeout,
-                )
-                try:
-                    await self._wait(handle, reporter)
-                except asyncio.CancelledError:
-                    await self._cancel(handle)
-                    raise
-        except TimeoutError:
-            raise BackendError(
-                f"fal.ai did not finish {model_id} within {self._options.timeout:g} s; "
-                "the request was cancelled"
-            ) from None
-        if reporter:
-            await reporter.fetching()
-        return await self._client.call_json("GET", handle.response_url)
-
-    async def _submit(self, model_id: str, payload: Mapping[str, Any]) -> _Handle:
-        body = await self._client.call_json(
-            "POST", f"{self._options.base_url}/{model_id}", json=payload
+        """Submit, wait for completion and return the result JSON through the job driver
+        (cancelled upstream on our cancel or the overall timeout)."""
+        job = _FalJob(
+            self._http,
+            model_id,
+            apply_input_map(arguments, self._input_map),
+            logs=reporter is not None,
         )
-        request_id = body.get("request_id")
-        if not isinstance(request_id, str) or not request_id:
-            raise BackendError("fal.ai accepted the request but returned no request_id")
-        root = f"{self._options.base_url}/{_queue_root(model_id)}/requests/{request_id}"
-        api_url = self._client.api_url
-        return _Handle(
-            request_id=request_id,
-            status_url=api_url(body.get("status_url"), f"{root}/status"),
-            response_url=api_url(body.get("response_url"), root),
-            cancel_url=api_url(body.get("cancel_url"), f"{root}/cancel"),
-        )
-
-    async def _wait(self, handle: _Handle, reporter: ProgressReporter | None) -> None:
-        while True:
-            status = await self._client.call_json(
-                "GET", handle.status_url, params={"logs": "1" if reporter else "0"}
-            )
-            state = status.get("status")
-            if state == "COMPLETED":
-                # A failed request is COMPLETED too; its error comes back from response_url.
-                return
-            if state not in ("IN_QUEUE", "IN_PROGRESS"):
-                raise BackendError(f"fal.ai reported an unknown request status: {state!r}")
-            if reporter and state == "IN_QUEUE":
-                position = status.get("queue_position")
-                await reporter.queued(position if isinstance(position, int) else None)
-            elif reporter:
-                await reporter.running(_log_text(status.get("logs")))
-            await asyncio.sleep(self._options.poll_interval)
-
-    async def _cancel(self, handle: _Handle) -> None:
-        await cancel_quietly(
-            PROVIDER, self._client.call("PUT", handle.cancel_url, http_timeout=_CANCEL_TIMEOUT)
+        return await run_job(
+            job,
+            provider=PROVIDER,
+            timeout=self._jobs.timeout,
+            poll_interval=self._jobs.poll_interval,
+            submit_grace=self._http.options.request_timeout,
+            reporter=reporter,
         )
 
     def _outputs(self, result: Mapping[str, Any], kind: str) -> list[_Output]:
@@ -218,6 +180,59 @@ class FalQueue:
             if outputs:
                 return outputs if kind == "images" else outputs[:1]
         raise BackendError(f"fal.ai result has no {kind} output (looked for {', '.join(keys)})")
+
+
+class _FalJob:
+    """One fal queue request, for :func:`run_job`."""
+
+    cancellable = True
+    queued_on_submit = False
+
+    def __init__(
+        self, http: UpstreamHttp, model_id: str, payload: Mapping[str, Any], *, logs: bool
+    ) -> None:
+        self._http = http
+        self._model_id = model_id
+        self._payload = payload
+        self._logs = "1" if logs else "0"
+
+    async def submit(self) -> _Handle:
+        http = self._http
+        body = await http.request_json("POST", self._model_id, json=self._payload)
+        request_id = body.get("request_id")
+        if not isinstance(request_id, str) or not request_id:
+            raise BackendError("fal.ai accepted the request but returned no request_id")
+        root = http.url(f"{_queue_root(self._model_id)}/requests/{request_id}")
+        return _Handle(
+            request_id=request_id,
+            status_url=http.api_url(body.get("status_url"), f"{root}/status"),
+            response_url=http.api_url(body.get("response_url"), root),
+            cancel_url=http.api_url(body.get("cancel_url"), f"{root}/cancel"),
+        )
+
+    async def status(self, handle: _Handle) -> JobStatus:
+        status = await self._http.request_json(
+            "GET", handle.status_url, params={"logs": self._logs}
+        )
+        state = status.get("status")
+        if state == "COMPLETED":
+            # A failed request is COMPLETED too; its error comes back from response_url.
+            return JobStatus("done")
+        if state == "IN_QUEUE":
+            position = status.get("queue_position")
+            return JobStatus("queued", position=position if isinstance(position, int) else None)
+        if state == "IN_PROGRESS":
+            return JobStatus("running", logs=_log_text(status.get("logs")))
+        raise BackendError(f"fal.ai reported an unknown request status: {state!r}")
+
+    async def wait(self, handle: _Handle, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    async def cancel(self, handle: _Handle) -> None:
+        await self._http.request("PUT", handle.cancel_url, timeout=CANCEL_TIMEOUT)
+
+    async def result(self, handle: _Handle) -> dict[str, Any]:
+        return await self._http.request_json("GET", handle.response_url)
 
 
 def _model_id(upstream_model: str | None) -> str:

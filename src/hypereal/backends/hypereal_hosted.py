@@ -14,8 +14,12 @@ Protocol (every call ``Authorization: Bearer <key>``; errors ``{"error": "..."}`
 
 Input media (the engine has already fetched them) are sent as ``data:`` URIs in the field of
 the same name (``input.image``, ``input.audio``); a source image of an edit goes in ``image``
-(and every one in ``images`` when there are several). There is no cancel call: a job we stop
-waiting for keeps running upstream.
+(and every one in ``images`` when there are several).
+
+Jobs run through the shared submit -> poll -> fetch driver (``backends/upstream/jobs.py``), so
+they time out like fal.ai and Replicate jobs. The hosted API has no cancel call (its document
+lists only submit and ``GET /v1/jobs/{id}``): a job we stop waiting for, on our cancel or the
+``timeout``, keeps running (and is billed) upstream.
 
 Options (``[backends.NAME]`` with ``type = "hypereal"``):
 
@@ -28,24 +32,23 @@ Options (``[backends.NAME]`` with ``type = "hypereal"``):
 ``poll_interval`` / ``timeout`` / ``request_timeout``
     Seconds between job polls (2), for a whole job (1800) and for one HTTP call, which for
     a chat stream is the longest silence between chunks (300).
-``headers`` / ``retries`` / ``retry_backoff`` / ``max_download_bytes``
-    As for the OpenAI-compatible backend: extra headers, transient-failure retries (2), backoff
-    factor (0.5 s), largest output file accepted (64 MiB).
+``headers`` / ``retries`` / ``retry_backoff`` / ``max_download_bytes`` / ``max_connections``
+    As for every upstream backend: extra headers, transient-failure retries (2), backoff
+    factor (0.5 s), largest output file accepted (64 MiB), connections kept (1000).
+``allowed_private_networks``
+    Non-public networks (CIDRs) output files may come from; the ``base_url`` origin always may.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from typing import Any
 
-from hypereal.backends._upstream import ProgressReporter, to_data_uri
 from hypereal.backends.base import (
     BackendError,
-    BackendUnavailable,
     ChatDelta,
     ChatRequest,
     ImageRequest,
@@ -54,17 +57,17 @@ from hypereal.backends.base import (
     MediaBlob,
     ProgressCallback,
 )
-from hypereal.backends.openai_compat import (
-    UpstreamHttp,
-    chat_deltas,
-    estimate_prompt_tokens,
-    option_number,
-    option_str,
-)
+from hypereal.backends.upstream.chat import chat_deltas, estimate_prompt_tokens
+from hypereal.backends.upstream.http import UpstreamHttp
+from hypereal.backends.upstream.jobs import JobStatus, ProgressReporter, run_job
+from hypereal.backends.upstream.media import to_data_uri
+from hypereal.backends.upstream.options import HttpOptions, JobOptions, option_str
 
 logger = logging.getLogger(__name__)
 
-PROVIDER = "upstream Hypereal API"
+PROVIDER = "the upstream Hypereal API"
+BACKEND = "hosted Hypereal"
+_SUBJECT = "The upstream Hypereal API"
 DEFAULT_BASE_URL = "https://api.hypereal.cloud"
 
 # Job kind -> (submit path, ``type`` query value of the poll).
@@ -80,22 +83,16 @@ class HyperealHosted:
     """Chat, images, video, audio and 3D served by a hosted Hypereal account."""
 
     def __init__(self, options: Mapping[str, Any]) -> None:
-        api_key = option_str(options, "api_key", PROVIDER)
-        if not api_key:
-            raise BackendUnavailable(
-                "The hosted Hypereal backend needs `api_key`, an API key of the hosted account."
-            )
-        base_url = option_str(options, "base_url", PROVIDER) or DEFAULT_BASE_URL
-        self._chat_path = option_str(options, "chat_path", PROVIDER) or "/v1/spicy-chat"
-        self._poll_interval = option_number(options, "poll_interval", 2.0, PROVIDER)
-        self._timeout = option_number(options, "timeout", 1800.0, PROVIDER)
-        self._http = UpstreamHttp(
-            PROVIDER,
+        http = HttpOptions.parse(
             options,
-            base_url=base_url,
-            api_key=api_key,
-            timeout=option_number(options, "request_timeout", 300.0, PROVIDER),
+            backend=BACKEND,
+            default_base_url=DEFAULT_BASE_URL,
+            api_key_hint="an API key of the hosted account",
+            timeout=300.0,
         )
+        self._chat_path = option_str(options, "chat_path", BACKEND) or "/v1/spicy-chat"
+        self._jobs = JobOptions.parse(options, backend=BACKEND, poll_interval=2.0)
+        self._http = UpstreamHttp(PROVIDER, http, auth=f"Bearer {http.api_key}")
 
     async def aclose(self) -> None:
         """Close the connection pool."""
@@ -149,7 +146,7 @@ class HyperealHosted:
             body["image"] = uris[0]
             if len(uris) > 1:
                 body["images"] = uris
-        answer = await self._http.post_json("/v1/images/generate", body)
+        answer = await self._http.request_json("POST", "/v1/images/generate", json=body)
         items = answer.get("data")
         urls = (
             [item.get("url") for item in items if isinstance(item, dict)]
@@ -157,7 +154,7 @@ class HyperealHosted:
             else []
         )
         if not urls or not all(isinstance(url, str) and url for url in urls):
-            raise BackendError(f"The {PROVIDER} answered without image URLs")
+            raise BackendError(f"{_SUBJECT} answered without image URLs")
         return [await self._http.download(str(url)) for url in urls]
 
     # ------------------------------------------------------------------------ jobs
@@ -185,40 +182,66 @@ class HyperealHosted:
         path, job_type = _JOB_ROUTES[kind]
         model = _model_id(request.upstream_model)
         media = {name: to_data_uri(blob) for name, blob in request.media.items()}
-        accepted = await self._http.post_json(
-            path, {"model": model, "input": {**request.input, **media}}
-        )
-        job_id = accepted.get("jobId")
-        if not isinstance(job_id, str) or not job_id:
-            raise BackendError(f"The {PROVIDER} accepted the job without a jobId")
+        job = _HostedJob(self._http, path, job_type, model, {**request.input, **media})
         reporter = ProgressReporter(progress)
-        await reporter.queued(None)
-        deadline = time.monotonic() + self._timeout
-        params = {"model": model, "type": job_type}
-        while True:
-            state = await self._http.get_json(f"/v1/jobs/{job_id}", params)
-            status = str(state.get("status") or "").lower()
-            if status == "completed":
-                break
-            if status == "failed":
-                reason = state.get("error") or "no reason given"
-                raise BackendError(f"The {PROVIDER} job {job_id} failed: {reason}")
-            if status in _QUEUED_STATES:
-                await reporter.queued(None)
-            else:
-                await reporter.running(None)
-            if time.monotonic() + self._poll_interval > deadline:
-                raise BackendError(
-                    f"The {PROVIDER} job {job_id} did not finish within {self._timeout:g} s"
-                )
-            await asyncio.sleep(self._poll_interval)
-        output_url = state.get("outputUrl")
-        if not isinstance(output_url, str) or not output_url:
-            raise BackendError(f"The {PROVIDER} job {job_id} completed without an outputUrl")
-        await reporter.fetching()
+        output_url = await run_job(
+            job,
+            provider=PROVIDER,
+            timeout=self._jobs.timeout,
+            poll_interval=self._jobs.poll_interval,
+            submit_grace=self._http.options.request_timeout,
+            reporter=reporter,
+        )
         output = await self._http.download(output_url)
         await reporter.done()
         return JobResult(output=output)
+
+
+class _HostedJob:
+    """One hosted job, for :func:`run_job`. Not cancellable: the API has no cancel call."""
+
+    cancellable = False
+    queued_on_submit = True
+
+    def __init__(
+        self, http: UpstreamHttp, path: str, job_type: str, model: str, job_input: dict[str, Any]
+    ) -> None:
+        self._http = http
+        self._path = path
+        self._params = {"model": model, "type": job_type}
+        self._input = job_input
+        self._state: dict[str, Any] = {}
+
+    async def submit(self) -> str:
+        body = {"model": self._params["model"], "input": self._input}
+        accepted = await self._http.request_json("POST", self._path, json=body)
+        job_id = accepted.get("jobId")
+        if not isinstance(job_id, str) or not job_id:
+            raise BackendError(f"{_SUBJECT} accepted the job without a jobId")
+        return job_id
+
+    async def status(self, handle: str) -> JobStatus:
+        state = await self._http.request_json("GET", f"/v1/jobs/{handle}", params=self._params)
+        self._state = state
+        status = str(state.get("status") or "").lower()
+        if status == "completed":
+            return JobStatus("done")
+        if status == "failed":
+            reason = state.get("error") or "no reason given"
+            raise BackendError(f"{_SUBJECT} job {handle} failed: {reason}")
+        return JobStatus("queued" if status in _QUEUED_STATES else "running")
+
+    async def wait(self, handle: str, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    async def cancel(self, handle: str) -> None:  # never called: not cancellable
+        raise NotImplementedError
+
+    async def result(self, handle: str) -> str:
+        output_url = self._state.get("outputUrl")
+        if not isinstance(output_url, str) or not output_url:
+            raise BackendError(f"{_SUBJECT} job {handle} completed without an outputUrl")
+        return output_url
 
 
 def _model_id(upstream_model: str | None) -> str:

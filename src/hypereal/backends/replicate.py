@@ -54,15 +54,6 @@ from typing import Any
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from hypereal.backends._upstream import (
-    ProgressReporter,
-    UpstreamClient,
-    UpstreamOptions,
-    apply_input_map,
-    cancel_quietly,
-    create_then_guard,
-    to_data_uri,
-)
 from hypereal.backends.base import (
     BackendError,
     BackendUnavailable,
@@ -73,13 +64,21 @@ from hypereal.backends.base import (
     ProgressCallback,
     WebhookRejected,
 )
+from hypereal.backends.upstream.http import UpstreamHttp
+from hypereal.backends.upstream.jobs import CANCEL_TIMEOUT, JobStatus, ProgressReporter, run_job
+from hypereal.backends.upstream.media import to_data_uri
+from hypereal.backends.upstream.options import (
+    HttpOptions,
+    JobOptions,
+    apply_input_map,
+    input_map_option,
+)
 
 PROVIDER = "Replicate"
 DEFAULT_BASE_URL = "https://api.replicate.com/v1"
 
 _RUNNING = frozenset({"starting", "processing"})
 _VERSION_ID = re.compile(r"^[0-9a-f]{64}$")
-_CANCEL_TIMEOUT = 10.0
 # Deliveries that came before their prediction's poll began (or for another process's).
 _EARLY_DELIVERIES = 1024
 
@@ -105,12 +104,18 @@ class ReplicatePredictions:
     a WebhookReceiver for its pushes when ``webhook_secret`` is set."""
 
     def __init__(self, options: Mapping[str, Any]) -> None:
-        self._options = UpstreamOptions.parse(
+        self._jobs = JobOptions.parse(options, backend=PROVIDER, poll_interval=1.0)
+        http = HttpOptions.parse(
             options,
-            provider=PROVIDER,
+            backend=PROVIDER,
             default_base_url=DEFAULT_BASE_URL,
-            key_hint="your REPLICATE_API_TOKEN",
+            api_key_hint="your REPLICATE_API_TOKEN",
+            timeout=60.0,
+            download_timeout=self._jobs.timeout,
+            retries=4,
+            max_download_bytes=512 << 20,
         )
+        self._input_map = input_map_option(options, PROVIDER)
         prefer_wait = options.get("prefer_wait", 10)
         # Replicate accepts Prefer: wait=1..60; 0 means async mode (no header).
         if (
@@ -127,11 +132,11 @@ class ReplicatePredictions:
         # Prediction id -> set when its verified webhook arrives (ends that poll's wait).
         self._nudges: dict[str, asyncio.Event] = {}
         self._early: dict[str, None] = {}
-        self._client = UpstreamClient(PROVIDER, self._options, f"Bearer {self._options.api_key}")
+        self._http = UpstreamHttp(PROVIDER, http, auth=f"Bearer {http.api_key}")
 
     async def aclose(self) -> None:
         """Close the HTTP connection pool."""
-        await self._client.aclose()
+        await self._http.aclose()
 
     # ------------------------------------------------------------------ modalities
 
@@ -150,7 +155,7 @@ class ReplicatePredictions:
             arguments["images"] = uris
         arguments.update(request.params)
         prediction = await self._run(request.upstream_model, arguments, None, self._prefer_wait)
-        return [await self._client.download(url) for url in _output_urls(prediction.body)]
+        return [await self._http.download(url) for url in _output_urls(prediction.body)]
 
     async def generate_video(self, request: JobRequest, progress: ProgressCallback) -> JobResult:
         """Run a video model. Raises BackendError."""
@@ -175,7 +180,7 @@ class ReplicatePredictions:
         # a user's cancel has to wait for it before it can reach the prediction.
         prediction = await self._run(request.upstream_model, arguments, reporter, 0)
         await reporter.fetching()
-        blob = await self._client.download(_output_urls(prediction.body)[0])
+        blob = await self._http.download(_output_urls(prediction.body)[0])
         await reporter.done()
         return JobResult(output=blob)
 
@@ -186,26 +191,24 @@ class ReplicatePredictions:
         reporter: ProgressReporter | None,
         wait: int,
     ) -> _Prediction:
-        """Create the prediction and poll it to a terminal state; cancels it upstream when our
-        task is cancelled or the overall timeout passes. Returns the succeeded prediction."""
-        payload = apply_input_map(arguments, self._options.input_map)
+        """Create the prediction and poll it to a terminal state through the job driver
+        (cancelled upstream on our cancel or the overall timeout). Returns the succeeded
+        prediction."""
+        job = _PredictionJob(
+            self, upstream_model, apply_input_map(arguments, self._input_map), wait
+        )
         try:
-            async with asyncio.timeout(self._options.timeout):
-                prediction = await create_then_guard(
-                    self._create(upstream_model, payload, wait),
-                    self._cancel,
-                    grace=self._options.request_timeout + wait,
-                )
-                try:
-                    prediction = await self._poll(prediction, reporter)
-                except asyncio.CancelledError:
-                    await self._cancel(prediction)
-                    raise
-        except TimeoutError:
-            raise BackendError(
-                f"Replicate did not finish the prediction within {self._options.timeout:g} s; "
-                "it was cancelled"
-            ) from None
+            prediction = await run_job(
+                job,
+                provider=PROVIDER,
+                timeout=self._jobs.timeout,
+                poll_interval=self._jobs.poll_interval,
+                submit_grace=self._http.options.request_timeout + wait,
+                reporter=reporter,
+            )
+        finally:
+            if job.prediction_id is not None:
+                self._nudges.pop(job.prediction_id, None)
         if prediction.status == "succeeded":
             return prediction
         if prediction.status == "canceled":
@@ -223,37 +226,25 @@ class ReplicatePredictions:
         body: dict[str, Any] = {"input": dict(payload), **self._webhook}
         if version:
             body["version"] = version
-            url = f"{self._options.base_url}/predictions"
+            path = "predictions"
         else:
-            url = f"{self._options.base_url}/models/{owner_name}/predictions"
+            path = f"models/{owner_name}/predictions"
         headers = {"Prefer": f"wait={wait}"} if wait else None
-        timeout = self._options.request_timeout + wait
-        created = await self._client.call_json(
-            "POST", url, json=body, headers=headers, http_timeout=timeout
+        timeout = self._http.options.request_timeout + wait
+        created = await self._http.request_json(
+            "POST", path, json=body, headers=headers, timeout=timeout
         )
         return self._prediction(created)
 
-    async def _poll(
-        self, prediction: _Prediction, reporter: ProgressReporter | None
-    ) -> _Prediction:
-        prediction_id = prediction.id
+    async def _get(self, prediction: _Prediction) -> _Prediction:
+        return self._prediction(await self._http.request_json("GET", prediction.get_url))
+
+    async def _wait(self, prediction_id: str, seconds: float) -> None:
+        """Wait ``seconds`` before the next poll, less when the prediction's webhook comes."""
         nudge = self._nudge_for(prediction_id)
-        try:
-            while prediction.status in _RUNNING:
-                if reporter and prediction.status == "starting":
-                    await reporter.queued(None)
-                elif reporter:
-                    logs = prediction.body.get("logs")
-                    await reporter.running(logs if isinstance(logs, str) else None)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(nudge.wait(), self._options.poll_interval)
-                nudge.clear()
-                prediction = self._prediction(
-                    await self._client.call_json("GET", prediction.get_url)
-                )
-        finally:
-            self._nudges.pop(prediction_id, None)
-        return prediction
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(nudge.wait(), seconds)
+        nudge.clear()
 
     def _nudge_for(self, prediction_id: str) -> asyncio.Event:
         """The event a webhook for ``prediction_id`` sets; already set when it came early."""
@@ -284,9 +275,7 @@ class ReplicatePredictions:
         return False
 
     async def _cancel(self, prediction: _Prediction) -> None:
-        await cancel_quietly(
-            PROVIDER, self._client.call("POST", prediction.cancel_url, http_timeout=_CANCEL_TIMEOUT)
-        )
+        await self._http.request("POST", prediction.cancel_url, timeout=CANCEL_TIMEOUT)
 
     def _prediction(self, body: dict[str, Any]) -> _Prediction:
         prediction_id = body.get("id")
@@ -295,13 +284,69 @@ class ReplicatePredictions:
         urls = body.get("urls")
         if not isinstance(urls, Mapping):
             urls = {}
-        own = f"{self._options.base_url}/predictions/{prediction_id}"
+        own = self._http.url(f"predictions/{prediction_id}")
         return _Prediction(
             id=prediction_id,
-            get_url=self._client.api_url(urls.get("get"), own),
-            cancel_url=self._client.api_url(urls.get("cancel"), f"{own}/cancel"),
+            get_url=self._http.api_url(urls.get("get"), own),
+            cancel_url=self._http.api_url(urls.get("cancel"), f"{own}/cancel"),
             body=body,
         )
+
+
+class _PredictionJob:
+    """One prediction, for :func:`run_job`: the create call's answer is its first status (a
+    ``Prefer: wait`` create may come back finished); a webhook ends a poll wait early."""
+
+    cancellable = True
+    queued_on_submit = False
+
+    def __init__(
+        self,
+        backend: ReplicatePredictions,
+        upstream_model: str | None,
+        payload: Mapping[str, Any],
+        wait: int,
+    ) -> None:
+        self._backend = backend
+        self._upstream_model = upstream_model
+        self._payload = payload
+        self._prefer_wait = wait
+        self._latest: _Prediction | None = None
+        self._fresh = False
+
+    async def submit(self) -> _Prediction:
+        created = await self._backend._create(
+            self._upstream_model, self._payload, self._prefer_wait
+        )
+        self._latest, self._fresh = created, True
+        return created
+
+    async def status(self, handle: _Prediction) -> JobStatus:
+        if self._fresh and self._latest is not None:
+            prediction = self._latest
+            self._fresh = False
+        else:
+            prediction = self._latest = await self._backend._get(self._latest or handle)
+        if prediction.status not in _RUNNING:
+            return JobStatus("done")
+        if prediction.status == "starting":
+            return JobStatus("queued")
+        logs = prediction.body.get("logs")
+        return JobStatus("running", logs=logs if isinstance(logs, str) else None)
+
+    async def wait(self, handle: _Prediction, seconds: float) -> None:
+        await self._backend._wait(handle.id, seconds)
+
+    async def cancel(self, handle: _Prediction) -> None:
+        await self._backend._cancel(handle)
+
+    @property
+    def prediction_id(self) -> str | None:
+        """The prediction's id once created."""
+        return self._latest.id if self._latest is not None else None
+
+    async def result(self, handle: _Prediction) -> _Prediction:
+        return self._latest or handle
 
 
 def _parse_model(upstream_model: str | None) -> tuple[str | None, str | None]:
