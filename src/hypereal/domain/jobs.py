@@ -632,6 +632,37 @@ async def expired_jobs(db: Database, limit: int = 100) -> list[JobView]:
     return await db.read(_expired_op, limit)
 
 
+def _running_op(_: Dialect, limit: int) -> Ops[list[JobView]]:
+    rows = yield Sql.all(
+        "SELECT * FROM jobs WHERE state = 'processing' ORDER BY started_at, id LIMIT :limit",
+        limit=limit,
+    )
+    return [_view(row) for row in rows]
+
+
+async def running_jobs(db: Database, limit: int = 1000) -> list[JobView]:
+    """Every running job, whatever its lease."""
+    return await db.read(_running_op, limit)
+
+
+def _end_lease_op(_: Dialect, job_id: str, worker_id: str | None) -> Ops[bool]:
+    changed = yield Sql.run(
+        "UPDATE jobs SET lease_until = :ended "
+        "WHERE id = :id AND state = 'processing' AND worker_id = :worker",
+        ended=utcnow() - timedelta(seconds=1),
+        id=job_id,
+        worker=worker_id,
+    )
+    return bool(changed)
+
+
+async def end_lease(db: Database, job: JobView) -> bool:
+    """End a running job's lease now: its worker is known to be gone. The next sweep
+    (:func:`expired_jobs`) re-queues it, or fails it when out of attempts, as if the lease had
+    run out. False when the job is no longer that worker's."""
+    return await db.write(_end_lease_op, job.id, job.worker_id)
+
+
 _EXPIRED_WHERE = (
     "id = :id AND state = 'processing' AND worker_id = :worker AND lease_until < :expired"
 )

@@ -6,12 +6,19 @@ also runs the maintenance loop: re-queue jobs whose worker died (lease expired),
 out of attempts, re-send queued jobs whose message was lost, settle refunds an ender did
 not note, and send due webhook deliveries. Every step is a conditional UPDATE, so any
 number of processes may run it at once.
+
+An embedded server (no broker) is the only worker of its jobs: at start it ends the leases
+of the running jobs its predecessor left (``kill -9``, a crash), so they run again at once
+instead of holding their model's slots until the leases run out (see
+:meth:`Engine.take_back_predecessors_jobs`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from datetime import timedelta
@@ -148,6 +155,8 @@ class Engine:
         """One maintenance pass (see the module doc). At start-up, every queued job is
         re-sent (an in-process queue does not outlive its process)."""
         db = self.services.db
+        if startup and self.queue is not None:
+            await self.take_back_predecessors_jobs()
         for job in await jobs.expired_jobs(db):
             if job.attempts < self.settings.job_max_attempts:
                 if await jobs.requeue_expired(db, job):
@@ -168,10 +177,43 @@ class Engine:
         for delivery_id in await self.webhooks.due():
             self._spawn(self.webhooks.deliver(delivery_id))
 
+    async def take_back_predecessors_jobs(self) -> None:
+        """Embedded (no broker), this server runs the jobs: a running job it finds at start was
+        left by a process that died without handing it back. Its lease ends now, and the
+        sweep re-runs it (or fails it, out of attempts). Only a job of a process still alive on
+        this host (another embedded server on the same database) keeps its lease. Never
+        called with a broker: there, other workers may be running, and leases are the rule."""
+        for job in await jobs.running_jobs(self.services.db):
+            if job.worker_id == self.worker_id or worker_alive_here(job.worker_id):
+                continue
+            if await jobs.end_lease(self.services.db, job):
+                log.warning(
+                    "job %s: its worker %s is gone (this server restarted); taking it back",
+                    job.id,
+                    job.worker_id,
+                )
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def worker_alive_here(worker_id: str | None) -> bool:
+    """Whether ``worker_id`` (``host:pid:tag``) is a live process of this host other than this
+    one. A worker of this process id is an earlier run of it (a container restarted as pid
+    1); one of another host cannot be checked (False)."""
+    host, _, rest = (worker_id or "").partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
 
 
 def engine_of(services: Services) -> Engine:
