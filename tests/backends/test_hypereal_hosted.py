@@ -307,11 +307,34 @@ async def test_job_without_credits_says_upstream_account_is_out_of_credits(
 
 
 async def test_job_that_never_finishes_times_out(server: str, fake: HyperealFake) -> None:
+    # The shared job driver bounds the whole job (submit and polls) with asyncio.timeout, as
+    # for fal.ai and Replicate; the hosted API has no cancel call, and the message says so.
     fake.default = JobScenario(processing_polls=10_000)
     backend = make_backend(server, fake, timeout=0.3)
     request = JobRequest(job_id="t", input={"prompt": "x"}, upstream_model="wan-2-6-t2v")
-    with pytest.raises(BackendError, match=r"did not finish within 0\.3 s"):
+    with pytest.raises(BackendError, match=r"did not finish within 0\.3 s") as caught:
         await backend.generate_video(request, Progress())
     await backend.aclose()
 
+    assert not caught.value.client_error
+    assert "no cancel call" in caught.value.message
     assert 3 <= len(fake.polls) <= 8
+
+
+async def test_cancelling_the_job_task_stops_polling(
+    backend: HyperealHosted, fake: HyperealFake
+) -> None:
+    fake.default = JobScenario(processing_polls=10_000)
+    request = JobRequest(job_id="c", input={"prompt": "x"}, upstream_model="wan-2-6-t2v")
+    task = asyncio.create_task(backend.generate_video(request, Progress()))
+    async with asyncio.timeout(5):
+        while len(fake.polls) < 2:  # noqa: ASYNC110 (the fake runs in its server thread)
+            await asyncio.sleep(0.01)
+
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    polled = len(fake.polls)
+    await asyncio.sleep(0.2)
+
+    assert len(fake.polls) == polled

@@ -4,7 +4,9 @@ Protocol (https://docs.fal.ai, "Queue"): ``POST {base}/{model_id}`` with the mod
 JSON answers ``{request_id, status_url, response_url, cancel_url}``; ``GET status_url?logs=1``
 answers ``IN_QUEUE`` (with ``queue_position``), ``IN_PROGRESS`` (with ``logs``) or ``COMPLETED``;
 ``GET response_url`` answers the model's output JSON, or the model's error status and ``detail``;
-``PUT cancel_url`` cancels. Every call carries ``Authorization: Key <FAL_KEY>``.
+``PUT cancel_url`` cancels. Every call carries ``Authorization: Key <FAL_KEY>``. The request runs
+through the shared job driver (``backends/upstream/jobs.py``): cancelled at fal when our job is
+cancelled or ``timeout`` passes.
 
 Options (``backends.<name>`` with ``type = "fal"``):
 
@@ -17,7 +19,10 @@ Options (``backends.<name>`` with ``type = "fal"``):
 ``retries`` / ``retry_backoff``
     Retries of transient HTTP failures (4) and the exponential backoff factor (0.5 s).
 ``max_download_bytes``
-    Largest output file accepted (512 MiB).
+    Largest output file accepted (512 MiB); the whole download must end within ``timeout``.
+``headers`` / ``max_connections`` / ``allowed_private_networks``
+    Extra API headers, connections kept (1000), non-public networks (CIDRs) redirects and
+    output files may reach (the ``base_url`` origin always may); see ``backends/upstream``.
 ``input_map``
     Renames of the fields we send, ``{ours: theirs}``; ``null`` drops a field.
 ``output_key``

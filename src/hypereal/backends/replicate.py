@@ -19,7 +19,10 @@ Options (``backends.<name>`` with ``type = "replicate"``):
 ``retries`` / ``retry_backoff``
     Retries of transient HTTP failures (4) and the exponential backoff factor (0.5 s).
 ``max_download_bytes``
-    Largest output file accepted (512 MiB).
+    Largest output file accepted (512 MiB); the whole download must end within ``timeout``.
+``headers`` / ``max_connections`` / ``allowed_private_networks``
+    Extra API headers, connections kept (1000), non-public networks (CIDRs) redirects and
+    output files may reach (the ``base_url`` origin always may); see ``backends/upstream``.
 ``input_map``
     Renames of the fields we send, ``{ours: theirs}``; ``null`` drops a field.
 ``prefer_wait``
