@@ -19,6 +19,7 @@ from hypereal.backends.openai_compat import OpenAICompatible
 from hypereal.backends.replicate import ReplicatePredictions
 from tests.fakes.fal_server import FalFake
 from tests.fakes.openai_server import OpenAIFake
+from tests.fakes.replicate_server import ReplicateFake, ReplicateScenario
 from tests.fakes.sample_media import image_bytes
 from tests.support.servers import serve_app
 
@@ -259,3 +260,43 @@ async def test_openai_compatible_image_urls_go_through_the_same_guard(
         finally:
             await plain.aclose()
             await allowed.aclose()
+
+
+async def test_a_data_uri_output_over_max_download_bytes_is_refused() -> None:
+    replicate = ReplicateFake(api_key="r8_test")
+    replicate.default = ReplicateScenario(output_as_data_uri=True)
+    request = ImageRequest(prompt="x", upstream_model="black-forest-labs/flux-schnell")
+    with serve_app(replicate.app) as url:
+        options = {"api_key": "r8_test", "base_url": f"{url}/v1", "retry_backoff": 0}
+        tight = ReplicatePredictions({**options, "max_download_bytes": 10})
+        try:
+            with pytest.raises(BackendError, match="larger than the 10 byte limit"):
+                await tight.generate_images(request)
+        finally:
+            await tight.aclose()
+
+
+async def test_fal_api_redirects_go_through_the_guard_too(
+    make_backend: Callable[..., FalQueue],
+) -> None:
+    """The API client is the same guarded session: a provider answer redirecting an API call
+    to a non-public address is refused before connecting."""
+    with serve_app(redirect_everything("http://169.254.169.254/latest/meta-data/")) as url:
+        backend = make_backend(base_url=url)
+        error = await generate(backend)
+    assert not error.client_error
+    assert "allowed_private_networks" in error.message
+
+
+def redirect_everything(location: str) -> ASGIApp:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            message = await receive()
+            while message["type"] != "lifespan.shutdown":
+                await send({"type": message["type"] + ".complete"})
+                message = await receive()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await RedirectResponse(location, status_code=307)(scope, receive, send)
+
+    return app
