@@ -53,12 +53,7 @@ from hypereal.backends.base import (
 from hypereal.backends.upstream.http import UpstreamHttp
 from hypereal.backends.upstream.jobs import CANCEL_TIMEOUT, JobStatus, ProgressReporter, run_job
 from hypereal.backends.upstream.media import to_data_uri
-from hypereal.backends.upstream.options import (
-    HttpOptions,
-    JobOptions,
-    apply_input_map,
-    input_map_option,
-)
+from hypereal.backends.upstream.options import QueueOptions, apply_input_map
 
 PROVIDER = "fal.ai"
 DEFAULT_BASE_URL = "https://queue.fal.run"
@@ -92,18 +87,13 @@ class FalQueue:
     """ImageBackend, VideoBackend, AudioBackend and MeshBackend over fal.ai's queue."""
 
     def __init__(self, options: Mapping[str, Any]) -> None:
-        self._jobs = JobOptions.parse(options, backend=PROVIDER, poll_interval=1.0)
-        http = HttpOptions.parse(
+        parsed = QueueOptions.parse(
             options,
             backend=PROVIDER,
             default_base_url=DEFAULT_BASE_URL,
             api_key_hint="your FAL_KEY",
-            timeout=60.0,
-            download_timeout=self._jobs.timeout,
-            retries=4,
-            max_download_bytes=512 << 20,
         )
-        self._input_map = input_map_option(options, PROVIDER)
+        self._jobs, self._input_map, http = parsed.jobs, parsed.input_map, parsed.http
         output_key = options.get("output_key")
         if output_key is not None and not isinstance(output_key, str):
             raise BackendUnavailable("The fal.ai backend option `output_key` must be a string.")

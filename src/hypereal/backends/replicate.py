@@ -70,12 +70,7 @@ from hypereal.backends.base import (
 from hypereal.backends.upstream.http import UpstreamHttp
 from hypereal.backends.upstream.jobs import CANCEL_TIMEOUT, JobStatus, ProgressReporter, run_job
 from hypereal.backends.upstream.media import to_data_uri
-from hypereal.backends.upstream.options import (
-    HttpOptions,
-    JobOptions,
-    apply_input_map,
-    input_map_option,
-)
+from hypereal.backends.upstream.options import QueueOptions, apply_input_map
 
 PROVIDER = "Replicate"
 DEFAULT_BASE_URL = "https://api.replicate.com/v1"
@@ -107,18 +102,13 @@ class ReplicatePredictions:
     a WebhookReceiver for its pushes when ``webhook_secret`` is set."""
 
     def __init__(self, options: Mapping[str, Any]) -> None:
-        self._jobs = JobOptions.parse(options, backend=PROVIDER, poll_interval=1.0)
-        http = HttpOptions.parse(
+        parsed = QueueOptions.parse(
             options,
             backend=PROVIDER,
             default_base_url=DEFAULT_BASE_URL,
             api_key_hint="your REPLICATE_API_TOKEN",
-            timeout=60.0,
-            download_timeout=self._jobs.timeout,
-            retries=4,
-            max_download_bytes=512 << 20,
         )
-        self._input_map = input_map_option(options, PROVIDER)
+        self._jobs, self._input_map, http = parsed.jobs, parsed.input_map, parsed.http
         prefer_wait = options.get("prefer_wait", 10)
         # Replicate accepts Prefer: wait=1..60; 0 means async mode (no header).
         if (

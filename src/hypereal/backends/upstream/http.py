@@ -204,7 +204,18 @@ class UpstreamHttp:
 
     # ------------------------------------------------------------------- API calls
 
-    async def request(
+    async def request(self, method: str, path: str, **kwargs: Any) -> UpstreamAnswer:
+        """Send an API call (arguments as for :meth:`stream`) and return the 2xx answer, body
+        read. Raises BackendError for any failure."""
+        async with self.stream(method, path, **kwargs) as answer:
+            return await answer.read()
+
+    async def request_json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """:meth:`request`, the answer's JSON object. Raises BackendError."""
+        return json_object(await self.request(method, path, **kwargs), self.provider)
+
+    @asynccontextmanager
+    async def stream(
         self,
         method: str,
         path: str,
@@ -215,11 +226,13 @@ class UpstreamHttp:
         files: Files = (),
         headers: Mapping[str, str] | None = None,
         timeout: float | None = None,
-    ) -> UpstreamAnswer:
-        """Send an API call (a ``json`` body, or ``form`` fields with ``files`` as multipart
+    ) -> AsyncIterator[StreamedAnswer]:
+        """An API call (a ``json`` body, or ``form`` fields with ``files`` as multipart
         ``(field, (filename, bytes, content type))``; query ``params``; extra ``headers``;
-        ``timeout`` instead of the configured call timeout) and return the 2xx answer, body
-        read. Raises BackendError for any failure."""
+        ``timeout`` instead of the configured call timeout) whose 2xx answer is read as it
+        arrives. Leaving the block closes the connection unless the whole body was read (then
+        it goes back to the pool), which tells the server to stop. Raises BackendError for any
+        failure, including one while the body is being read."""
         url = self.url(path)
         try:
             response = await self._send(
@@ -232,39 +245,15 @@ class UpstreamHttp:
                 headers=headers,
                 timeout=timeout,
             )
-            async with response:
-                content = await response.read()
         except (aiohttp.ClientError, FetchRefused, TimeoutError) as exc:
             raise self._transport_error(exc, url, timeout) from exc
-        answer = UpstreamAnswer(response.status, response.headers, content, response.reason or "")
-        if not answer.is_success:
-            raise self.error_for(answer)
-        return answer
-
-    async def request_json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        """:meth:`request`, the answer's JSON object. Raises BackendError."""
-        return json_object(await self.request(method, path, **kwargs), self.provider)
-
-    @asynccontextmanager
-    async def stream(
-        self, method: str, path: str, *, json: Any = None
-    ) -> AsyncIterator[StreamedAnswer]:
-        """An API call whose 2xx answer is read as it arrives; leaving the block closes the
-        connection unless the whole body was read (then it goes back to the pool), which
-        tells the server to stop. Raises BackendError for any failure, including one while
-        the body is being read."""
-        url = self.url(path)
-        try:
-            response = await self._send(method, url, json=json)
-        except (aiohttp.ClientError, FetchRefused, TimeoutError) as exc:
-            raise self._transport_error(exc, url, None) from exc
         try:
             answer = StreamedAnswer(response)
             if not 200 <= response.status < 300:
                 raise self.error_for(await answer.read())
             yield answer
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise self._transport_error(exc, url, None) from exc
+            raise self._transport_error(exc, url, timeout) from exc
         finally:
             if response.content.at_eof():
                 response.release()

@@ -184,3 +184,37 @@ class JobOptions:
             poll_interval=option_number(options, "poll_interval", poll_interval, backend),
             timeout=option_number(options, "timeout", timeout, backend),
         )
+
+
+@dataclass(frozen=True)
+class QueueOptions:
+    """The options of a queue-style media provider (fal.ai, Replicate): the HTTP client's
+    (one call 60 s, 4 retries, outputs up to 512 MiB downloaded within the job ``timeout``),
+    the job driver's (``poll_interval`` 1 s, ``timeout`` 1800 s) and ``input_map``."""
+
+    http: HttpOptions
+    jobs: JobOptions
+    input_map: Mapping[str, str | None]
+
+    @classmethod
+    def parse(
+        cls,
+        options: Mapping[str, Any],
+        *,
+        backend: str,
+        default_base_url: str,
+        api_key_hint: str,
+    ) -> QueueOptions:
+        """Read them all. Raises BackendUnavailable."""
+        jobs = JobOptions.parse(options, backend=backend, poll_interval=1.0)
+        http = HttpOptions.parse(
+            options,
+            backend=backend,
+            default_base_url=default_base_url,
+            api_key_hint=api_key_hint,
+            timeout=60.0,
+            download_timeout=jobs.timeout,
+            retries=4,
+            max_download_bytes=512 << 20,
+        )
+        return cls(http=http, jobs=jobs, input_map=input_map_option(options, backend))
