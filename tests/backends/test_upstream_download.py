@@ -44,6 +44,15 @@ class FileServerWrapper:
         await self.app(scope, receive, send)
 
 
+async def lifespan(receive: Receive, send: Send) -> None:
+    """Answer an ASGI lifespan conversation (startup, then shutdown)."""
+    message = await receive()
+    while message["type"] != "lifespan.shutdown":
+        await send({"type": message["type"] + ".complete"})
+        message = await receive()
+    await send({"type": "lifespan.shutdown.complete"})
+
+
 class Cdn:
     """A second file server on another loopback port (another origin than the provider's)."""
 
@@ -52,11 +61,7 @@ class Cdn:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            message = await receive()
-            while message["type"] != "lifespan.shutdown":
-                await send({"type": message["type"] + ".complete"})
-                message = await receive()
-            await send({"type": "lifespan.shutdown.complete"})
+            await lifespan(receive, send)
             return
         self.hits.append(scope["path"])
         await Response(image_bytes(), media_type="image/png")(scope, receive, send)
@@ -291,11 +296,7 @@ async def test_fal_api_redirects_go_through_the_guard_too(
 def redirect_everything(location: str) -> ASGIApp:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            message = await receive()
-            while message["type"] != "lifespan.shutdown":
-                await send({"type": message["type"] + ".complete"})
-                message = await receive()
-            await send({"type": "lifespan.shutdown.complete"})
+            await lifespan(receive, send)
             return
         await RedirectResponse(location, status_code=307)(scope, receive, send)
 
