@@ -36,8 +36,10 @@ async def test_speech_then_transcription_through_the_api(
     key = await make_key(credits=100)
     body = {"model": "audio-tts", "input": {"text": "One two three four five."}}
     response = await client.post("/v1/audio/generate", json=body, headers=auth(key))
-    assert response.status_code == 202, response.text
-    assert response.json()["creditsUsed"] == 3
+    # Speech is synchronous (as on the hosted service): 200 with the audio's URL.
+    assert response.status_code == 200, response.text
+    assert response.json()["creditsUsed"] == 3 and response.json()["success"] is True
+    assert response.json()["data"][0]["url"] == response.json()["outputUrl"]
 
     job = await wait_for(client, response.json()["jobId"], key)
     assert job["status"] == "completed", job
@@ -55,7 +57,8 @@ async def test_speech_then_transcription_through_the_api(
     audio = "data:audio/wav;base64," + base64.b64encode(wav_bytes).decode()
     body = {"model": "audio-asr", "input": {"audio": audio, "language": "en"}}
     response = await client.post("/v1/audio/generate", json=body, headers=auth(key))
-    assert response.status_code == 202, response.text
+    assert response.status_code == 200, response.text
+    assert response.json()["text"] == "one two three four five"  # the transcript inline
     job = await wait_for(client, response.json()["jobId"], key)
     assert job["status"] == "completed", job
     assert job["result"]["text"] == "one two three four five"
@@ -64,15 +67,14 @@ async def test_speech_then_transcription_through_the_api(
     assert transcript.json() == job["result"]
 
 
-async def test_unknown_voice_fails_the_job_and_refunds(
+async def test_unknown_voice_is_a_400_at_submission_before_any_charge(
     client: httpx.AsyncClient, make_key: MakeKey
 ) -> None:
     key = await make_key(credits=10)
     body = {"model": "audio-tts", "input": {"text": "Hi.", "voice": "nobody"}}
     response = await client.post("/v1/audio/generate", json=body, headers=auth(key))
-    assert response.status_code == 202, response.text
-    job = await wait_for(client, response.json()["jobId"], key)
-    assert job["status"] == "failed"
-    assert "Unknown voice 'nobody'" in job["error"]
+    assert response.status_code == 400, response.text
+    assert response.json() == {"error": "Unknown voice 'nobody': this server has joe"}
+    assert (await client.get("/v1/jobs", headers=auth(key))).json()["data"] == []
     balance = (await client.get("/v1/credits", headers=auth(key))).json()["balance"]
     assert balance == 10

@@ -312,6 +312,12 @@ class PiperSpeech:
             )
         return float(value)
 
+    def check_input(self, fields: Mapping[str, Any]) -> None:
+        """Refuse at submission what generation would: an unknown voice, format or speed."""
+        self._voice(fields.get("voice"))
+        self._format(fields.get("format"))
+        self._speed(fields.get("speed"))
+
     # ---------------------------------------------------------------------- generation
 
     async def generate_audio(self, request: JobRequest, progress: ProgressCallback) -> JobResult:

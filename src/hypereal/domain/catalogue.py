@@ -18,6 +18,7 @@ from typing import Any
 from hypereal.domain.errors import BadRequest, ModelRequired, UnsupportedModel
 
 MODALITIES = ("chat", "image", "image-edit", "video", "audio", "3d")
+JOB_MODALITIES = ("video", "audio", "3d")
 PARAM_TYPES = ("string", "integer", "number", "boolean", "media", "media-list")
 
 
@@ -110,6 +111,14 @@ class ModelSpec:
     concurrency: int | None = None
     timeout_seconds: int = 1800
     context_tokens: int | None = None
+    # Jobs: "async" (202 and a job to poll) or "sync" (the submission waits up to
+    # sync_seconds for the job and answers 200 with its result; 202 past that).
+    response: str = "async"
+    sync_seconds: float = 0.0
+
+    @property
+    def sync(self) -> bool:
+        return self.response == "sync"
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -179,7 +188,25 @@ def _model(slug: str, raw: Mapping[str, Any]) -> ModelSpec:
         concurrency=_concurrency(slug, raw.get("concurrency")),
         timeout_seconds=int(raw.get("timeout_seconds", 1800)),
         context_tokens=raw.get("context_tokens"),
+        **_response(slug, raw),
     )
+
+
+RESPONSES = ("async", "sync")
+DEFAULT_SYNC_SECONDS = 120.0
+
+
+def _response(slug: str, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """``response`` ("async" | "sync") and ``sync_seconds`` (a sync model's window)."""
+    response = raw.get("response", "async")
+    if response not in RESPONSES:
+        raise ValueError(f"model {slug!r}: response must be one of {RESPONSES}")
+    seconds = raw.get("sync_seconds", DEFAULT_SYNC_SECONDS if response == "sync" else 0.0)
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+        raise ValueError(f"model {slug!r}: sync_seconds must be a number of seconds >= 0")
+    if response == "sync" and raw.get("modality") not in JOB_MODALITIES:
+        raise ValueError(f"model {slug!r}: response = 'sync' applies to job models only")
+    return {"response": response, "sync_seconds": float(seconds)}
 
 
 def _concurrency(slug: str, value: Any) -> int | None:

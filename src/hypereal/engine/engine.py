@@ -29,6 +29,7 @@ from taskiq import AsyncBroker
 from hypereal.domain import jobs
 from hypereal.engine.broker import build_broker
 from hypereal.engine.runner import JobRunner
+from hypereal.engine.waiters import JobWaiters
 from hypereal.services import Services
 from hypereal.store.models import utcnow
 from hypereal.webhooks.delivery import WebhookSender
@@ -65,6 +66,8 @@ class Engine:
         else:
             self.queue = asyncio.Queue()
         self.runner = JobRunner(services, self.job_ended)
+        # Requests waiting for jobs to end (synchronous answers, Prefer: wait).
+        self.waiters = JobWaiters()
         self.webhooks = WebhookSender(self.settings, services.db)
         self._background: set[asyncio.Task[Any]] = set()
         self._consumers: list[asyncio.Task[None]] = []
@@ -126,7 +129,9 @@ class Engine:
             await self.task.kiq(job_id, model)
 
     async def job_ended(self, ended: jobs.Ended) -> None:
-        """After a job ends: send its webhook now, and start the job that takes its slot."""
+        """After a job ends: wake the requests waiting for it, send its webhook now, and
+        start the job that takes its slot."""
+        self.waiters.ended(ended.job)
         if ended.delivery_id is not None:
             self._spawn(self.webhooks.deliver(ended.delivery_id))
         if ended.next_job_id is not None:

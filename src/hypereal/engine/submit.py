@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from hypereal.backends.base import BackendError
 from hypereal.domain import jobs, ledger, pricing
 from hypereal.domain.catalogue import ModelSpec, validate_params
 from hypereal.domain.errors import BadRequest, HyperealError, InsufficientCredits
+from hypereal.domain.generation import client_error
 from hypereal.media.fetch import FetchRefused, parse_networks, vetted_addresses
 from hypereal.services import Services
 
@@ -54,6 +56,8 @@ async def submit_generation(
     spec = services.catalogue.get(submission.model, modality)
     _check_available(services, spec, in_process=engine.consume)
     params = validate_params(spec, submission.input, prefix="input.")
+    if engine.consume:
+        check_backend_input(services, spec, params)
     credits = pricing.price(spec, params)
     webhook_url = await checked_webhook_url(services, submission.webhook_url)
     available = await ledger.balance(services.db, account_id)
@@ -77,6 +81,23 @@ async def submit_generation(
     except Exception:  # the job is safe in the database; maintenance re-sends it
         log.exception("job %s: could not put it on the queue now", job.id)
     return job
+
+
+def check_backend_input(services: Services, spec: ModelSpec, params: Mapping[str, Any]) -> None:
+    """Let the serving backend refuse a request it cannot honour (an unknown voice ...)
+    before anything is charged: a backend may offer ``check_input(input)``, raising a
+    client BackendError. Called where the backend runs in this process."""
+    try:
+        resolved = services.backends.resolve(spec)
+    except HyperealError:
+        return
+    check = getattr(resolved.backend, "check_input", None)
+    if check is None:
+        return
+    try:
+        check(params)
+    except BackendError as exc:
+        raise client_error(exc) from exc
 
 
 def _check_available(services: Services, spec: ModelSpec, *, in_process: bool) -> None:

@@ -3,6 +3,7 @@ account's webhook signing secret."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
@@ -14,6 +15,8 @@ from hypereal.api.deps import PrincipalDep, ServicesDep
 from hypereal.api.idempotency import idempotent
 from hypereal.api.schemas import iso
 from hypereal.domain import jobs
+from hypereal.domain.catalogue import ModelSpec
+from hypereal.domain.errors import Conflict, GenerationFailed, HyperealError
 from hypereal.domain.keys import Principal
 from hypereal.engine.submit import Submission, submit_generation
 from hypereal.services import Services
@@ -55,6 +58,74 @@ def job_json(job: jobs.JobView) -> dict[str, Any]:
     if job.result is not None:
         data["result"] = job.result
     return data
+
+
+# ``Prefer: wait=N`` (Replicate's convention): wait up to N seconds, at most this many.
+MAX_PREFER_WAIT = 60.0
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+
+
+def prefer_wait(request: Request) -> float | None:
+    """Seconds asked for by ``Prefer: wait=N`` (capped at MAX_PREFER_WAIT), or None."""
+    header = request.headers.get("prefer")
+    if not header:
+        return None
+    match = _PREFER_WAIT.search(header)
+    if match is None:
+        return None
+    return min(float(match.group(1)), MAX_PREFER_WAIT)
+
+
+def wait_window(request: Request, spec: ModelSpec) -> float:
+    """How long a submission waits for its job: ``Prefer: wait=N`` when sent, else a sync
+    model's window, else not at all."""
+    asked = prefer_wait(request)
+    if asked is not None:
+        return asked
+    return spec.sync_seconds if spec.sync else 0.0
+
+
+def completed_json(job: jobs.JobView) -> dict[str, Any]:
+    """A completed job with the result in every place clients read it (synchronous answer)."""
+    data = job_json(job)
+    url = job.output_url
+    data.update(
+        success=True,
+        jobId=job.id,
+        status="completed",
+        outputUrl=url,
+        url=url,
+        data=[{"url": url, "model": job.model}],
+        output={"url": url},
+        creditsUsed=job.credits_used,
+    )
+    text = (job.result or {}).get("text")
+    if isinstance(text, str):  # speech recognition: the transcript inline
+        data["text"] = text
+    return data
+
+
+class JobEnded(HyperealError):
+    """A waited-for job that failed or was canceled; the body carries the job's fields."""
+
+    def __init__(self, job: jobs.JobView) -> None:
+        failure = GenerationFailed if job.state == "failed" else Conflict
+        self.status = failure.status
+        super().__init__(job.error or f"Job {job.state}")
+        self.job = job
+
+    def body(self) -> dict[str, Any]:
+        return {**job_json(self.job), "error": self.message, "success": False}
+
+
+async def wait_for_job(services: Services, job: jobs.JobView, seconds: float) -> jobs.JobView:
+    """The job once ended, or as it stands after ``seconds`` (see engine/waiters.py)."""
+    engine = services.engine
+    waiters = getattr(engine, "waiters", None)
+    if waiters is None or seconds <= 0:
+        return job
+    ended: jobs.JobView = await waiters.wait(services.db, job, seconds)
+    return ended
 
 
 def delivery_json(delivery: Delivery) -> dict[str, Any]:
@@ -101,6 +172,13 @@ async def _generate(
             modality,
             Submission(model=body.model, input=fields, webhook_url=body.webhook_url),
         )
+        window = wait_window(request, services.catalogue.models[job.model])
+        if window > 0:
+            job = await wait_for_job(services, job, window)
+            if job.state == "completed":
+                return JSONResponse(completed_json(job))
+            if job.state in jobs.TERMINAL:
+                raise JobEnded(job)
         query = urlencode({"model": job.model, "type": job.type})
         poll_url = f"{services.settings.base_url()}{_api_prefix(request)}/jobs/{job.id}?{query}"
         message = (

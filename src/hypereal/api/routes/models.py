@@ -30,6 +30,8 @@ def model_json(spec: ModelSpec, services: Services) -> dict[str, Any]:
         "available": available,
         "backend": backend,
     }
+    if spec.sync:
+        data["response"] = {"mode": "sync", "syncSeconds": spec.sync_seconds}
     if spec.context_tokens:
         data["contextTokens"] = spec.context_tokens
     if reason:

@@ -1,0 +1,180 @@
+"""Synchronous answers (catalogue ``response = "sync"``) and ``Prefer: wait=N`` on job routes:
+the submission waits for the job and answers 200 with the result; past the window, 202."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from hypereal.domain import jobs, ledger
+from hypereal.engine.engine import engine_of
+from hypereal.engine.waiters import JobWaiters
+from tests.fakes_jobs import CALLS, TEST_CATALOGUE, job_app
+
+SYNC_MODELS = """
+[[models]]
+slug = "sync-tts"
+name = "Synchronous speech"
+modality = "audio"
+response = "sync"
+sync_seconds = 30
+price = { credits = 3 }
+concurrency = 4
+params = [{ name = "text", type = "string", required = true }]
+bindings = [{ backend = "fake-ok" }]
+
+[[models]]
+slug = "sync-gated"
+name = "Synchronous, runs until the gate opens"
+modality = "3d"
+response = "sync"
+sync_seconds = 0.3
+price = { credits = 2 }
+params = [{ name = "prompt", type = "string" }]
+bindings = [{ backend = "fake-gated" }]
+
+[[models]]
+slug = "sync-fail"
+name = "Synchronous, fails"
+modality = "audio"
+response = "sync"
+price = { credits = 4 }
+params = [{ name = "text", type = "string" }]
+bindings = [{ backend = "fake-fail" }]
+"""
+
+
+async def until_waiting(waiters: JobWaiters) -> None:
+    """Until a request waits for its job (checked every 10 ms, 20 s at most)."""
+    async with asyncio.timeout(20):
+        while not waiters.waiting:  # noqa: ASYNC110 - nothing to wait on but the count
+            await asyncio.sleep(0.01)
+
+
+def catalogue(tmp_path: Path) -> Path:
+    path = tmp_path / "sync-catalogue.toml"
+    path.write_text(TEST_CATALOGUE + SYNC_MODELS)
+    return path
+
+
+async def test_a_sync_model_answers_200_with_the_result_everywhere_clients_read_it(
+    tmp_path: Path,
+) -> None:
+    async with job_app(tmp_path, catalogue_file=catalogue(tmp_path)) as env:
+        account, headers = await env.new_key(credits=10)
+        body = {"model": "sync-tts", "input": {"text": "hello there"}}
+        response = await env.client.post("/v1/audio/generate", json=body, headers=headers)
+        assert response.status_code == 200, response.text
+        answer: dict[str, Any] = response.json()
+        url = answer["outputUrl"]
+        assert url.startswith("http://testserver/files/")
+        assert answer["success"] is True and answer["status"] == "completed"
+        assert answer["url"] == url and answer["output"] == {"url": url}
+        assert answer["data"] == [{"url": url, "model": "sync-tts"}]
+        assert answer["creditsUsed"] == 3 and answer["type"] == "audio"
+        assert answer["text"] == "hello there"  # a transcript-like result is inline
+        assert await ledger.balance(env.services.db, account) == 7
+        download = await env.client.get(url.removeprefix("http://testserver"))
+        assert download.headers["content-type"] == "audio/wav"
+
+        # Still a job: pollable and listed.
+        job = (await env.client.get(f"/v1/jobs/{answer['jobId']}", headers=headers)).json()
+        assert job["status"] == "completed" and job["outputUrl"] == url
+        listed = (await env.client.get("/v1/jobs", headers=headers)).json()["data"]
+        assert [j["jobId"] for j in listed] == [answer["jobId"]]
+
+
+async def test_past_the_sync_window_the_answer_is_202_and_the_job_goes_on(tmp_path: Path) -> None:
+    async with job_app(tmp_path, catalogue_file=catalogue(tmp_path)) as env:
+        _, headers = await env.new_key(credits=10)
+        body = {"model": "sync-gated", "input": {"prompt": "a cube"}}
+        response = await env.client.post("/v1/3d/generate", json=body, headers=headers)
+        assert response.status_code == 202, response.text
+        assert response.json()["status"] == "processing"
+        assert engine_of(env.services).waiters.waiting == 0  # nobody left waiting
+        CALLS.gate.set()
+        job = await env.wait_for(response.json()["jobId"], headers)
+        assert job["status"] == "completed"
+
+
+async def test_a_failed_sync_job_answers_its_error_and_is_refunded(tmp_path: Path) -> None:
+    async with job_app(tmp_path, catalogue_file=catalogue(tmp_path)) as env:
+        account, headers = await env.new_key(credits=10)
+        body = {"model": "sync-fail", "input": {"text": "x"}}
+        response = await env.client.post("/api/v1/audio/generate", json=body, headers=headers)
+        assert response.status_code == 500, response.text
+        answer = response.json()
+        assert answer["error"] == "Generation failed: the fake backend was told to fail"
+        assert answer["status"] == "failed" and answer["success"] is False
+        assert answer["creditsUsed"] == 0
+        assert await ledger.balance(env.services.db, account) == 10
+        job = (await env.client.get(f"/v1/jobs/{answer['jobId']}", headers=headers)).json()
+        assert job["status"] == "failed"
+
+
+async def test_prefer_wait_makes_any_job_route_wait(tmp_path: Path) -> None:
+    async with job_app(tmp_path, catalogue_file=catalogue(tmp_path)) as env:
+        _, headers = await env.new_key(credits=100)
+        body = {"model": "test-video", "input": {"prompt": "pan", "duration": 2}}
+        response = await env.client.post(
+            "/v1/videos/generate", json=body, headers={**headers, "Prefer": "wait=30"}
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "completed" and response.json()["success"] is True
+
+        # Past N seconds: the usual 202.
+        gated = {"model": "test-gated", "input": {"prompt": "x"}}
+        response = await env.client.post(
+            "/v1/videos/generate", json=gated, headers={**headers, "Prefer": "wait=0.2"}
+        )
+        assert response.status_code == 202, response.text
+        CALLS.gate.set()
+        assert (await env.wait_for(response.json()["jobId"], headers))["status"] == "completed"
+
+        # wait=0 on a sync model: no wait at all.
+        response = await env.client.post(
+            "/v1/audio/generate",
+            json={"model": "sync-tts", "input": {"text": "hi"}},
+            headers={**headers, "Prefer": "respond-async, wait=0"},
+        )
+        assert response.status_code == 202, response.text
+
+
+async def test_the_waiter_is_woken_by_the_engine_not_by_polling(tmp_path: Path) -> None:
+    """With the database re-check an hour apart, only the engine's notice can answer."""
+    async with job_app(tmp_path, catalogue_file=catalogue(tmp_path)) as env:
+        _, headers = await env.new_key(credits=10)
+        waiters = engine_of(env.services).waiters
+        waiters.recheck_seconds = 3600
+        body = {"model": "test-gated", "input": {"prompt": "x"}}
+        request = asyncio.ensure_future(
+            env.client.post(
+                "/v1/videos/generate", json=body, headers={**headers, "Prefer": "wait=60"}
+            )
+        )
+        await until_waiting(waiters)
+        CALLS.gate.set()
+        response = await request
+        assert response.status_code == 200 and response.json()["status"] == "completed"
+
+
+async def test_a_job_ended_elsewhere_is_seen_by_the_slow_recheck(tmp_path: Path) -> None:
+    """A job ended by another process (no notice here) is found by re-reading its row."""
+    async with job_app(tmp_path, catalogue_file=catalogue(tmp_path)) as env:
+        _, headers = await env.new_key(credits=10)
+        waiters = engine_of(env.services).waiters
+        waiters.recheck_seconds = 0.05
+        body = {"model": "test-gated", "input": {"prompt": "x"}}
+        request = asyncio.ensure_future(
+            env.client.post(
+                "/v1/videos/generate", json=body, headers={**headers, "Prefer": "wait=60"}
+            )
+        )
+        await until_waiting(waiters)
+        (job_id,) = list(waiters._waiting)
+        # Ended straight in the database, as another process would: the engine is not told.
+        assert await jobs.fail_job(env.services.db, job_id, "ended elsewhere") is not None
+        response = await request
+        assert response.status_code == 500 and response.json()["error"] == "ended elsewhere"
+        CALLS.gate.set()
