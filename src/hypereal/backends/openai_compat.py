@@ -30,6 +30,10 @@ Options (``[backends.NAME]`` with ``type = "openai"``):
     Largest image accepted when the server answers with a URL (64 MiB).
 ``max_connections``
     Upstream connections open (and kept alive) at once, one per request in flight (1000).
+``allowed_private_networks``
+    Non-public networks (CIDRs) redirects and image URLs may reach; the ``base_url`` and
+    ``tokenize_endpoint`` origins always may. The client, its retries, error mapping and
+    guard are shared with every upstream backend (``backends/upstream/http.py``).
 ``tokenize_endpoint``
     URL (or path on the ``base_url`` host) of a ``/tokenize`` endpoint, see
     :meth:`OpenAICompatible.count_prompt_tokens`.
