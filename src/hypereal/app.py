@@ -13,7 +13,12 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hypereal.api.error_shapes import ErrorShapeMiddleware, anthropic_error
+from hypereal.api.error_shapes import (
+    OPENAI_PATHS,
+    ErrorShapeMiddleware,
+    anthropic_error,
+    openai_error,
+)
 from hypereal.api.errors import InternalErrorMiddleware, install_error_handlers
 from hypereal.api.middleware import AuthRateLimitMiddleware
 from hypereal.api.routes import (
@@ -25,6 +30,7 @@ from hypereal.api.routes import (
     jobs,
     messages,
     models,
+    openai_media,
     upstream_webhooks,
 )
 from hypereal.api.routing import use_indexed_router
@@ -41,6 +47,7 @@ API_ROUTERS: list[APIRouter] = [
     chat.router,
     messages.router,
     images.router,
+    openai_media.router,
     jobs.router,
 ]
 API_PREFIXES = ("/v1", "/api/v1")
@@ -217,11 +224,10 @@ def create_app(
     app.add_middleware(AuthRateLimitMiddleware, services=services)
     # Outside auth (a huge body is refused before anything else), inside CORS (its headers).
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
-    # Outside all of the above, so that every error of an Anthropic-shaped route (401, 413,
-    # 429 included) leaves in Anthropic's shape.
-    app.add_middleware(
-        ErrorShapeMiddleware, shapes={"/messages": anthropic_error}, prefixes=API_PREFIXES
-    )
+    # Outside all of the above, so that every error of an Anthropic- or OpenAI-shaped route
+    # (401, 413, 429 included) leaves in that API's shape.
+    shapes = {"/messages": anthropic_error, **dict.fromkeys(OPENAI_PATHS, openai_error)}
+    app.add_middleware(ErrorShapeMiddleware, shapes=shapes, prefixes=API_PREFIXES)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,

@@ -247,7 +247,17 @@ async def test_402_before_any_generation(
         "/v1/chat/completions", headers=bearer(key), json={"messages": MESSAGES, "max_tokens": 100}
     )
     assert response.status_code == 402
-    assert response.json() == {"error": "Insufficient credits", "required": 102, "available": 10}
+    # /chat/completions answers in OpenAI's error object; the 402's figures stay inside it.
+    assert response.json() == {
+        "error": {
+            "message": "Insufficient credits",
+            "type": "insufficient_quota",
+            "param": None,
+            "code": "insufficient_credits",
+            "required": 102,
+            "available": 10,
+        }
+    }
     assert "scripted" not in ScriptedChat.runs  # the backend was never called
     assert await ledger.balance(chat_services.db, account) == 10
 
@@ -315,7 +325,9 @@ async def test_a_lone_surrogate_is_a_400_before_any_charge_or_tokenizing(
         content=body,
     )
     assert response.status_code == 400, response.text
-    assert response.json()["error"].startswith(f"Invalid value for '{field}': ")
+    error = response.json()["error"]
+    message = error["message"] if isinstance(error, dict) else error  # OpenAI's shape or ours
+    assert message.startswith(f"Invalid value for '{field}': ")
     assert "scripted" not in ScriptedChat.runs  # never counted nor generated
     assert await ledger.balance(chat_services.db, account) == 5000
     assert await ledger.ledger_sum(chat_services.db, account) == 5000

@@ -53,7 +53,13 @@ async def test_401_body_on_both_prefixes(
     response = await client.request(method, f"{prefix}/{path}", headers=headers, json={})
     assert response.status_code == 401
     body = response.json()
-    assert list(body) == ["error"] and body["error"].startswith("Unauthorized. ")
+    assert list(body) == ["error"]
+    if path.startswith("chat/completions"):  # an OpenAI-shaped route: OpenAI's error object
+        assert body["error"]["type"] == "authentication_error"
+        assert body["error"]["code"] == "invalid_api_key"
+        assert body["error"]["message"].startswith("Unauthorized. ")
+    else:
+        assert body["error"].startswith("Unauthorized. ")
 
 
 @pytest.mark.parametrize("prefix", PREFIXES)
@@ -165,5 +171,16 @@ async def test_unsupported_model_is_400_on_both_prefixes_and_charges_nothing(
     }
     response = await client.post(f"{prefix}/{path}", headers=key, json=body)
     assert response.status_code == 400
-    assert response.json() == {"error": f"Unsupported {modality} model: {slug}"}
+    message = f"Unsupported {modality} model: {slug}"
+    if path == "chat/completions":  # an OpenAI-shaped route: OpenAI's error object
+        assert response.json() == {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+        }
+    else:
+        assert response.json() == {"error": message}
     assert (await client.get(f"{prefix}/credits", headers=key)).json()["balance"] == 1000

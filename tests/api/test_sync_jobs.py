@@ -178,3 +178,25 @@ async def test_a_job_ended_elsewhere_is_seen_by_the_slow_recheck(tmp_path: Path)
         response = await request
         assert response.status_code == 500 and response.json()["error"] == "ended elsewhere"
         CALLS.gate.set()
+
+
+async def test_a_poll_with_prefer_wait_is_held_until_the_job_ends(tmp_path: Path) -> None:
+    async with job_app(tmp_path, catalogue_file=catalogue(tmp_path)) as env:
+        _, headers = await env.new_key(credits=10)
+        body = {"model": "test-gated", "input": {"prompt": "x"}}
+        response = await env.client.post("/v1/videos/generate", json=body, headers=headers)
+        assert response.status_code == 202
+        job_id = response.json()["jobId"]
+        waiters = engine_of(env.services).waiters
+        waiters.recheck_seconds = 3600  # only the engine's notice can answer the poll
+        poll = asyncio.ensure_future(
+            env.client.get(f"/v1/jobs/{job_id}", headers={**headers, "Prefer": "wait=60"})
+        )
+        await until_waiting(waiters)
+        CALLS.gate.set()
+        assert (await poll).json()["status"] == "completed"
+        # Without the header a poll answers at once, as before.
+        gated = await env.client.post("/v1/videos/generate", json=body, headers=headers)
+        CALLS.gate.clear()
+        job = await env.client.get(f"/v1/jobs/{gated.json()['jobId']}", headers=headers)
+        assert job.status_code == 200

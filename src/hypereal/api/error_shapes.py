@@ -50,6 +50,42 @@ def anthropic_error(status: int, body: dict[str, Any]) -> dict[str, Any]:
     return {"type": "error", "error": error}
 
 
+# https://platform.openai.com/docs/guides/error-codes
+OPENAI_ERRORS = {
+    400: ("invalid_request_error", None),
+    401: ("authentication_error", "invalid_api_key"),
+    402: ("insufficient_quota", "insufficient_credits"),
+    403: ("permission_error", None),
+    404: ("not_found_error", None),
+    409: ("conflict_error", None),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+}
+
+
+def openai_error(status: int, body: dict[str, Any]) -> dict[str, Any]:
+    """``{"error": "msg", **extra}`` as OpenAI's ``{"error": {"message", "type", "param",
+    "code"}}`` (what the OpenAI SDKs read); the extra fields stay, inside ``error``."""
+    message = body.get("error")
+    if not isinstance(message, str):
+        return body
+    kind, code = OPENAI_ERRORS.get(
+        status, ("server_error" if status >= 500 else "invalid_request_error", None)
+    )
+    extra = {k: v for k, v in body.items() if k != "error"}
+    return {"error": {"message": message, "type": kind, "param": None, "code": code, **extra}}
+
+
+# The OpenAI-shaped paths (without their API prefix).
+OPENAI_PATHS = (
+    "/chat/completions",
+    "/images/generations",
+    "/images/edits",
+    "/audio/speech",
+    "/audio/transcriptions",
+)
+
+
 class ErrorShapeMiddleware:
     """Reshapes the JSON error answers (status >= 400) of ``shapes``' paths, each given
     without its API prefix and matched under every one of ``prefixes``."""

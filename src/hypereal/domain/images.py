@@ -13,7 +13,7 @@ import io
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
@@ -40,6 +40,7 @@ class ImageResult:
     urls: list[str]
     credits: int
     model: str
+    keys: list[str] = field(default_factory=list)  # media store keys of ``urls``
 
 
 def parse_size(value: object) -> tuple[int, int] | None:
@@ -167,4 +168,5 @@ async def generate(
         urls=[media.url for media in stored],
         credits=credits,
         model=spec.slug,
+        keys=[media.key for media in stored],
     )

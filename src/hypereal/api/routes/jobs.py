@@ -247,14 +247,20 @@ async def list_jobs(
 
 @router.get("/jobs/{job_id}")
 async def get_job(
+    request: Request,
     job_id: str,
     principal: PrincipalDep,
     services: ServicesDep,
     model: Annotated[str | None, Query(description="Model slug (accepted, not needed)")] = None,
     type: Annotated[str | None, Query(description="video, audio, 3d or image")] = None,
 ) -> dict[str, Any]:
-    """A job's status and, once completed, its ``outputUrl``. 404 for other accounts' jobs."""
-    return job_json(await jobs.get_job(services.db, principal.account_id, job_id))
+    """A job's status and, once completed, its ``outputUrl``. 404 for other accounts' jobs.
+    With ``Prefer: wait=N`` a running job is held up to N seconds (60 at most) for its end."""
+    job = await jobs.get_job(services.db, principal.account_id, job_id)
+    asked = prefer_wait(request)
+    if asked and job.state in jobs.ACTIVE:
+        job = await wait_for_job(services, job, asked)
+    return job_json(job)
 
 
 @router.post("/jobs/{job_id}/cancel")
