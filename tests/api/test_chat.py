@@ -687,3 +687,32 @@ async def test_real_local_model_rejects_a_prompt_over_its_8192_tokens(
     assert 9000 <= int(match.group(1)) < 9100
     assert await ledger.balance(chat_services.db, account) == 5000
     assert await ledger.ledger_sum(chat_services.db, account) == 5000
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        ("tool_choice", "required"),
+        ("stop", ["\n"]),
+        ("seed", 7),
+        ("n", 2),
+        ("response_format", {"type": "json_object"}),
+    ],
+)
+async def test_a_field_no_backend_honours_is_a_400_not_ignored(
+    chat_client: httpx.AsyncClient, chat_services: Services, field: str, value: Any
+) -> None:
+    key, account = await new_key(chat_services, 100)
+    body = {"messages": MESSAGES, "max_tokens": 5, field: value}
+    response = await chat_client.post("/v1/chat/completions", headers=bearer(key), json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].startswith(f"Invalid value for '{field}': the backend serving ")
+    assert await ledger.balance(chat_services.db, account) == 100
+    # Their neutral values are accepted.
+    neutral = {**body, field: {"n": 1, "tool_choice": "none", "stop": []}.get(field)}
+    if field in ("n", "tool_choice", "stop"):
+        ok = await chat_client.post("/v1/chat/completions", headers=bearer(key), json=neutral)
+        assert ok.status_code == 200, ok.text

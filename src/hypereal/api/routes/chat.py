@@ -25,7 +25,7 @@ from hypereal.api.deps import PrincipalDep, ServicesDep
 from hypereal.api.idempotency import idempotent
 from hypereal.backends.base import ChatDelta
 from hypereal.domain.chat import ChatTurn, parse_messages
-from hypereal.domain.errors import HyperealError
+from hypereal.domain.errors import BadRequest, HyperealError
 from hypereal.services import Services
 
 router = APIRouter(tags=["chat"])
@@ -49,6 +49,32 @@ class ChatBody(BaseModel):
     temperature: float = Field(default=0.8, ge=0.0, le=2.0, strict=True)
     max_tokens: int = Field(default=4096, ge=1, le=32768, strict=True)
     stream: bool | None = Field(default=None, strict=True)
+    # OpenAI fields no chat backend here receives yet: refused when set (see _unhonoured).
+    tools: Any = None
+    tool_choice: Any = None
+    stop: Any = None
+    seed: Any = None
+    n: Any = None
+    response_format: Any = None
+
+
+def _unhonoured(body: ChatBody, slug: str) -> None:
+    """A field the serving backend cannot honour is a 400 saying so, never ignored."""
+    response_format = body.response_format
+    set_fields = {
+        "tools": body.tools not in (None, []),
+        "tool_choice": body.tool_choice not in (None, "none", "auto"),
+        "stop": body.stop not in (None, [], ""),
+        "seed": body.seed is not None,
+        "n": body.n not in (None, 1),
+        "response_format": response_format is not None
+        and not (isinstance(response_format, dict) and response_format.get("type") == "text"),
+    }
+    for name, is_set in set_fields.items():
+        if is_set:
+            raise BadRequest(
+                f"Invalid value for '{name}': the backend serving {slug} cannot honour it"
+            )
 
 
 def _chunk(turn: ChatTurn, created: int, choice: dict[str, Any], **extra: Any) -> bytes:
@@ -325,6 +351,7 @@ async def _chat(
 ) -> Response:
     messages = parse_messages(body.messages)
     spec = services.catalogue.get(body.model, "chat")
+    _unhonoured(body, spec.slug)
     resolved = services.backends.resolve(spec)
 
     async def produce() -> Response:
