@@ -7,10 +7,16 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
 from hypereal.domain import jobs, ledger
 from hypereal.engine.engine import engine_of
 from hypereal.engine.waiters import JobWaiters
-from tests.fakes_jobs import CALLS, TEST_CATALOGUE, job_app
+from tests.fakes_jobs import CALLS, TEST_CATALOGUE, eventually, job_app
+from tests.support.servers import serve_app
 
 SYNC_MODELS = """
 [[models]]
@@ -200,3 +206,30 @@ async def test_a_poll_with_prefer_wait_is_held_until_the_job_ends(tmp_path: Path
         CALLS.gate.clear()
         job = await env.client.get(f"/v1/jobs/{gated.json()['jobId']}", headers=headers)
         assert job.status_code == 200
+
+
+async def test_a_sync_job_still_sends_its_webhook(tmp_path: Path) -> None:
+    received: list[dict[str, Any]] = []
+
+    async def hook(request: Request) -> Response:
+        received.append(await request.json())
+        return Response(status_code=204)
+
+    receiver = Starlette(routes=[Route("/hook", hook, methods=["POST"])])
+    with serve_app(receiver) as url:
+        async with job_app(
+            tmp_path,
+            catalogue_file=catalogue(tmp_path),
+            allowed_private_networks=["127.0.0.0/8"],
+        ) as env:
+            _, headers = await env.new_key(credits=10)
+            body = {"model": "sync-tts", "input": {"text": "hi"}, "webhook_url": f"{url}/hook"}
+            response = await env.client.post("/v1/audio/generate", json=body, headers=headers)
+            assert response.status_code == 200, response.text
+            job_id = response.json()["jobId"]
+            await eventually(lambda: _delivered(received))
+            assert received[0]["jobId"] == job_id and received[0]["status"] == "completed"
+
+
+async def _delivered(received: list[dict[str, Any]]) -> bool:
+    return bool(received)
