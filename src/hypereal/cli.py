@@ -110,6 +110,7 @@ def serve(
     """Start the API server (migrates the database first)."""
     import uvicorn
 
+    from hypereal.api.http_protocol import with_read_timeout
     from hypereal.app import create_app
 
     overrides: dict[str, object] = {}
@@ -124,7 +125,13 @@ def serve(
             f"hypereal: media and poll URLs will use {settings.base_url()}; set "
             "HYPEREAL_PUBLIC_URL to the address clients reach this server at"
         )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        http=with_read_timeout(settings.request_read_timeout_seconds),
+    )
 
 
 @app.command()

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     # (base64 is 4/3 of the bytes) plus the rest of the JSON.
     max_request_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
+    # `hypereal serve`: seconds a client has to send a whole request, headers and body, from
+    # the connection opening (or the next request's first byte); a slower one is dropped.
+    request_read_timeout_seconds: float = Field(default=120.0, gt=0)
 
     # Chat streams: seconds of backend silence before a keep-alive comment is sent.
     chat_keepalive_seconds: float = 15.0

@@ -1,0 +1,84 @@
+"""A deadline for reading each request, for ``hypereal serve``.
+
+uvicorn bounds how long an idle kept-alive connection stays open (``timeout_keep_alive``) but
+not how slowly a client may send a request: a connection that sends one header byte every
+few seconds, or a body a byte at a time, or nothing at all after connecting, stays open for
+ever (slowloris). :class:`RequestReadTimeoutProtocol` is uvicorn's httptools protocol with
+one timer per request: it starts when the connection opens (or, on a kept-alive connection,
+at the first byte of the next request) and is cancelled once the whole request, headers and
+body, has arrived. When it fires first the connection is closed: with a JSON 408 when the
+headers were not complete (no request was handed to the app), silently otherwise (the app
+sees the client disconnect). Other connections are not affected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+_MESSAGE = json.dumps({"error": "Request timeout: the request was not received in time"})
+_REQUEST_TIMEOUT = (
+    b"HTTP/1.1 408 Request Timeout\r\n"
+    b"content-type: application/json\r\n"
+    b"content-length: " + str(len(_MESSAGE)).encode() + b"\r\n"
+    b"connection: close\r\n"
+    b"\r\n" + _MESSAGE.encode()
+)
+
+
+class RequestReadTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline of ``read_timeout`` seconds for each
+    request to arrive whole (see the module doc). Use :func:`with_read_timeout`."""
+
+    read_timeout: float = 60.0
+    _read_timer: asyncio.TimerHandle | None = None
+    _headers_done = False
+
+    def _arm(self) -> None:
+        if self._read_timer is None:
+            self._read_timer = self.loop.call_later(self.read_timeout, self._read_timed_out)
+
+    def _disarm(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._headers_done = False
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._headers_done = True
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        if self.transport.is_closing():
+            return
+        if not self._headers_done:
+            self.transport.write(_REQUEST_TIMEOUT)
+        self.transport.close()
+
+
+def with_read_timeout(seconds: float) -> type[RequestReadTimeoutProtocol]:
+    """The protocol class to give uvicorn (``http=``) for a deadline of ``seconds``."""
+
+    class Protocol(RequestReadTimeoutProtocol):
+        read_timeout = seconds
+
+    return Protocol
