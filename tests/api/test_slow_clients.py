@@ -5,6 +5,7 @@ other clients are served meanwhile; a kept-alive connection gets a new deadline 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import socket
@@ -13,7 +14,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import uvicorn
+from uvicorn.server import ServerState
 
+from hypereal.api.http_protocol import with_read_timeout
 from tests.engine.test_distributed import HYPEREAL, create_key, process
 from tests.support.servers import free_port
 
@@ -168,3 +172,48 @@ def test_slow_clients_do_not_hold_up_the_others(server: tuple[str, int, str]) ->
     finally:
         for sock in slow:
             sock.close()
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = b""
+        self.closed = False
+        self.closed_event = asyncio.Event()
+        self.reading = True
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += bytes(data)
+
+    def close(self) -> None:
+        self.closed = True
+        self.closed_event.set()
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+
+async def test_time_the_server_is_not_reading_does_not_count_against_the_client() -> None:
+    async def app(scope: object, receive: object, send: object) -> None:
+        raise AssertionError("no request is complete")
+
+    protocol = with_read_timeout(0.05)(
+        config=uvicorn.Config(app, lifespan="off"), server_state=ServerState(), app_state={}
+    )
+    transport = FakeTransport()
+    protocol.connection_made(transport)
+    protocol.flow.pause_reading()  # e.g. a pipelined request waiting for the one before it
+    await asyncio.sleep(0.3)
+    assert not transport.closed
+    protocol.flow.resume_reading()
+    await asyncio.wait_for(transport.closed_event.wait(), 5)
+    assert transport.written.startswith(b"HTTP/1.1 408 ")

@@ -8,7 +8,8 @@ one timer per request: it starts when the connection opens (or, on a kept-alive 
 at the first byte of the next request) and is cancelled once the whole request, headers and
 body, has arrived. When it fires first the connection is closed: with a JSON 408 when the
 headers were not complete (no request was handed to the app), silently otherwise (the app
-sees the client disconnect). Other connections are not affected.
+sees the client disconnect). Time while the server itself has stopped reading the connection
+(flow control) does not count against the client. Other connections are not affected.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ class RequestReadTimeoutProtocol(HttpToolsProtocol):
     def _read_timed_out(self) -> None:
         self._read_timer = None
         if self.transport.is_closing():
+            return
+        if self.flow.read_paused:
+            # The server stopped reading (a pipelined request waits for the one before it,
+            # or the app has not taken the body buffered so far): not the client's delay.
+            self._arm()
             return
         if not self._headers_done:
             self.transport.write(_REQUEST_TIMEOUT)
