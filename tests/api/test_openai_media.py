@@ -241,3 +241,20 @@ async def test_an_unknown_voice_or_format_is_a_400_before_any_charge(
     assert "'instructions'" in errors[2].body["message"]
     assert await ledger.balance(services.db, account) == 100
     assert await jobs.list_jobs(services.db, account, limit=5) == []
+
+
+@needs_audio
+async def test_speech_with_an_idempotency_key_replays_the_same_bytes(
+    live_url: str, services: Services
+) -> None:
+    key, account = await new_key(services, 100)
+    headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "speech-1"}
+    body = {"model": "tts-1", "voice": "alloy", "input": "Once.", "response_format": "wav"}
+    async with httpx.AsyncClient(timeout=60) as http:
+        first = await http.post(f"{live_url}/v1/audio/speech", json=body, headers=headers)
+        again = await http.post(f"{live_url}/v1/audio/speech", json=body, headers=headers)
+    assert first.status_code == again.status_code == 200
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.content == first.content and again.headers["content-type"] == "audio/wav"
+    assert len(await jobs.list_jobs(services.db, account, limit=5)) == 1
+    assert await ledger.balance(services.db, account) == 97

@@ -33,8 +33,9 @@ async def idempotent(
 ) -> Response:
     """Run ``produce`` at most once per (account, Idempotency-Key).
 
-    Successful JSON responses are stored and replayed byte for byte (with
-    ``Idempotent-Replayed: true``); failures release the key so the client can retry.
+    Successful responses with a whole body (JSON, audio, text) are stored and replayed byte
+    for byte (with ``Idempotent-Replayed: true``); a streamed one replays as a 409; failures
+    release the key so the client can retry.
     """
     key = request.headers.get(HEADER)
     if key is None:
@@ -61,6 +62,11 @@ async def idempotent(
     if isinstance(response, JSONResponse):
         stored = idempotency.StoredResponse(
             response.status_code, bytes(response.body), "application/json"
+        )
+    elif isinstance(response.__dict__.get("body"), bytes):  # whole bytes (speech, text)
+        content_type = response.headers.get("content-type", "application/octet-stream")
+        stored = idempotency.StoredResponse(
+            response.status_code, bytes(response.body), content_type
         )
     else:
         stored = idempotency.StoredResponse(
