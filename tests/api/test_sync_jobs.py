@@ -7,12 +7,14 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from hypereal.domain import jobs, ledger
+from hypereal.domain.catalogue import parse_catalogue
 from hypereal.engine.engine import engine_of
 from hypereal.engine.waiters import JobWaiters
 from tests.fakes_jobs import CALLS, TEST_CATALOGUE, eventually, job_app
@@ -89,6 +91,11 @@ async def test_a_sync_model_answers_200_with_the_result_everywhere_clients_read_
         assert job["status"] == "completed" and job["outputUrl"] == url
         listed = (await env.client.get("/v1/jobs", headers=headers)).json()["data"]
         assert [j["jobId"] for j in listed] == [answer["jobId"]]
+        # The catalogue says which models answer synchronously.
+        model = (await env.client.get("/v1/models/sync-tts", headers=headers)).json()
+        assert model["response"] == {"mode": "sync", "syncSeconds": 30.0}
+        video = (await env.client.get("/v1/models/test-video", headers=headers)).json()
+        assert "response" not in video
 
 
 async def test_past_the_sync_window_the_answer_is_202_and_the_job_goes_on(tmp_path: Path) -> None:
@@ -233,3 +240,16 @@ async def test_a_sync_job_still_sends_its_webhook(tmp_path: Path) -> None:
 
 async def _delivered(received: list[dict[str, Any]]) -> bool:
     return bool(received)
+
+
+def test_the_catalogue_refuses_a_bad_response_setting() -> None:
+    base = {"modality": "audio", "price": {"credits": 1}}
+    with pytest.raises(ValueError, match="response must be one of"):
+        parse_catalogue({"models": [{"slug": "x", **base, "response": "soon"}]})
+    with pytest.raises(ValueError, match="sync_seconds"):
+        parse_catalogue({"models": [{"slug": "x", **base, "response": "sync", "sync_seconds": -1}]})
+    with pytest.raises(ValueError, match="job models only"):
+        chat = {"slug": "c", "modality": "chat", "price": {"credits": 1}, "response": "sync"}
+        parse_catalogue({"models": [chat]})
+    spec = parse_catalogue({"models": [{"slug": "x", **base, "response": "sync"}]}).models["x"]
+    assert spec.sync and spec.sync_seconds == 120.0
