@@ -83,3 +83,27 @@ async def test_the_wal_is_checkpointed_after_loop_thread_commits(
         if balance == 10_000 - 200:
             break
     assert balance == 10_000 - 200
+
+
+async def test_a_snapshot_read_sees_one_state_of_the_database(db: Database, tmp_path: Path) -> None:
+    """A write committed by another connection between an operation's two statements is
+    seen by a plain read's second statement, never by a snapshot read's."""
+    from hypereal.store.writer import Dialect, Ops, Sql
+
+    account = await keys.create_account(db, "snapshot")
+    other = connect_sqlite(str(tmp_path / "w.db"))
+
+    def op(_: Dialect) -> Ops[tuple[int, int]]:
+        first = yield Sql.one("SELECT balance FROM accounts WHERE id = :id", id=account)
+        other.execute("UPDATE accounts SET balance = balance + 1 WHERE id = ?", (account,))
+        second = yield Sql.one("SELECT balance FROM accounts WHERE id = :id", id=account)
+        return int(first["balance"]), int(second["balance"])
+
+    try:
+        plain = await db.read(op)
+        snapshot = await db.read_snapshot(op)
+    finally:
+        other.close()
+    assert plain[1] == plain[0] + 1  # the plain read saw the write in between
+    assert snapshot[0] == snapshot[1] == plain[1]  # the snapshot read did not
+    assert await ledger.balance(db, account) == plain[1] + 1

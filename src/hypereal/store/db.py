@@ -158,6 +158,7 @@ class Database:
         sqlite_path = make_url(url).database if is_sqlite(url) else None
         self.fast = FastStore(url, sqlite_path=sqlite_path or None)
         self.read = self.fast.read
+        self.read_snapshot = self.fast.read_snapshot
         self.write = self.fast.write
         self.submit = self.fast.submit
 

@@ -483,14 +483,17 @@ class PgStore:
                     )
         return self._pool
 
-    async def read(self, operation: Callable[[], Ops[T]]) -> T:
+    async def read(self, operation: Callable[[], Ops[T]], *, snapshot: bool = False) -> T:
         import asyncpg
 
         pool = await self.pool()
         for attempt in (1, 2):
             try:
                 async with pool.acquire() as conn:
-                    return await _drive_async(conn, operation)
+                    if not snapshot:
+                        return await _drive_async(conn, operation)
+                    async with conn.transaction(isolation="repeatable_read", readonly=True):
+                        return await _drive_async(conn, operation)
             except (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError):
                 if attempt == 2:
                     raise
@@ -608,6 +611,25 @@ class FastStore:
         if self._sqlite_writer is not None:
             return _drive_sync(self._reader(), bound)
         return await self._pg_store().read(bound)
+
+    async def read_snapshot(
+        self, operation: Operation[P, T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """:meth:`read` with every statement of the operation reading one snapshot of the
+        database (a read transaction), for reads of several statements that must agree,
+        e.g. a row and its children. Single-statement reads need no snapshot: use read."""
+
+        def bound() -> Ops[T]:
+            return operation(self.dialect, *args, **kwargs)
+
+        if self._sqlite_writer is not None:
+            conn = self._reader()
+            conn.execute("BEGIN")
+            try:
+                return _drive_sync(conn, bound)
+            finally:
+                conn.execute("COMMIT")
+        return await self._pg_store().read(bound, snapshot=True)
 
     def submit(
         self, operation: Operation[P, T], *args: P.args, **kwargs: P.kwargs

@@ -31,17 +31,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import aiohttp
-from sqlalchemy import select
 from standardwebhooks import Webhook
 
 from hypereal.domain.errors import HyperealError
-from hypereal.domain.ids import as_utc
 from hypereal.media.fetch import parse_networks
 from hypereal.media.guarded_session import LazySession, guarded_session
 from hypereal.settings import Settings
 from hypereal.store.db import Database
-from hypereal.store.models import WebhookAttempt, WebhookDelivery, utcnow
-from hypereal.store.writer import Dialect, Ops, Sql, from_json
+from hypereal.store.models import utcnow
+from hypereal.store.writer import Dialect, Ops, Sql, as_datetime, from_json
 from hypereal.webhooks.secrets import signer, webhook_secret
 
 log = logging.getLogger("hypereal.webhooks")
@@ -74,48 +72,60 @@ class Delivery:
     log: Sequence[Attempt]
 
 
-def _maybe_utc(moment: datetime | None) -> datetime | None:
-    return as_utc(moment) if moment else None
-
-
-async def deliveries_for_job(db: Database, job_id: str) -> list[Delivery]:
-    """Every delivery of a job with its attempt log, oldest first."""
-    async with db.session() as session:
-        rows = (
-            await session.scalars(
-                select(WebhookDelivery)
-                .where(WebhookDelivery.job_id == job_id)
-                .order_by(WebhookDelivery.created_at)
-            )
-        ).all()
-        attempts = (
-            await session.scalars(
-                select(WebhookAttempt)
-                .where(WebhookAttempt.delivery_id.in_([r.id for r in rows]))
-                .order_by(WebhookAttempt.attempt)
-            )
-        ).all()
+def _deliveries_op(_: Dialect, job_id: str) -> Ops[list[Delivery]]:
+    rows = yield Sql.all(
+        "SELECT id, job_id, url, event, state, attempts, next_attempt_at, last_status_code, "
+        "last_error, created_at, delivered_at FROM webhook_deliveries WHERE job_id = :job "
+        "ORDER BY created_at",
+        job=job_id,
+    )
+    attempts = yield Sql.all(
+        "SELECT a.delivery_id, a.attempt, a.status_code, a.error, a.duration_ms, a.started_at "
+        "FROM webhook_attempts a JOIN webhook_deliveries d ON d.id = a.delivery_id "
+        "WHERE d.job_id = :job ORDER BY a.attempt",
+        job=job_id,
+    )
     return [
         Delivery(
-            id=row.id,
-            job_id=row.job_id,
-            url=row.url,
-            event=row.event,
-            state=row.state,
-            attempts=row.attempts,
-            next_attempt_at=_maybe_utc(row.next_attempt_at) if row.state == "pending" else None,
-            last_status_code=row.last_status_code,
-            last_error=row.last_error,
-            created_at=as_utc(row.created_at),
-            delivered_at=_maybe_utc(row.delivered_at),
+            id=str(row["id"]),
+            job_id=str(row["job_id"]),
+            url=str(row["url"]),
+            event=str(row["event"]),
+            state=str(row["state"]),
+            attempts=int(row["attempts"]),
+            next_attempt_at=(
+                as_datetime(row["next_attempt_at"]) if row["state"] == "pending" else None
+            ),
+            last_status_code=row["last_status_code"],
+            last_error=row["last_error"],
+            created_at=_as_utc(row["created_at"]),
+            delivered_at=as_datetime(row["delivered_at"]),
             log=[
-                Attempt(a.attempt, a.status_code, a.error, a.duration_ms, as_utc(a.started_at))
+                Attempt(
+                    int(a["attempt"]),
+                    a["status_code"],
+                    a["error"],
+                    int(a["duration_ms"]),
+                    _as_utc(a["started_at"]),
+                )
                 for a in attempts
-                if a.delivery_id == row.id
+                if a["delivery_id"] == row["id"]
             ],
         )
         for row in rows
     ]
+
+
+def _as_utc(value: Any) -> datetime:
+    moment = as_datetime(value)
+    assert moment is not None
+    return moment
+
+
+async def deliveries_for_job(db: Database, job_id: str) -> list[Delivery]:
+    """Every delivery of a job with its attempt log, oldest first, read from one snapshot
+    (a delivery's state always agrees with its log)."""
+    return await db.read_snapshot(_deliveries_op, job_id)
 
 
 def signed_headers(
