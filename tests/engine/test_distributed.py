@@ -13,8 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from hypereal.store.db import Database
 from hypereal.store.models import Job, WebhookDelivery
 from tests.fakes_jobs import eventually
 from tests.support.infra import ensure_postgres, ensure_redis, temporary_postgres_database
+from tests.support.processes import process
 from tests.support.servers import free_port, serve_app
 from tests.webhooks.test_delivery import Receiver
 
@@ -60,22 +60,6 @@ def scaled_out_env(tmp_path: Path, database_url: str) -> dict[str, str]:
         "HYPEREAL_ALLOWED_PRIVATE_NETWORKS": "127.0.0.1/32",
         "HYPEREAL_BOOTSTRAP_ADMIN": "false",
     }
-
-
-@contextmanager
-def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
 
 
 def wait_for_output(

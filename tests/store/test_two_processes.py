@@ -26,6 +26,7 @@ import pytest
 from hypereal.domain import ledger
 from hypereal.store.db import Database
 from tests.support.infra import ensure_postgres, temporary_postgres_database
+from tests.support.processes import process
 from tests.support.servers import free_port
 
 HYPEREAL = str(Path(sys.executable).with_name("hypereal"))
@@ -104,18 +105,8 @@ def server(env: dict[str, str], port: int, log: Path) -> Iterator[subprocess.Pop
     """`hypereal serve` on 127.0.0.1:port until the block ends."""
     env = {**env, "HYPEREAL_PUBLIC_URL": f"http://127.0.0.1:{port}"}
     args = [HYPEREAL, "serve", "--host", "127.0.0.1", "--port", str(port)]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+    with process(args, env, log) as proc:
+        yield proc
 
 
 def wait_until_healthy(
