@@ -235,7 +235,7 @@ class _HostedJob:
         await asyncio.sleep(seconds)
 
     async def cancel(self, handle: str) -> None:  # never called: not cancellable
-        raise NotImplementedError
+        raise RuntimeError(f"{_SUBJECT} jobs cannot be cancelled upstream (no cancel call)")
 
     async def result(self, handle: str) -> str:
         output_url = self._state.get("outputUrl")

@@ -7,6 +7,7 @@ Results with output files (:class:`Job`, :class:`ImageResult`) download them wit
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -71,14 +72,15 @@ def _target(path: str | os.PathLike[str], url: str) -> Path:
     return target
 
 
-class _Outputs:
+class _Outputs(ABC):
     """``save`` / ``asave`` for results whose outputs are URLs."""
 
     _connection: Connection | None
 
     @property
+    @abstractmethod
     def output_urls(self) -> tuple[str, ...]:
-        raise NotImplementedError
+        """The result's output URLs, in order."""
 
     def _url(self, index: int) -> str:
         urls = self.output_urls

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import time
+from abc import ABCMeta, abstractmethod
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
@@ -146,7 +147,7 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-class TurnStream(StreamingResponse):
+class TurnStream(StreamingResponse, metaclass=ABCMeta):
     """The SSE answer of a turn whose first delta (``first``, or None when it has not come
     yet) was awaited for a while. Subclasses write the events (:meth:`_sse`), reading the
     deltas from :meth:`_items`. However the response ends (finished, client gone, never
@@ -174,8 +175,9 @@ class TurnStream(StreamingResponse):
                 await self._feed.stop()
                 await self._turn.settle()
 
+    @abstractmethod
     def _sse(self) -> AsyncGenerator[bytes]:
-        raise NotImplementedError
+        """The response's events, in the subclass's wire format."""
 
     async def _items(self) -> AsyncGenerator[ChatDelta | None]:
         """The backend's deltas as they come, None for each keep-alive interval that passed
