@@ -571,6 +571,33 @@ async def test_upstream_error_on_a_stream_is_a_json_error_and_refunded(
     assert response.status_code == 200 and events(response.text)[-1] == "[DONE]"
 
 
+async def test_non_streamed_request_asks_the_upstream_for_one_whole_answer(
+    upstream: tuple[Any, httpx.AsyncClient, Services],
+) -> None:
+    fake, client, services = upstream
+    key, account = await new_key(services, 5000)
+    response = await client.post(
+        "/v1/chat/completions",
+        headers=bearer(key),
+        json={"messages": MESSAGES, "model": "upstream-chat"},
+    )
+    body = response.json()
+    assert response.status_code == 200
+    sent = fake.requests[-1].body
+    assert "stream" not in sent and "stream_options" not in sent  # one JSON completion
+    assert body["choices"][0]["message"]["content"] == "ab"
+    assert body["usage"]["completion_tokens"] == 2
+    assert await ledger.ledger_sum(services.db, account) == 5000 - body["creditsUsed"]
+    # A streamed request still streams from the upstream, chunk by chunk.
+    response = await client.post(
+        "/v1/chat/completions",
+        headers=bearer(key),
+        json={"messages": MESSAGES, "model": "upstream-chat", "stream": True},
+    )
+    assert fake.requests[-1].body["stream"] is True
+    assert events(response.text)[-1] == "[DONE]"
+
+
 async def test_unexpected_error_mid_stream_is_a_generic_event_and_bills_what_was_sent(
     chat_client: httpx.AsyncClient, chat_services: Services
 ) -> None:

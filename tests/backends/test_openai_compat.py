@@ -9,6 +9,7 @@ import time
 import wave
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any
 
 import openai
@@ -143,6 +144,20 @@ async def test_stream_sends_model_sampling_and_usage_request(
     assert (body["temperature"], body["max_tokens"]) == (0.5, 50)
     assert body["stream"] is True
     assert body["stream_options"] == {"include_usage": True}
+
+
+async def test_whole_answer_is_one_non_streamed_completion(
+    backend: OpenAICompatible, fake: OpenAIFake
+) -> None:
+    request = ChatRequest(MESSAGES, temperature=0.5, max_tokens=50, whole=True)
+    deltas = await collect(backend, replace(request, upstream_model="fake-model"))
+
+    body = fake.requests[-1].body
+    assert "stream" not in body and "stream_options" not in body
+    assert [d.text for d in deltas if d.text] == ["".join(fake.tokens)]
+    assert deltas[-1].finish_reason == "stop"
+    assert deltas[-1].completion_tokens == len(fake.tokens)
+    assert backend.answers_whole is True
 
 
 async def test_deltas_arrive_while_upstream_is_still_generating(server: str) -> None:

@@ -52,6 +52,10 @@ class ChatRequest:
     max_tokens: int
     # Upstream model id from the catalogue entry (``upstream_model``), if any.
     upstream_model: str | None = None
+    # The caller delivers the answer whole (a non-streamed request): a backend that declares
+    # ``answers_whole = True`` then asks its upstream for one complete answer instead of a
+    # stream of chunks, and yields it as one delta when it is done.
+    whole: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,12 @@ class ChatBackend(Protocol):
     """A chat model. Optional: a backend that knows how many tokens of context its model
     holds (prompt and answer together) exposes it as ``context_length: int | None`` (None
     while unknown). It is read after :meth:`count_prompt_tokens`, which may load the model
-    to learn it; the smaller of it and the catalogue's ``context_tokens`` is enforced."""
+    to learn it; the smaller of it and the catalogue's ``context_tokens`` is enforced.
+
+    Optional too: ``answers_whole: bool``, True for a backend that honours
+    ``ChatRequest.whole`` (an HTTP upstream asked for one complete answer). Such an answer is
+    generated whole once asked for, so it is billed whole even if the client leaves first;
+    a streaming backend stops when the client leaves and bills the part it generated."""
 
     async def count_prompt_tokens(self, request: ChatRequest) -> int:
         """Tokens the prompt takes with the model's own tokenizer and chat template."""

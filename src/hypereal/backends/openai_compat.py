@@ -92,6 +92,9 @@ _SPEECH_FORMATS = ("mp3", "wav", "opus", "aac", "flac")
 class OpenAICompatible:
     """Chat, image and speech backend for any server speaking the OpenAI REST API."""
 
+    # A non-streamed client request is answered from one non-streamed upstream completion.
+    answers_whole = True
+
     def __init__(self, options: Mapping[str, Any]) -> None:
         base_url = option_str(options, "base_url", BACKEND)
         if not base_url:
@@ -190,6 +193,10 @@ class OpenAICompatible:
         ``finish_reason`` and the usage counts. Closing this iterator closes the upstream
         connection, which makes vLLM, llama.cpp, Ollama and OpenAI stop generating.
 
+        For ``request.whole`` (the client wants the answer in one piece) the upstream is asked
+        for a non-streamed completion: one JSON body instead of a chunk per token, so the
+        whole answer costs one read and one parse (see ``answers_whole``).
+
         Raises BackendError for HTTP errors, an ``error`` object in the stream, malformed
         chunks, and a stream that ends before its finish chunk.
         """
@@ -198,9 +205,10 @@ class OpenAICompatible:
             "messages": [{"role": m.role, "content": m.content} for m in request.messages],
             "temperature": request.temperature,
             self._max_tokens_param: request.max_tokens,
-            "stream": True,
-            "stream_options": {"include_usage": True},
         }
+        if not request.whole:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
         async with (
             self._http.stream("POST", "/chat/completions", json=body) as response,
             aclosing(chat_deltas(response, PROVIDER)) as deltas,

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 import anyio
 
 from hypereal.backends.base import BackendError, ChatBackend, ChatDelta, ChatMessage, ChatRequest
+from hypereal.domain import ledger
 from hypereal.domain.catalogue import ModelSpec, check_text
-from hypereal.domain.errors import BadRequest, GenerationFailed, UpstreamError
+from hypereal.domain.errors import BadRequest, GenerationFailed, InsufficientCredits, UpstreamError
 from hypereal.domain.generation import Charge, client_error
 from hypereal.domain.ids import new_id
 from hypereal.domain.pricing import chat_price
@@ -61,6 +62,34 @@ def context_limit(spec: ModelSpec, backend: ChatBackend) -> int:
     return limit
 
 
+# Prompts at least this long (characters, all messages together) have the balance checked
+# for the turn's minimum charge before they are tokenized: tokenizing a long prompt costs
+# more CPU than reading the balance. A short prompt tokenizes in microseconds and the
+# reservation's own check answers its 402.
+PRECHECK_PROMPT_CHARS = 4096
+
+
+async def _check_minimum(
+    db: Database, account_id: str, spec: ModelSpec, messages: Sequence[ChatMessage]
+) -> None:
+    """InsufficientCredits (402) when the balance cannot pay the least the turn costs
+    (``base_credits`` per message, no tokens), checked only for a long prompt (see
+    PRECHECK_PROMPT_CHARS)."""
+    minimum = chat_price(spec, len(messages), 0, 0)
+    if minimum <= 0:
+        return
+    size = 0
+    for message in messages:
+        size += len(message.content) + 8
+        if size >= PRECHECK_PROMPT_CHARS:
+            break
+    else:
+        return
+    available = await ledger.balance(db, account_id)
+    if available < minimum:
+        raise InsufficientCredits(required=minimum, available=available)
+
+
 @dataclass
 class ChatTurn:
     """A metered chat turn. Use :meth:`open`, iterate :meth:`deltas`, then :meth:`settle`."""
@@ -99,6 +128,7 @@ class ChatTurn:
             max_tokens=max_tokens,
             upstream_model=upstream_model,
         )
+        await _check_minimum(db, account_id, spec, messages)
         try:
             prompt_tokens = await backend.count_prompt_tokens(request)
         except BackendError as exc:

@@ -274,7 +274,21 @@ async def run_turn(
 
     The generation runs in the request's own task. Only an answer still running after
     DISCONNECT_WATCH_AFTER gets a watcher task, which cancels the request's task when the
-    client disconnects: most answers end sooner and cost no extra task."""
+    client disconnects: most answers end sooner and cost no extra task. An answer asked of
+    the upstream whole (``turn.request.whole``) is not watched: it is generated whole once
+    asked for, and billed so."""
+    if turn.request.whole:
+        try:
+            async with contextlib.aclosing(turn.deltas() if deltas is None else deltas) as items:
+                async for _ in items:
+                    pass
+        except asyncio.CancelledError:
+            await turn.settle()
+            raise
+        except BaseException:
+            await turn.settle(delivered=False)
+            raise
+        return None
     task = asyncio.current_task()
     assert task is not None
     watcher: asyncio.Task[None] | None = None
@@ -355,6 +369,7 @@ async def _chat(
     spec = services.catalogue.get(body.model, "chat")
     _unhonoured(body, spec.slug)
     resolved = services.backends.resolve(spec)
+    stream = body.stream if body.stream is not None else stream_default
 
     async def produce() -> Response:
         turn = await ChatTurn.open(
@@ -366,8 +381,9 @@ async def _chat(
             body.temperature,
             body.max_tokens,
             resolved.upstream_model,
+            whole=not stream,
         )
-        if body.stream if body.stream is not None else stream_default:
+        if stream:
             return await open_stream(turn, services.settings.chat_keepalive_seconds, _ChatStream)
         return await _complete(turn, request)
 
