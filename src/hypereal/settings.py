@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     # Input media (image/audio URLs and data: URIs): seconds per URL fetch, largest file.
     fetch_timeout_seconds: float = Field(default=30.0, gt=0)
     fetch_max_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    # Largest input image (width x height, read from its header at submission): a larger
+    # one, a decompression bomb included, is a 400 before anything is charged.
+    max_input_pixels: int = Field(default=40_000_000, gt=0)
     # Largest request body (413 past it); room for a data: URI image at fetch_max_bytes
     # (base64 is 4/3 of the bytes) plus the rest of the JSON.
     max_request_bytes: int = Field(default=100 * 1024 * 1024, gt=0)

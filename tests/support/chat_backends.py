@@ -30,7 +30,11 @@ class ScriptedChat:
         self.context_length: int | None = int(length) if length is not None else None
         self.name = str(options.get("name", "scripted"))
 
+    # Backend name -> how many prompts it tokenized.
+    counted: ClassVar[dict[str, int]] = {}
+
     async def count_prompt_tokens(self, request: ChatRequest) -> int:
+        self.counted[self.name] = self.counted.get(self.name, 0) + 1
         # One token per whitespace-separated word plus 3 per message (template overhead).
         return sum(len(m.content.split()) + 3 for m in request.messages)
 

@@ -28,6 +28,7 @@ from hypereal.domain import ledger
 from hypereal.domain.catalogue import ModelSpec
 from hypereal.domain.errors import BadRequest, GenerationFailed, HyperealError
 from hypereal.media.fetch import fetch_media
+from hypereal.media.imageinfo import check_image_header
 from hypereal.media.sniff import sniff_content_type
 from hypereal.media.store import MediaStore, new_media_key
 from hypereal.settings import Settings
@@ -149,7 +150,9 @@ class Pipeline:
         self, spec: ModelSpec, params: Mapping[str, Any], *, prefix: str = ""
     ) -> dict[str, MediaBlob]:
         """Every media parameter of ``params``, fetched concurrently through the SSRF guard:
-        field (``image``, ``images[1]``) -> bytes. Raises BadRequest naming the field."""
+        field (``image``, ``images[1]``) -> bytes. An image's dimensions are read from its
+        header and one over ``max_input_pixels`` refused. Raises BadRequest naming the
+        field."""
         fields: list[tuple[str, str]] = []
         for param in spec.params:
             value = params.get(param.name)
@@ -165,7 +168,10 @@ class Pipeline:
                 for field, url in fields
             )
         )
-        return {field: blob for (field, _), blob in zip(fields, blobs, strict=True)}
+        found = {field: blob for (field, _), blob in zip(fields, blobs, strict=True)}
+        for field, blob in found.items():  # header only: no pixel is decoded
+            check_image_header(blob, prefix + field, self.settings.max_input_pixels)
+        return found
 
     async def store(self, blob: MediaBlob, kind: str) -> StoredMedia:
         """Put ``blob`` in the media store under a new ``kind`` key; its type is sniffed

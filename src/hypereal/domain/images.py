@@ -19,9 +19,9 @@ from typing import Any
 from PIL import Image
 
 from hypereal.backends.base import BackendError, ImageRequest, MediaBlob
-from hypereal.domain import jobs
+from hypereal.domain import jobs, ledger
 from hypereal.domain.catalogue import ModelSpec, validate_params
-from hypereal.domain.errors import BadRequest
+from hypereal.domain.errors import BadRequest, InsufficientCredits
 from hypereal.domain.generation import Pipeline, client_error
 from hypereal.domain.ids import new_id
 from hypereal.domain.pricing import price
@@ -115,6 +115,12 @@ async def generate(
     params = validate_params(spec, values)
     size = request_size(params, values)
     resolved = pipeline.resolve(spec)
+    credits = price(spec, params)
+    # The balance before any fetch: a short one is a 402 before work or network traffic (the
+    # reservation below re-checks atomically).
+    available = await ledger.balance(pipeline.db, account_id)
+    if available < credits:
+        raise InsufficientCredits(required=credits, available=available)
     sources = await pipeline.fetch_inputs(spec, params)
     # Only an output_format the request (or the model's catalogue default) names is forced.
     named_format = params.get("output_format")
@@ -129,7 +135,6 @@ async def generate(
         upstream_model=resolved.upstream_model,
         params={k: v for k, v in params.items() if k not in ("prompt", "images", "size")},
     )
-    credits = price(spec, params)
     result_id = new_id("res")
     charge = await pipeline.reserve(
         account_id, credits, reference=result_id, label=f"image {spec.slug}"
