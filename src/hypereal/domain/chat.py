@@ -7,7 +7,7 @@ The API formats the deltas (JSON or SSE); everything billable happens here.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import anyio
 
@@ -115,9 +115,13 @@ class ChatTurn:
         temperature: float,
         max_tokens: int,
         upstream_model: str | None,
+        *,
+        whole: bool = False,
     ) -> ChatTurn:
         """Count the prompt, enforce the context limit (:func:`context_limit`) and reserve the
         maximum cost (``max_tokens``, cut to the room the context leaves, as completion).
+
+        ``whole``: the client takes the answer in one piece (``ChatRequest.whole``).
 
         Raises BadRequest (context exceeded) or InsufficientCredits (402) before any
         generation starts.
@@ -127,6 +131,7 @@ class ChatTurn:
             temperature=temperature,
             max_tokens=max_tokens,
             upstream_model=upstream_model,
+            whole=whole and getattr(backend, "answers_whole", False) is True,
         )
         await _check_minimum(db, account_id, spec, messages)
         try:
@@ -142,7 +147,7 @@ class ChatTurn:
         # Never ask for more than the context has room for.
         room = min(max_tokens, limit - prompt_tokens)
         if room != max_tokens:
-            request = ChatRequest(request.messages, temperature, room, upstream_model)
+            request = replace(request, max_tokens=room)
         turn_id = "chatcmpl-" + new_id("c")[2:]
         reserved = chat_price(spec, len(request.messages), prompt_tokens, room)
         charge = await Charge.reserve(
