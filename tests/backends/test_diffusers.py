@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import asyncio
 import gc
+import importlib
 import importlib.util
 import io
 import json
@@ -38,7 +39,6 @@ pytest.importorskip("ftfy")
 
 from PIL import Image  # noqa: E402
 
-from hypereal.backends import diffusers_local  # noqa: E402
 from hypereal.backends.base import (  # noqa: E402
     BackendError,
     BackendUnavailable,
@@ -48,14 +48,29 @@ from hypereal.backends.base import (  # noqa: E402
     MediaBlob,
     VideoBackend,
 )
-from hypereal.backends.diffusers_local import (  # noqa: E402
+from hypereal.backends.diffusers import (  # noqa: E402
     DiffusersImage,
     DiffusersVideo,
+    encode_mp4,
     frame_count,
-    resident_model,
-    unload_resident,
 )
+from hypereal.backends.diffusers import options as diffusers_options  # noqa: E402
+from hypereal.backends.diffusers import resident as diffusers_resident  # noqa: E402
+from hypereal.backends.diffusers import sizes as diffusers_sizes  # noqa: E402
 from tests.backends.tiny_qwen_image_edit import save_qwen_image_edit  # noqa: E402
+
+
+def resident_model() -> str | None:
+    """Directory of the pipeline loaded in this process, or None."""
+    key = diffusers_resident.RESIDENT.key
+    return key.path if key is not None else None
+
+
+def unload_resident() -> None:
+    """Unload the resident pipeline (waits for a running generation to finish)."""
+    with diffusers_resident.RESIDENT.lock:
+        diffusers_resident.RESIDENT.unload()
+
 
 # ------------------------------------------------------------------ tiny pipelines
 
@@ -255,7 +270,7 @@ class _StepCounter:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.steps: list[int] = []
-        original: Callable[..., Any] = diffusers_local._step_callback
+        original: Callable[..., Any] = diffusers_resident.step_callback
 
         def factory(*args: Any, **kwargs: Any) -> Any:
             inner = original(*args, **kwargs)
@@ -266,7 +281,7 @@ class _StepCounter:
 
             return callback
 
-        monkeypatch.setattr(diffusers_local, "_step_callback", factory)
+        monkeypatch.setattr(diffusers_resident, "step_callback", factory)
 
 
 # --------------------------------------------------------------------------- images
@@ -370,7 +385,7 @@ async def test_loading_another_model_evicts_the_resident_one(image_weights: Path
     request = ImageRequest(prompt="x", width=16, height=16, upstream_model="flux-1-schnell")
     await backend.generate_images(request)
     assert resident_model() == str(image_weights / "flux-1-schnell")
-    first = weakref.ref(diffusers_local._RESIDENT.pipe.transformer)
+    first = weakref.ref(diffusers_resident.RESIDENT.pipe.transformer)
 
     dev = ImageRequest(
         prompt="x",
@@ -385,9 +400,9 @@ async def test_loading_another_model_evicts_the_resident_one(image_weights: Path
     assert first() is None, "the first pipeline is still referenced after the switch"
 
     # Same model again: reused, not reloaded.
-    resident = diffusers_local._RESIDENT.pipe
+    resident = diffusers_resident.RESIDENT.pipe
     await backend.generate_images(dev)
-    assert diffusers_local._RESIDENT.pipe is resident
+    assert diffusers_resident.RESIDENT.pipe is resident
 
 
 async def test_kontext_edit(image_weights: Path) -> None:
@@ -405,7 +420,7 @@ async def test_kontext_edit(image_weights: Path) -> None:
     )
     assert _decode(blob).size == (48, 32)
     assert resident_model() == str(image_weights / "flux-kontext-dev")
-    assert type(diffusers_local._RESIDENT.pipe).__name__ == "FluxKontextPipeline"
+    assert type(diffusers_resident.RESIDENT.pipe).__name__ == "FluxKontextPipeline"
 
     # No size asked: the edit keeps the source's aspect ratio (64:40), within max_pixels.
     [blob] = await backend.generate_images(
@@ -446,7 +461,7 @@ async def test_qwen_image_edit_is_selected_and_needs_an_image(tmp_path: Path) ->
     (model / "model_index.json").write_text(json.dumps({"_class_name": "QwenImageEditPipeline"}))
     backend = _image_backend(tmp_path)
     assert backend._pipeline_kind(model) == "qwen-image-edit"
-    assert diffusers_local.PIPELINE_CLASSES["qwen-image-edit"] == "QwenImageEditPipeline"
+    assert diffusers_options.PIPELINE_CLASSES["qwen-image-edit"] == "QwenImageEditPipeline"
     assert hasattr(diffusers, "QwenImageEditPipeline")
     with pytest.raises(BackendError) as info:
         await backend.generate_images(ImageRequest(prompt="x", upstream_model="qwen-image-edit"))
@@ -494,7 +509,7 @@ async def test_qwen_image_edit(qwen_weights: Path) -> None:
 
     first = await edit(7)
     assert resident_model() == str(qwen_weights / "qwen-image-edit")
-    pipe = diffusers_local._RESIDENT.pipe
+    pipe = diffusers_resident.RESIDENT.pipe
     assert type(pipe).__name__ == "QwenImageEditPipeline"
     if importlib.util.find_spec("torchvision") is None:
         # transformers' own Qwen2VLProcessor needs torchvision (for video): the backend built
@@ -568,21 +583,21 @@ def test_bad_options_are_unavailable(image_weights: Path) -> None:
 def test_missing_packages_are_unavailable(
     image_weights: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = diffusers_local.importlib.import_module
+    real = importlib.import_module
 
     def fake_import(name: str, package: str | None = None) -> Any:
         if name == "diffusers":
             raise ModuleNotFoundError("No module named 'diffusers'", name="diffusers")
         return real(name, package)
 
-    monkeypatch.setattr(diffusers_local.importlib, "import_module", fake_import)
+    monkeypatch.setattr(importlib, "import_module", fake_import)
     with pytest.raises(BackendUnavailable, match="pip install"):
         _image_backend(image_weights)
 
 
 def test_image_sizes() -> None:
     def size(source: Image.Image | None = None, **kwargs: Any) -> tuple[int, int]:
-        w, h, _ = diffusers_local._image_size(ImageRequest(prompt="", **kwargs), source, 2**21)
+        w, h, _ = diffusers_sizes.image_size(ImageRequest(prompt="", **kwargs), source, 2**21)
         return w, h
 
     assert size() == (1024, 1024)
@@ -592,7 +607,7 @@ def test_image_sizes() -> None:
     assert size(params={"size": "768*512"}) == (768, 512)
     assert size(source=Image.new("RGB", (300, 200))) == (1248, 832)
     assert size(width=4096, height=4096) == (1440, 1440)  # capped at max_pixels
-    note = diffusers_local._image_size(ImageRequest(prompt="", width=50, height=30), None, 2**21)
+    note = diffusers_sizes.image_size(ImageRequest(prompt="", width=50, height=30), None, 2**21)
     assert note[2] is not None and "48x32" in note[2]
 
 
@@ -712,7 +727,7 @@ async def test_wan_image_to_video(video_weights: Path) -> None:
     )
     result = await backend.generate_video(request, _Progress())
     assert _probe_mp4(result.output.data)[:3] == (9, 48, 32)
-    assert type(diffusers_local._RESIDENT.pipe).__name__ == "WanImageToVideoPipeline"
+    assert type(diffusers_resident.RESIDENT.pipe).__name__ == "WanImageToVideoPipeline"
 
     with pytest.raises(BackendError) as info:
         await backend.generate_video(
@@ -744,7 +759,7 @@ async def test_cancellation_interrupts_the_pipeline(video_weights: Path) -> None
         ),
         _Progress(),
     )
-    transformer = diffusers_local._RESIDENT.pipe.transformer
+    transformer = diffusers_resident.RESIDENT.pipe.transformer
     calls: list[int] = []
     hook = transformer.register_forward_hook(lambda *_: calls.append(1))
     try:
@@ -758,7 +773,7 @@ async def test_cancellation_interrupts_the_pipeline(video_weights: Path) -> None
         cancel_seconds = time.monotonic() - started
         # generate_video returned only after the worker thread stopped: the pipeline is idle
         # and no more denoising happens.
-        assert not diffusers_local._RESIDENT.lock.locked()
+        assert not diffusers_resident.RESIDENT.lock.locked()
         ran = len(calls)
         await asyncio.sleep(0.3)
         assert len(calls) == ran
@@ -766,7 +781,7 @@ async def test_cancellation_interrupts_the_pipeline(video_weights: Path) -> None
         # a few steps of the 1000 asked for (4 calls here; the bound leaves room for slow CI).
         assert ran < 100, f"{ran} transformer calls: the pipeline was not interrupted"
         assert cancel_seconds < 10
-        assert not diffusers_local._RESIDENT.pipe._interrupt
+        assert not diffusers_resident.RESIDENT.pipe._interrupt
     finally:
         hook.remove()
 
@@ -799,7 +814,7 @@ async def test_video_and_image_share_one_resident_pipeline(
         ),
         _Progress(),
     )
-    wan = weakref.ref(diffusers_local._RESIDENT.pipe.transformer)
+    wan = weakref.ref(diffusers_resident.RESIDENT.pipe.transformer)
     await _image_backend(image_weights).generate_images(
         ImageRequest(prompt="x", width=16, height=16, upstream_model="flux-1-schnell")
     )
@@ -818,5 +833,5 @@ def test_encode_mp4_crops_odd_sizes() -> None:
     import numpy as np
 
     frames = np.zeros((5, 33, 47, 3), dtype=np.uint8)
-    data = diffusers_local.encode_mp4(av, frames, 16)
+    data = encode_mp4(av, frames, 16)
     assert _probe_mp4(data)[:3] == (5, 46, 32)

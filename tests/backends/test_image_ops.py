@@ -15,6 +15,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageStat
 
 from hypereal.backends.base import BackendError, ImageBackend, ImageRequest, MediaBlob
 from hypereal.backends.image_ops import ImageOperations
+from hypereal.backends.image_ops.instructions import plan_request
 
 FORMAT_OF_TYPE = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
 
@@ -387,9 +388,10 @@ async def test_work_runs_off_the_event_loop() -> None:
     assert ticks >= 3
 
 
-def test_describe_validates_without_running() -> None:
-    backend = ImageOperations({})
-    steps = backend.describe(ImageRequest(prompt="crop to 16:9 and convert to webp quality 70"))
-    assert steps[0].startswith("crop(") and steps[-1] == "encode(webp)"
-    with pytest.raises(BackendError):
-        backend.describe(ImageRequest(prompt="paint it like van gogh"))
+def test_an_instruction_is_planned_without_decoding_anything() -> None:
+    plan = plan_request(ImageRequest(prompt="crop to 16:9 and convert to webp quality 70"))
+    assert [step.op for step in plan.steps] == ["crop"]
+    assert plan.output_format == "webp" and plan.quality == 70
+    with pytest.raises(BackendError) as err:
+        plan_request(ImageRequest(prompt="paint it like van gogh"))
+    assert err.value.client_error

@@ -13,6 +13,28 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from hypereal.media.blob import MediaBlob
+
+__all__ = [
+    "AudioBackend",
+    "BackendError",
+    "BackendUnavailable",
+    "ChatBackend",
+    "ChatDelta",
+    "ChatMessage",
+    "ChatRequest",
+    "ImageBackend",
+    "ImageRequest",
+    "JobRequest",
+    "JobResult",
+    "MediaBlob",
+    "MeshBackend",
+    "ProgressCallback",
+    "VideoBackend",
+    "WebhookReceiver",
+    "WebhookRejected",
+]
+
 
 class BackendUnavailable(Exception):
     """The backend cannot be used here; the message says how to configure it."""
@@ -26,14 +48,6 @@ class BackendError(Exception):
         super().__init__(message)
         self.message = message
         self.client_error = client_error
-
-
-@dataclass(frozen=True)
-class MediaBlob:
-    """Bytes of one media file with its MIME type (sniffed or known, never guessed)."""
-
-    data: bytes
-    content_type: str
 
 
 # ---------------------------------------------------------------------------- chat

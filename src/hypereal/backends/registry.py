@@ -38,8 +38,8 @@ BACKEND_TYPES: dict[str, str] = {
     "hypereal": "hypereal.backends.hypereal_hosted:HyperealHosted",
     "fal": "hypereal.backends.fal:FalQueue",
     "replicate": "hypereal.backends.replicate:ReplicatePredictions",
-    "diffusers_image": "hypereal.backends.diffusers_local:DiffusersImage",
-    "diffusers_video": "hypereal.backends.diffusers_local:DiffusersVideo",
+    "diffusers_image": "hypereal.backends.diffusers:DiffusersImage",
+    "diffusers_video": "hypereal.backends.diffusers:DiffusersVideo",
 }
 
 # Types whose work happens at a provider: jobs of a model they serve may run this many at once

@@ -45,7 +45,7 @@ from hypereal.backends.base import (
     MediaBlob,
     ProgressCallback,
 )
-from hypereal.backends.image_ops import DEFAULT_MAX_INPUT_PIXELS, decode_image, pixel_cap_option
+from hypereal.backends.image_codec import DEFAULT_MAX_INPUT_PIXELS, decode_image, pixel_cap_option
 
 try:
     import numpy as np

@@ -24,16 +24,15 @@ import anyio.to_thread
 from PIL import Image, ImageChops, ImageFilter, ImageMath, ImageOps
 
 from hypereal.backends.base import BackendError, BackendUnavailable, ImageRequest, MediaBlob
-from hypereal.backends.image_ops import (
+from hypereal.backends.image_codec import (
     DEFAULT_MAX_INPUT_PIXELS,
     DEFAULT_MAX_OUTPUT_PIXELS,
-    apply_request_geometry,
     decode_image,
     encode_image,
     normalise_format,
-    parse_colour,
     pixel_cap_option,
 )
+from hypereal.backends.image_ops import apply_request_geometry, parse_colour
 
 __all__ = ["MEDIAPIPE_INSTALL", "SelfieSegmentationEdit"]
 

@@ -9,14 +9,11 @@ image) is refused before any credit is taken.
 from __future__ import annotations
 
 import asyncio
-import io
 import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-from PIL import Image
 
 from hypereal.backends.base import BackendError, ImageRequest, MediaBlob
 from hypereal.domain import jobs, ledger
@@ -25,11 +22,18 @@ from hypereal.domain.errors import BadRequest, InsufficientCredits
 from hypereal.domain.generation import Pipeline, client_error
 from hypereal.domain.ids import new_id
 from hypereal.domain.pricing import price
+from hypereal.media.images import (
+    CONTENT_TYPES,
+    DEFAULT_MAX_OUTPUT_PIXELS,
+    ImageRejected,
+    decode_image,
+    encode_image,
+    format_of,
+    normalise_format,
+)
 from hypereal.media.sniff import sniff_content_type
 
 MIN_SIDE, MAX_SIDE = 64, 4096
-FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg", "webp": "image/webp"}
-PIL_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
 SIZE_PATTERN = re.compile(r"^\s*(\d{1,5})\s*[*xX×]\s*(\d{1,5})\s*$")  # noqa: RUF001
 
 
@@ -86,14 +90,14 @@ def in_format(blob: MediaBlob, wanted: str | None) -> MediaBlob:
     if actual is None or not actual.startswith("image/"):
         raise BackendError(f"backend returned {actual or 'unrecognised data'}, not an image")
     if wanted is None:
-        wanted = actual if actual in PIL_FORMATS else "image/png"
+        wanted = actual if format_of(actual) else "image/png"
     if actual == wanted:
         return MediaBlob(blob.data, wanted)
-    with Image.open(io.BytesIO(blob.data)) as img:
-        converted = img.convert("RGB") if wanted == "image/jpeg" else img.copy()
-    out = io.BytesIO()
-    converted.save(out, format=PIL_FORMATS[wanted])
-    return MediaBlob(out.getvalue(), wanted)
+    try:
+        image = decode_image(blob, max_pixels=DEFAULT_MAX_OUTPUT_PIXELS, what="backend's image")
+        return encode_image(image, format_of(wanted) or "png")
+    except ImageRejected as exc:
+        raise BackendError(f"backend returned an image that cannot be converted: {exc}") from exc
 
 
 def request_size(params: Mapping[str, Any], values: Mapping[str, Any]) -> tuple[int, int] | None:
@@ -124,7 +128,7 @@ async def generate(
     sources = await pipeline.fetch_inputs(spec, params)
     # Only an output_format the request (or the model's catalogue default) names is forced.
     named_format = params.get("output_format")
-    wanted = FORMATS[str(named_format)] if named_format else None
+    wanted = CONTENT_TYPES[normalise_format(str(named_format))] if named_format else None
     request = ImageRequest(
         prompt=str(params.get("prompt") or ""),
         width=size[0] if size else None,
@@ -137,7 +141,7 @@ async def generate(
     )
     result_id = new_id("res")
     charge = await pipeline.reserve(
-        account_id, credits, reference=result_id, label=f"image {spec.slug}"
+        account_id, credits, reference=result_id, label=f"image {spec.slug}", model=spec.slug
     )
     try:
         blobs = await asyncio.wait_for(

@@ -22,8 +22,8 @@ from urllib.parse import unquote_to_bytes
 
 import httpx
 
-from hypereal.backends.base import MediaBlob
 from hypereal.domain.errors import BadRequest
+from hypereal.media.blob import MediaBlob
 from hypereal.media.sniff import sniff_content_type
 from hypereal.settings import Settings
 
