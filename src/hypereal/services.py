@@ -12,6 +12,7 @@ from hypereal.domain import keys, ledger
 from hypereal.domain.catalogue import Catalogue, load_catalogue
 from hypereal.domain.generation import Pipeline
 from hypereal.domain.ratelimit import RateLimiter
+from hypereal.media.signing import MediaSigner, load_secret
 from hypereal.media.store import LocalMediaStore, MediaStore, S3MediaStore
 from hypereal.settings import Settings
 from hypereal.store.db import Database
@@ -37,6 +38,11 @@ class Services:
         return Pipeline(
             db=self.db, media=self.media, backends=self.backends, settings=self.settings
         )
+
+    @cached_property
+    def media_signer(self) -> MediaSigner:
+        """Signs and checks the expiring URLs of private media (uploaded inputs)."""
+        return MediaSigner(load_secret(self.settings.media_signing_secret, self.settings.data_dir))
 
     async def migrate(self) -> None:
         await upgrade_to_head(self.db.engine)

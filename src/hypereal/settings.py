@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     s3_access_key_id: str | None = None
     s3_secret_access_key: str | None = None
     s3_public_url: str | None = None
+    # HMAC key of the expiring signed URLs of uploaded inputs (media/signing.py); unset, a
+    # random one kept in {data_dir}/media-signing.key. Processes sharing media share it.
+    media_signing_secret: str | None = None
 
     # Model catalogue override (TOML, merged by slug) and backend instances.
     catalogue_file: Path | None = None

@@ -21,6 +21,7 @@ from hypereal.domain.catalogue import ModelSpec, validate_params
 from hypereal.domain.errors import BadRequest, HyperealError, InsufficientCredits
 from hypereal.domain.generation import client_error
 from hypereal.media.fetch import FetchRefused, parse_networks, vetted_addresses
+from hypereal.media.signing import inputs_kind
 from hypereal.services import Services
 
 log = logging.getLogger("hypereal.engine")
@@ -63,7 +64,7 @@ async def submit_generation(
     available = await ledger.balance(services.db, account_id)
     if available < credits:  # before fetching anything; the debit re-checks atomically
         raise InsufficientCredits(required=credits, available=available)
-    media = await _store_inputs(services, spec, params)
+    media = await _store_inputs(services, account_id, spec, params)
     job = await jobs.submit(
         services.db,
         jobs.NewJob(
@@ -135,7 +136,7 @@ def _recorded(url: str, size: int) -> str:
 
 
 async def _store_inputs(
-    services: Services, spec: ModelSpec, params: dict[str, Any]
+    services: Services, account_id: str, spec: ModelSpec, params: dict[str, Any]
 ) -> dict[str, str]:
     """Fetch every media parameter into the media store; returns field -> store key and
     replaces data: URIs in ``params`` with a short stub."""
@@ -144,7 +145,8 @@ async def _store_inputs(
     stored: dict[str, str] = {}
     recorded: dict[str, str] = {}
     for field, blob in blobs.items():
-        stored[field] = (await pipeline.store(blob, "inputs")).key
+        # Under the owner's id: served to them, or under a signed URL (media/signing.py).
+        stored[field] = (await pipeline.store(blob, inputs_kind(account_id))).key
         name, _, index = field.partition("[")
         source = params[name] if not index else params[name][int(index.rstrip("]"))]
         recorded[field] = _recorded(source, len(blob.data))

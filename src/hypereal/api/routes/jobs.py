@@ -19,6 +19,7 @@ from hypereal.domain.catalogue import ModelSpec
 from hypereal.domain.errors import Conflict, GenerationFailed, HyperealError
 from hypereal.domain.keys import Principal
 from hypereal.engine.submit import Submission, submit_generation
+from hypereal.media.store import LocalMediaStore
 from hypereal.services import Services
 from hypereal.webhooks.delivery import Delivery, deliveries_for_job
 from hypereal.webhooks.secrets import rotate_webhook_secret, webhook_secret
@@ -260,7 +261,18 @@ async def get_job(
     asked = prefer_wait(request)
     if asked and job.state in jobs.ACTIVE:
         job = await wait_for_job(services, job, asked)
-    return job_json(job)
+    data = job_json(job)
+    if job.media:  # the uploaded inputs are not public: their owner gets expiring URLs
+        data["inputUrls"] = {field: input_url(services, key) for field, key in job.media.items()}
+    return data
+
+
+def input_url(services: Services, key: str) -> str:
+    """An uploaded input's URL: signed for an hour on the local store (``/files`` serves it
+    to nobody else), the store's own (presigned) URL elsewhere."""
+    if isinstance(services.media, LocalMediaStore):
+        return services.media_signer.sign(services.settings.base_url(), key)
+    return services.media.url_for(key)
 
 
 @router.post("/jobs/{job_id}/cancel")
