@@ -22,9 +22,10 @@ fi
 [ -n "$PYTHON" ] || { echo "hypereal needs Python 3.11 or newer" >&2; exit 1; }
 
 # Debian packages: a compiler and cmake for llama-cpp-python's build, libgomp for the
-# model runtimes, and the PostgreSQL/Redis servers the distributed-mode tests use.
+# model runtimes, the PostgreSQL/Redis servers the distributed-mode tests use, and the
+# Chromium that the console's browser tests drive (Playwright never downloads one).
 apt_packages=(build-essential cmake libgomp1 libsndfile1)
-[ "$dev" = 1 ] && apt_packages+=(postgresql redis-server)
+[ "$dev" = 1 ] && apt_packages+=(postgresql redis-server chromium)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

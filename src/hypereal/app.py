@@ -25,6 +25,7 @@ from hypereal.api.routes import (
     account,
     admin,
     chat,
+    console,
     files,
     images,
     jobs,
@@ -214,6 +215,7 @@ def create_app(
             add_routes(app, router, prefix)
     add_routes(app, files.router)
     add_routes(app, upstream_webhooks.router)
+    add_routes(app, console.router)
 
     @app.get("/health", include_in_schema=False)
     async def health() -> dict[str, str]:
