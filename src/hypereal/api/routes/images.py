@@ -28,6 +28,7 @@ class ImageBody(BaseModel):
     image: Any = None
     images: Any = None
     seed: Any = None
+    mode: Any = None
 
 
 async def _run(
@@ -44,6 +45,7 @@ async def _run(
         "aspect_ratio": body.aspect_ratio,
         "output_format": body.output_format,
         "seed": body.seed,
+        "mode": body.mode,
         "images": images.source_urls(body.image, body.images),
     }
 
