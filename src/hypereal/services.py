@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from hypereal.backends.registry import BackendRegistry
+from hypereal.backends.registry import BackendRegistry, check_patterns
 from hypereal.domain import keys, ledger
 from hypereal.domain.catalogue import Catalogue, load_catalogue
 from hypereal.domain.generation import Pipeline
@@ -68,7 +68,7 @@ def build_media_store(settings: Settings) -> MediaStore:
 
 
 def build_services(settings: Settings) -> Services:
-    catalogue = load_catalogue(settings.catalogue_file)
+    catalogue = load_catalogue(settings.catalogue_file, settings.model_patterns)
     backends: dict[str, dict[str, Any]] = dict(settings.backends)
     extra_types: dict[str, str] = {}
     if settings.enable_test_backends:
@@ -77,11 +77,13 @@ def build_services(settings: Settings) -> Services:
         extra_types.update(noop.NOOP_TYPES)
         backends = {**noop.NOOP_INSTANCES, **backends}
         noop.add_noop_models(catalogue)
+    registry = BackendRegistry(backends, extra_types=extra_types)
+    check_patterns(catalogue, registry)
     return Services(
         settings=settings,
         db=Database(settings.resolved_database_url),
         catalogue=catalogue,
-        backends=BackendRegistry(backends, extra_types=extra_types),
+        backends=registry,
         media=build_media_store(settings),
         limiter=RateLimiter(settings.resolved_rate_limit_storage, settings.rate_limit_per_hour),
     )

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     # Model catalogue override (TOML, merged by slug) and backend instances.
     catalogue_file: Path | None = None
     backends: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Wildcard model routing: `[[model_patterns]]` entries (pattern, backend, upstream_model,
+    # modality or template, price or pass_through); see README "Model patterns".
+    model_patterns: list[dict[str, Any]] = Field(default_factory=list)
 
     # Outbound fetches (image URLs, webhooks): CIDRs allowed despite being non-global.
     allowed_private_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)

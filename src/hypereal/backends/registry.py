@@ -213,3 +213,17 @@ def check_bindings(catalogue: Catalogue, registry: BackendRegistry) -> list[str]
         for b in spec.bindings
         if b.backend not in registry.configs
     ]
+
+
+def check_patterns(catalogue: Catalogue, registry: BackendRegistry) -> None:
+    """Refuse (ValueError) a pass-through pattern whose backend is not a hosted Hypereal
+    instance: only that upstream answers with the ``creditsUsed`` the charge settles to."""
+    for pattern in catalogue.patterns:
+        if pattern.base.pass_through is None:
+            continue
+        config = registry.configs.get(pattern.backend, {})
+        if config.get("type", pattern.backend) != "hypereal":
+            raise ValueError(
+                f"model pattern {pattern.pattern!r}: pass_through needs a backend of type "
+                f"'hypereal' (a hosted Hypereal account); {pattern.backend!r} is not one"
+            )

@@ -7,10 +7,11 @@ Entries may name a ``template`` whose fields they inherit.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,26 @@ class Binding:
 
 
 @dataclass(frozen=True)
+class PassThrough:
+    """A pattern model forwarded to a hosted Hypereal account whose own price we do not know:
+    ``max_credits`` is reserved, and the charge settles to the upstream's ``creditsUsed`` x
+    ``markup`` (rounded up, at most the reservation)."""
+
+    max_credits: int
+    markup: float = 1.0
+
+    def charge(self, upstream_credits: int | float | None) -> int:
+        """Credits to charge for an answer the upstream billed ``upstream_credits`` for
+        (the whole reservation when the upstream did not say)."""
+        if upstream_credits is None:
+            return self.max_credits
+        return min(self.max_credits, math.ceil(upstream_credits * self.markup - 1e-9))
+
+    def public(self) -> dict[str, Any]:
+        return {"max_credits": self.max_credits, "markup": self.markup}
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     slug: str
     name: str
@@ -115,6 +136,10 @@ class ModelSpec:
     # sync_seconds for the job and answers 200 with its result; 202 past that).
     response: str = "async"
     sync_seconds: float = 0.0
+    # Set on a model made from a pattern entry (the pattern it matched) and, for the hosted
+    # Hypereal pass-through, how its charge settles.
+    pattern: str | None = None
+    pass_through: PassThrough | None = None
 
     @property
     def sync(self) -> bool:
@@ -124,10 +149,44 @@ class ModelSpec:
         return next((p for p in self.params if p.name == name), None)
 
 
+@dataclass(frozen=True)
+class ModelPattern:
+    """A catalogue entry matching slugs by a shell-style pattern (``claude-*``, ``gpt-*``,
+    ``*``): a matched slug becomes a model of ``base`` (its modality, params, price) bound to
+    ``backend``, with ``upstream_model`` (``{slug}`` replaced by the requested slug) as the
+    model's id there."""
+
+    pattern: str
+    base: ModelSpec
+    backend: str
+    upstream_model: str = "{slug}"
+
+    def matches(self, slug: str) -> bool:
+        return fnmatch.fnmatchcase(slug, self.pattern)
+
+    def spec_for(self, slug: str) -> ModelSpec:
+        upstream = self.upstream_model.replace("{slug}", slug)
+        return replace(
+            self.base,
+            slug=slug,
+            name=slug,
+            bindings=(Binding(self.backend, upstream),),
+            pattern=self.pattern,
+        )
+
+
+# Slugs whose pattern lookup is remembered (matches and misses); past it the memory restarts.
+PATTERN_CACHE_SIZE = 4096
+
+
 @dataclass
 class Catalogue:
     models: dict[str, ModelSpec]
     defaults: dict[str, str] = field(default_factory=dict)
+    patterns: list[ModelPattern] = field(default_factory=list)
+    _matched: dict[tuple[str, tuple[str, ...]], ModelSpec | None] = field(
+        default_factory=dict, repr=False
+    )
 
     def get(self, slug: str | None, modality: str | Sequence[str]) -> ModelSpec:
         """The model for a request, or the modality's default when ``slug`` is empty.
@@ -143,10 +202,42 @@ class Catalogue:
             slug = default
         if not isinstance(slug, str):
             raise BadRequest("Invalid value for 'model': must be a string")
-        check_text(slug, "model")
         spec = self.models.get(slug)
-        if spec is None or spec.modality not in modalities:
-            raise UnsupportedModel(modalities[0], slug)
+        if spec is not None and spec.modality in modalities:
+            return spec
+        check_text(slug, "model")
+        if spec is None and self.patterns:
+            spec = self.match(slug, modalities)
+            if spec is not None:
+                return spec
+        raise UnsupportedModel(modalities[0], slug)
+
+    def match(self, slug: str, modalities: tuple[str, ...] = MODALITIES) -> ModelSpec | None:
+        """The model the first pattern entry of one of ``modalities`` matching ``slug``
+        makes, or None; remembered per slug (at most PATTERN_CACHE_SIZE of them)."""
+        key = (slug, modalities)
+        try:
+            return self._matched[key]
+        except KeyError:
+            pass
+        found = next(
+            (
+                p.spec_for(slug)
+                for p in self.patterns
+                if p.base.modality in modalities and p.matches(slug)
+            ),
+            None,
+        )
+        if len(self._matched) >= PATTERN_CACHE_SIZE:
+            self._matched.clear()
+        self._matched[key] = found
+        return found
+
+    def find(self, slug: str) -> ModelSpec | None:
+        """The model named ``slug`` (exact, else by pattern), of any modality, or None."""
+        spec = self.models.get(slug)
+        if spec is None and self.patterns:
+            spec = self.match(slug)
         return spec
 
     def of_modality(self, modality: str) -> list[ModelSpec]:
@@ -170,11 +261,13 @@ def _param(raw: Mapping[str, Any]) -> Param:
     )
 
 
-def _model(slug: str, raw: Mapping[str, Any]) -> ModelSpec:
+def _model(slug: str, raw: Mapping[str, Any], pass_through: PassThrough | None = None) -> ModelSpec:
     modality = raw.get("modality")
     if modality not in MODALITIES:
         raise ValueError(f"model {slug!r}: modality must be one of {MODALITIES}")
     price = PriceRule(**raw.get("price", {}))
+    if pass_through is not None and not raw.get("price"):
+        price = PriceRule(credits=pass_through.max_credits)
     if price.kind == "fixed" and price.credits is None:
         raise ValueError(f"model {slug!r}: price needs credits, credits_per_second or base_credits")
     return ModelSpec(
@@ -189,6 +282,7 @@ def _model(slug: str, raw: Mapping[str, Any]) -> ModelSpec:
         timeout_seconds=int(raw.get("timeout_seconds", 1800)),
         context_tokens=raw.get("context_tokens"),
         **_response(slug, raw),
+        pass_through=pass_through,
     )
 
 
@@ -222,6 +316,7 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for section in ("defaults", "templates"):
         merged[section] = {**base.get(section, {}), **override.get(section, {})}
+    merged["patterns"] = [*base.get("patterns", []), *override.get("patterns", [])]
     models = {m["slug"]: dict(m) for m in base.get("models", [])}
     for entry in override.get("models", []):
         models[entry["slug"]] = {**models.get(entry["slug"], {}), **entry}
@@ -243,14 +338,61 @@ def parse_catalogue(document: Mapping[str, Any]) -> Catalogue:
     for modality, slug in defaults.items():
         if slug not in models:
             raise ValueError(f"default {modality} model {slug!r} is not in the catalogue")
-    return Catalogue(models=models, defaults=defaults)
+    patterns = [_pattern(entry, templates) for entry in document.get("patterns", [])]
+    return Catalogue(models=models, defaults=defaults, patterns=patterns)
 
 
-def load_catalogue(override_file: Path | None = None) -> Catalogue:
-    """The shipped catalogue, merged with the operator's file when one is given."""
+PATTERN_KEYS = ("pattern", "backend", "upstream_model", "pass_through")
+
+
+def _pattern(entry: Mapping[str, Any], templates: Mapping[str, Mapping[str, Any]]) -> ModelPattern:
+    """A ``[[patterns]]`` entry: ``pattern``, ``backend``, optional ``upstream_model``
+    (``{slug}`` is the requested slug; default the slug itself), ``modality`` (default chat)
+    or a ``template``, a ``price`` rule, or ``pass_through = {max_credits, markup}``."""
+    pattern = entry.get("pattern")
+    backend = entry.get("backend")
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"pattern entry {dict(entry)!r}: needs a `pattern` such as 'claude-*'")
+    if not isinstance(backend, str) or not backend:
+        raise ValueError(f"pattern {pattern!r}: needs the `backend` instance that serves it")
+    upstream = entry.get("upstream_model", "{slug}")
+    if not isinstance(upstream, str) or not upstream:
+        raise ValueError(f"pattern {pattern!r}: upstream_model must be a string")
+    template_name = entry.get("template")
+    if template_name is not None and template_name not in templates:
+        raise ValueError(f"pattern {pattern!r}: unknown template {template_name!r}")
+    raw = {"modality": "chat", **templates.get(template_name or "", {})}
+    raw.update({k: v for k, v in entry.items() if k not in PATTERN_KEYS})
+    pass_through = _pass_through(pattern, entry.get("pass_through"))
+    base = _model(pattern, {**raw, "slug": pattern}, pass_through)
+    return ModelPattern(pattern=pattern, base=base, backend=backend, upstream_model=upstream)
+
+
+def _pass_through(pattern: str, raw: Any) -> PassThrough | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"pattern {pattern!r}: pass_through must be a table")
+    maximum, markup = raw.get("max_credits"), raw.get("markup", 1.0)
+    if isinstance(maximum, bool) or not isinstance(maximum, int) or maximum < 1:
+        raise ValueError(
+            f"pattern {pattern!r}: pass_through.max_credits must be a whole number >= 1"
+        )
+    if isinstance(markup, bool) or not isinstance(markup, int | float) or not markup > 0:
+        raise ValueError(f"pattern {pattern!r}: pass_through.markup must be a number > 0")
+    return PassThrough(max_credits=maximum, markup=float(markup))
+
+
+def load_catalogue(
+    override_file: Path | None = None, patterns: Sequence[Mapping[str, Any]] = ()
+) -> Catalogue:
+    """The shipped catalogue, merged with the operator's file when one is given; ``patterns``
+    (the settings' ``model_patterns``) come after the file's own ``[[patterns]]``."""
     shipped = tomllib.loads(resources.files("hypereal").joinpath("catalogue.toml").read_text())
     if override_file is not None:
         shipped = _merge(shipped, tomllib.loads(override_file.read_text()))
+    if patterns:
+        shipped = {**shipped, "patterns": [*shipped.get("patterns", []), *patterns]}
     return parse_catalogue(shipped)
 
 

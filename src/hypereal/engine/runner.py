@@ -80,7 +80,7 @@ class JobRunner:
         if self.releasing:
             return
         db = self.services.db
-        spec = self.services.catalogue.models.get(model)
+        spec = self.services.catalogue.find(model)
         if spec is None:
             await self._end(await jobs.fail_job(db, job_id, f"Model {model} was removed"))
             return

@@ -77,13 +77,13 @@ def prefer_wait(request: Request) -> float | None:
     return min(float(match.group(1)), MAX_PREFER_WAIT)
 
 
-def wait_window(request: Request, spec: ModelSpec) -> float:
+def wait_window(request: Request, spec: ModelSpec | None) -> float:
     """How long a submission waits for its job: ``Prefer: wait=N`` when sent, else a sync
     model's window, else not at all."""
     asked = prefer_wait(request)
     if asked is not None:
         return asked
-    return spec.sync_seconds if spec.sync else 0.0
+    return spec.sync_seconds if spec is not None and spec.sync else 0.0
 
 
 def completed_json(job: jobs.JobView) -> dict[str, Any]:
@@ -173,7 +173,7 @@ async def _generate(
             modality,
             Submission(model=body.model, input=fields, webhook_url=body.webhook_url),
         )
-        window = wait_window(request, services.catalogue.models[job.model])
+        window = wait_window(request, services.catalogue.find(job.model))
         if window > 0:
             job = await wait_for_job(services, job, window)
             if job.state == "completed":
