@@ -141,7 +141,7 @@ async def generate(
     )
     result_id = new_id("res")
     charge = await pipeline.reserve(
-        account_id, credits, reference=result_id, label=f"image {spec.slug}", model=spec.slug
+        account_id, credits, reference=result_id, label=f"image {spec.slug}"
     )
     try:
         blobs = await asyncio.wait_for(
