@@ -77,6 +77,8 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
         **{k: v for k, v in os.environ.items() if not k.startswith("HYPEREAL_")},
         "HYPEREAL_DATA_DIR": str(tmp_path / "data"),
         "HYPEREAL_BOOTSTRAP_ADMIN": "false",
+        # The tests' webhook receiver listens on 127.0.0.1.
+        "HYPEREAL_ALLOWED_PRIVATE_NETWORKS": "127.0.0.0/8",
     }
     args = [HYPEREAL, "serve", "--host", "127.0.0.1", "--port", str(port)]
     log = tmp_path / "serve.log"

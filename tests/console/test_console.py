@@ -4,16 +4,24 @@ model, browse the jobs, and create and revoke a key as an admin."""
 
 from __future__ import annotations
 
+import base64
 import io
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 from playwright.sync_api import Page, expect
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from tests.backends.test_segmentation import astronaut_path
 from tests.console.conftest import Console, sign_in
+from tests.support.servers import serve_app
 
 
 @pytest.fixture(scope="module")
@@ -188,37 +196,58 @@ def test_relief_job_opens_in_the_3d_viewer(page: Page, console: Console, photo: 
     page.shots("3d")
 
 
-def test_jobs_gallery_lists_the_jobs_with_previews(
-    page: Page, console: Console, photo: Path
+@pytest.fixture(scope="module")
+def hook_url() -> Iterator[str]:
+    """A webhook receiver on 127.0.0.1 that accepts every delivery."""
+
+    async def hook(_: Request) -> Response:
+        return Response(status_code=204)
+
+    with serve_app(Starlette(routes=[Route("/hook", hook, methods=["POST"])])) as base:
+        yield f"{base}/hook"
+
+
+def test_jobs_gallery_follows_a_job_live_and_shows_its_webhook_deliveries(
+    page: Page, console: Console, photo: Path, hook_url: str
 ) -> None:
     headers = {"Authorization": f"Bearer {console.user_key}"}
-    submitted = httpx.post(
-        f"{console.base_url}/v1/3d/generate",
-        headers=headers,
-        json={"model": "relief-3d", "input": {"image": photo.as_uri()}},
-    )
-    # A file:// URL is no input a server fetches: refused before anything is charged.
-    assert submitted.status_code == 400
-    speech = httpx.post(
-        f"{console.base_url}/v1/audio/generate",
-        headers=headers,
-        json={"model": "audio-tts", "input": {"text": "a job for the gallery"}},
-        timeout=120,
-    )
-    assert speech.status_code == 200, speech.text
-    job_id = speech.json()["jobId"]
     sign_in(page, console, console.user_key)
     page.goto(f"{console.url}#/jobs")
+    # The gallery is loaded (with the earlier tests' jobs, or none when run alone).
+    expect(page.locator("#jobs-gallery article, #jobs-empty").first).to_be_visible()
+    image = "data:image/png;base64," + base64.b64encode(photo.read_bytes()).decode()
+    submitted = httpx.post(
+        f"{console.base_url}/v1/videos/generate",
+        headers=headers,
+        json={
+            "model": "camera-motion-i2v",
+            "input": {"image": image, "prompt": "pan left", "duration": 3},
+            "webhook_url": hook_url,
+        },
+    )
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["jobId"]
+    # The open page finds the new job and follows it to the end, without a reload.
     card = page.locator(f"article[data-job-id='{job_id}']")
     expect(card).to_be_visible()
-    expect(card.locator(".badge")).to_have_text("completed")
-    expect(card.locator("audio")).to_be_attached()
+    expect(card.locator("header .badge")).to_have_text("completed", timeout=180_000)
+    page.wait_for_function(
+        f"document.querySelector(\"article[data-job-id='{job_id}'] video\")?.readyState >= 1"
+    )
+    deadline = time.monotonic() + 60
+    while True:  # the webhook is sent as the job ends: wait until it has been delivered
+        deliveries = httpx.get(f"{console.base_url}/v1/jobs/{job_id}/deliveries", headers=headers)
+        if [d["status"] for d in deliveries.json()["data"]] == ["delivered"]:
+            break
+        assert time.monotonic() < deadline, deliveries.text
+        time.sleep(0.2)
     card.get_by_role("button", name="Webhooks").click()
-    expect(card.locator(".deliveries")).to_contain_text("No webhook for this job")
+    expect(card.locator(".deliveries")).to_contain_text("delivered")
+    expect(card.locator(".deliveries")).to_contain_text("HTTP 204")
     page.shots("jobs")
     # The overview's chart now has this account's spending by model.
     page.click("#nav a[data-page=overview]")
-    expect(page.locator("#credits-chart .legend")).to_contain_text("audio-tts")
+    expect(page.locator("#credits-chart .legend")).to_contain_text("camera-motion-i2v")
     assert page.locator("#credits-chart rect").count() >= 1
     page.shots("overview")
 

@@ -52,6 +52,16 @@ function limitFields(prefix, key = {}) {
   return { nodes, values };
 }
 
+// The fields of a PATCH that differ from the key's (so the audit log names only those).
+function changed(key, body) {
+  const same = (name, value) => {
+    const now = key[name] ?? null;
+    if (name === "expiresAt" && now && value) return new Date(now).getTime() === new Date(value).getTime();
+    return JSON.stringify(now) === JSON.stringify(value);
+  };
+  return Object.fromEntries(Object.entries(body).filter(([name, value]) => !same(name, value)));
+}
+
 function budgetCell(key) {
   const spend = key.spend || {};
   const parts = [
@@ -171,7 +181,8 @@ export async function render(page, ctx) {
       onsubmit: async (event) => {
         event.preventDefault();
         try {
-          await api(`/admin/keys/${key.id}`, { method: "PATCH", body: limits.values(true) });
+          const body = changed(key, limits.values(true));
+          if (Object.keys(body).length) await api(`/admin/keys/${key.id}`, { method: "PATCH", body });
           await Promise.all([loadKeys(), loadAudit()]);
         } catch (err) {
           replace(problem, errorBox(err));
