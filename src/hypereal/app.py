@@ -32,10 +32,12 @@ from hypereal.api.routes import (
     messages,
     models,
     openai_media,
+    ops,
     upstream_webhooks,
 )
 from hypereal.api.routing import use_indexed_router
 from hypereal.engine.engine import engine_lifespan
+from hypereal.observability.middleware import ObservabilityMiddleware
 from hypereal.services import Services, bootstrap_admin, build_services
 from hypereal.settings import Settings
 
@@ -217,9 +219,7 @@ def create_app(
     add_routes(app, upstream_webhooks.router)
     add_routes(app, console.router)
 
-    @app.get("/health", include_in_schema=False)
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    add_routes(app, ops.router)
 
     # Added first, so innermost: its JSON 500 passes through the two below (headers).
     app.add_middleware(InternalErrorMiddleware)
@@ -241,6 +241,9 @@ def create_app(
             "X-RateLimit-Reset",
             "Retry-After",
             "Idempotent-Replayed",
+            "X-Request-Id",
         ],
     )
+    # Outermost: every answer gets its request id and is counted and timed.
+    app.add_middleware(ObservabilityMiddleware)
     return app

@@ -125,11 +125,18 @@ def serve(
             f"hypereal: media and poll URLs will use {settings.base_url()}; set "
             "HYPEREAL_PUBLIC_URL to the address clients reach this server at"
         )
+    from hypereal.observability.logs import configure_logging
+
+    # JSON lines (plain text on a terminal) with request ids; the app's one access line per
+    # request (hypereal.access) replaces uvicorn's.
+    configure_logging(level=settings.log_level, access=settings.access_log)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
-        log_level="info",
+        log_level=settings.log_level.lower(),
+        log_config=None,
+        access_log=False,
         http=with_read_timeout(settings.request_read_timeout_seconds),
     )
 
@@ -141,13 +148,13 @@ def worker(
     ] = None,
 ) -> None:
     """Run jobs from the shared queue (HYPEREAL_BROKER_URL); start one or more per machine."""
-    import logging
-
     from hypereal.engine.worker import run_worker
+    from hypereal.observability.logs import configure_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = load_settings()
+    configure_logging(level=settings.log_level)
     try:
-        asyncio.run(run_worker(load_settings(), concurrency=concurrency))
+        asyncio.run(run_worker(settings, concurrency=concurrency))
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
@@ -162,7 +169,22 @@ def webhooks_secret(
     from hypereal.webhooks.secrets import rotate_webhook_secret, webhook_secret
 
     if rotate:
-        print(run(lambda s: rotate_webhook_secret(s.db, account)))
+
+        async def _rotate(services: Services) -> str:
+            from hypereal.domain import audit
+
+            secret = await rotate_webhook_secret(services.db, account)
+            await audit.record(
+                services.db,
+                None,
+                "webhook_secret.rotated",
+                target_type="account",
+                target_id=account,
+                account_id=account,
+            )
+            return secret
+
+        print(run(_rotate))
     else:
         print(run(lambda s: webhook_secret(s.db, account)))
 
@@ -178,6 +200,26 @@ def migrate() -> None:
     console.print("database is up to date")
 
 
+ModelsOption = Annotated[
+    str | None, typer.Option(help="Models the key may use: slugs or patterns, comma-separated")
+]
+ExpiresOption = Annotated[
+    str | None, typer.Option(help="When the key stops working (ISO-8601, UTC unless given)")
+]
+DailyOption = Annotated[str | None, typer.Option(help="Credits the key may spend per UTC day")]
+MonthlyOption = Annotated[str | None, typer.Option(help="Credits the key may spend per month")]
+MaxOption = Annotated[str | None, typer.Option(help="Credits the key may spend in all")]
+
+
+def _key_controls(**options: str | None) -> keys.Controls:
+    from hypereal.cli_keys import OptionError, controls_from_options
+
+    try:
+        return keys.Controls(**controls_from_options(**options))
+    except OptionError as exc:
+        raise fail(str(exc)) from None
+
+
 @keys_app.command("create")
 def keys_create(
     credits: Annotated[int, typer.Option(help="Credits to grant a new account")] = 0,
@@ -185,26 +227,99 @@ def keys_create(
     name: Annotated[str, typer.Option(help="A label for the key")] = "",
     admin: Annotated[bool, typer.Option(help="Create an admin account")] = False,
     rate_limit: Annotated[int | None, typer.Option(help="Requests per hour")] = None,
+    models: ModelsOption = None,
+    expires: ExpiresOption = None,
+    daily_budget: DailyOption = None,
+    monthly_budget: MonthlyOption = None,
+    max_budget: MaxOption = None,
 ) -> None:
     """Create a key (and a new account unless --account). The key is the last line printed."""
     if not 0 <= credits <= MAX_CREDITS:
         raise fail(f"--credits must be between 0 and {MAX_CREDITS}")
     if rate_limit is not None and not 1 <= rate_limit <= MAX_RATE_LIMIT_PER_HOUR:
         raise fail(f"--rate-limit must be between 1 and {MAX_RATE_LIMIT_PER_HOUR}")
+    controls = _key_controls(
+        models=models,
+        expires=expires,
+        daily_budget=daily_budget,
+        monthly_budget=monthly_budget,
+        max_budget=max_budget,
+    )
 
     async def _create(services: Services) -> keys.CreatedKey:
+        from hypereal.domain import audit
+
         account_id = account
         if account_id is None:
             account_id = await keys.create_account(services.db, name or "account", is_admin=admin)
+            await audit.record(
+                services.db,
+                None,
+                "account.created",
+                target_type="account",
+                target_id=account_id,
+                account_id=account_id,
+                details={"name": name or "account", "isAdmin": admin},
+            )
         if credits:
             await ledger.grant(services.db, account_id, credits, "granted with key (CLI)")
-        return await keys.create_key(
-            services.db, account_id, name=name, rate_limit_per_hour=rate_limit
+        created = await keys.create_key(
+            services.db, account_id, name=name, rate_limit_per_hour=rate_limit, controls=controls
         )
+        await audit.record(
+            services.db,
+            None,
+            "key.created",
+            target_type="key",
+            target_id=created.info.id,
+            account_id=account_id,
+            details={"name": name, "credits": credits, **controls.summary()},
+        )
+        return created
 
     created = run(_create)
     console.print(f"account: {created.info.account_id}  key id: {created.info.id}", highlight=False)
     print(created.secret)
+
+
+@keys_app.command("update")
+def keys_update(
+    key_id: str,
+    models: ModelsOption = None,
+    expires: ExpiresOption = None,
+    daily_budget: DailyOption = None,
+    monthly_budget: MonthlyOption = None,
+    max_budget: MaxOption = None,
+) -> None:
+    """Change a key's models, expiry or budgets; 'none' clears one (e.g. --expires none)."""
+    controls = _key_controls(
+        models=models,
+        expires=expires,
+        daily_budget=daily_budget,
+        monthly_budget=monthly_budget,
+        max_budget=max_budget,
+    )
+    if not controls.fields:
+        raise fail("nothing to change: give --models, --expires or a budget")
+
+    async def _update(services: Services) -> keys.KeyInfo:
+        from hypereal.domain import audit
+
+        info, changed = await keys.update_key(services.db, key_id, controls)
+        if changed:
+            await audit.record(
+                services.db,
+                None,
+                "key.updated",
+                target_type="key",
+                target_id=key_id,
+                account_id=info.account_id,
+                details=changed,
+            )
+        return info
+
+    info = run(_update)
+    console.print(f"updated {info.id}", highlight=False)
 
 
 @keys_app.command("list")
@@ -229,7 +344,24 @@ def keys_list(
 @keys_app.command("revoke")
 def keys_revoke(key_id: str) -> None:
     """Revoke a key; it is refused from the next request on."""
-    info = run(lambda s: keys.revoke_key(s.db, key_id))
+
+    async def _revoke(services: Services) -> keys.KeyInfo:
+        from hypereal.domain import audit
+
+        before = await keys.get_key(services.db, key_id)
+        info = await keys.revoke_key(services.db, key_id)
+        if before.revoked_at is None:
+            await audit.record(
+                services.db,
+                None,
+                "key.revoked",
+                target_type="key",
+                target_id=key_id,
+                account_id=info.account_id,
+            )
+        return info
+
+    info = run(_revoke)
     console.print(f"revoked {info.id}")
 
 
@@ -242,7 +374,23 @@ def credits_grant(
     """Add credits to an account."""
     if not 1 <= amount <= MAX_CREDITS:
         raise fail(f"amount must be between 1 and {MAX_CREDITS}")
-    entry = run(lambda s: ledger.grant(s.db, account_id, amount, description))
+
+    async def _grant(services: Services) -> ledger.Entry:
+        from hypereal.domain import audit
+
+        entry = await ledger.grant(services.db, account_id, amount, description)
+        await audit.record(
+            services.db,
+            None,
+            "credits.granted",
+            target_type="account",
+            target_id=account_id,
+            account_id=account_id,
+            details={"amount": amount, "description": description, "entryId": entry.id},
+        )
+        return entry
+
+    entry = run(_grant)
     console.print(f"{account_id}: +{amount}, balance {entry.balance_after}")
 
 

@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     database_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
+    # Logs (JSON lines, plain text on a terminal): the level, and the one access line per
+    # request (``hypereal.access``, at INFO).
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool = True
     public_url: str | None = None
 
     # Rate limits: per key, moving window of one hour.

@@ -64,4 +64,9 @@ class AuthRateLimitMiddleware:
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
-        await self.app(scope, receive, send_with_limits)
+        # The ledger (key id, model allow-list, key budget) and the logs read the caller.
+        caller = keys.CALLER.set(principal)
+        try:
+            await self.app(scope, receive, send_with_limits)
+        finally:
+            keys.CALLER.reset(caller)

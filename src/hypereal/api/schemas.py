@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import Query
 
+from hypereal.domain.audit import Record
 from hypereal.domain.ids import as_utc
 from hypereal.domain.keys import KeyInfo
 from hypereal.domain.ledger import Entry
@@ -33,6 +34,8 @@ def entry_json(entry: Entry) -> dict[str, Any]:
         "description": entry.description,
         "refundOf": entry.refund_of,
         "createdAt": iso(entry.created_at),
+        "keyId": entry.key_id,
+        "model": entry.model,
     }
 
 
@@ -45,7 +48,28 @@ def key_json(info: KeyInfo) -> dict[str, Any]:
         "rateLimitPerHour": info.rate_limit_per_hour,
         "createdAt": iso(info.created_at),
         "revokedAt": iso(info.revoked_at),
-        "active": info.revoked_at is None,
+        "active": info.revoked_at is None and not info.expired,
+        "models": list(info.models) if info.models is not None else None,
+        "expiresAt": iso(info.expires_at),
+        "expired": info.expired,
+        "dailyBudget": info.budget_daily,
+        "monthlyBudget": info.budget_monthly,
+        "maxBudget": info.budget_total,
+        "spend": {"day": info.spent_day, "month": info.spent_month, "total": info.spent_total},
+    }
+
+
+def audit_json(record: Record) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "at": iso(record.at),
+        "actorKeyId": record.actor_key_id,
+        "actorAccountId": record.actor_account_id,
+        "action": record.action,
+        "targetType": record.target_type,
+        "targetId": record.target_id,
+        "accountId": record.account_id,
+        "details": record.details,
     }
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 import anyio
 
 from hypereal.backends.base import BackendError, ChatBackend, ChatDelta, ChatMessage, ChatRequest
-from hypereal.domain import ledger
+from hypereal.domain import keys, ledger
 from hypereal.domain.catalogue import ModelSpec, check_text
 from hypereal.domain.errors import BadRequest, GenerationFailed, InsufficientCredits, UpstreamError
 from hypereal.domain.generation import Charge, client_error
@@ -126,6 +126,7 @@ class ChatTurn:
         Raises BadRequest (context exceeded) or InsufficientCredits (402) before any
         generation starts.
         """
+        keys.check_model(spec.slug)  # the key's allow-list first (403)
         request = ChatRequest(
             messages=tuple(messages),
             temperature=temperature,
@@ -151,7 +152,7 @@ class ChatTurn:
         turn_id = "chatcmpl-" + new_id("c")[2:]
         reserved = chat_price(spec, len(request.messages), prompt_tokens, room)
         charge = await Charge.reserve(
-            db, account_id, reserved, reference=turn_id, label=f"chat {spec.slug}"
+            db, account_id, reserved, reference=turn_id, label=f"chat {spec.slug}", model=spec.slug
         )
         return cls(
             spec=spec,

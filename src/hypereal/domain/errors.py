@@ -102,3 +102,33 @@ class GenerationFailed(HyperealError):
     """A backend failed to produce a result; credits are refunded by the caller."""
 
     status = 500
+
+
+class ModelNotAllowed(Forbidden):
+    """The API key's model allow-list does not name the model."""
+
+    def __init__(self, slug: str, allowed: tuple[str, ...]) -> None:
+        shown = ", ".join(allowed) if allowed else "none"
+        super().__init__(f"This API key may not use the model '{slug}' (allowed: {shown})")
+
+
+class KeyBudgetExceeded(HyperealError):
+    """The API key's own budget (not the account balance) cannot cover the cost."""
+
+    status = 402
+
+    def __init__(self, budget: str, limit: int, spent: int, required: int) -> None:
+        super().__init__(f"This API key's {budget} budget is exhausted")
+        self.budget = budget
+        self.limit = limit
+        self.spent = spent
+        self.required = required
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": self.message,
+            "budget": self.budget,
+            "limit": self.limit,
+            "spent": self.spent,
+            "required": self.required,
+        }

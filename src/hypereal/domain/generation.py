@@ -88,10 +88,20 @@ class Charge:
 
     @classmethod
     async def reserve(
-        cls, db: Database, account_id: str, amount: int, *, reference: str, label: str
+        cls,
+        db: Database,
+        account_id: str,
+        amount: int,
+        *,
+        reference: str,
+        label: str,
+        model: str | None = None,
     ) -> Charge:
-        """Debit ``amount`` (InsufficientCredits, 402, when the balance is short)."""
-        entry = await ledger.debit(db, account_id, amount, reference=reference, description=label)
+        """Debit ``amount`` (InsufficientCredits, 402, when the balance is short; the calling
+        key's model allow-list and budget apply: 403 / 402)."""
+        entry = await ledger.debit(
+            db, account_id, amount, reference=reference, description=label, model=model
+        )
         return cls(db, entry.id, amount, label)
 
     @property
@@ -188,5 +198,9 @@ class Pipeline:
             raise BackendError(f"The input '{field}' is no longer stored")
         return MediaBlob(data, sniff_content_type(data) or "application/octet-stream")
 
-    async def reserve(self, account_id: str, amount: int, *, reference: str, label: str) -> Charge:
-        return await Charge.reserve(self.db, account_id, amount, reference=reference, label=label)
+    async def reserve(
+        self, account_id: str, amount: int, *, reference: str, label: str, model: str | None = None
+    ) -> Charge:
+        return await Charge.reserve(
+            self.db, account_id, amount, reference=reference, label=label, model=model
+        )

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hypereal.backends.base import BackendError, ImageRequest, MediaBlob
-from hypereal.domain import jobs, ledger
+from hypereal.domain import jobs, keys, ledger
 from hypereal.domain.catalogue import ModelSpec, validate_params
 from hypereal.domain.errors import BadRequest, InsufficientCredits
 from hypereal.domain.generation import Pipeline, client_error
@@ -116,6 +116,7 @@ async def generate(
     """Run one image request. Raises BadRequest/UnsupportedModel (400), ModelUnavailable
     (503), InsufficientCredits (402) before charging; GenerationFailed (500, refunded) or
     BadRequest (400, refunded) when the backend fails."""
+    keys.check_model(spec.slug)  # the key's allow-list first (403)
     params = validate_params(spec, values)
     size = request_size(params, values)
     resolved = pipeline.resolve(spec)
@@ -141,7 +142,7 @@ async def generate(
     )
     result_id = new_id("res")
     charge = await pipeline.reserve(
-        account_id, credits, reference=result_id, label=f"image {spec.slug}"
+        account_id, credits, reference=result_id, label=f"image {spec.slug}", model=spec.slug
     )
     try:
         blobs = await asyncio.wait_for(

@@ -21,6 +21,7 @@ from sqlalchemy import select
 from hypereal.domain import ledger
 from hypereal.domain.errors import BadRequest, Conflict, JobNotFound
 from hypereal.domain.ids import as_utc, new_id
+from hypereal.observability.logs import annotate
 from hypereal.store.db import Database
 from hypereal.store.models import Job, utcnow
 from hypereal.store.writer import Dialect, Ops, Row, Sql, as_datetime, from_json, to_json
@@ -209,9 +210,9 @@ def _insert_job(
     return _view(row)
 
 
-def _submit_op(d: Dialect, job_id: str, new: NewJob) -> Ops[JobView]:
+def _submit_op(d: Dialect, job_id: str, new: NewJob, by: ledger.Spender) -> Ops[JobView]:
     entry = yield from ledger.debit_op(
-        d, new.account_id, new.credits, job_id, f"{new.type} generation ({new.model})"
+        d, new.account_id, new.credits, job_id, f"{new.type} generation ({new.model})", by
     )
     return (
         yield from _insert_job(
@@ -231,8 +232,12 @@ def _submit_op(d: Dialect, job_id: str, new: NewJob) -> Ops[JobView]:
 
 async def submit(db: Database, new: NewJob) -> JobView:
     """Debit the credits and create the queued job in one transaction (the caller then puts
-    it on the queue). Raises InsufficientCredits, and then nothing is written."""
-    return await db.write(_submit_op, new_id("job"), new)
+    it on the queue). Raises InsufficientCredits (or, for the calling key, ModelNotAllowed or
+    KeyBudgetExceeded), and then nothing is written."""
+    by = ledger.spender(new.account_id, new.model)
+    job_id = new_id("job")
+    annotate(job_id=job_id)
+    return await db.write(_submit_op, job_id, new, by)
 
 
 async def record_completed(

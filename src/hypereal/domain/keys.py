@@ -5,16 +5,19 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from fnmatch import fnmatchcase
 
 from sqlalchemy import select, update
 
-from hypereal.domain.errors import NotFound, Unauthorized
-from hypereal.domain.ids import new_id
+from hypereal.domain.errors import ModelNotAllowed, NotFound, Unauthorized
+from hypereal.domain.ids import as_utc, new_id
 from hypereal.store.db import Database
 from hypereal.store.models import Account, ApiKey, utcnow
-from hypereal.store.writer import Dialect, Ops, Sql
+from hypereal.store.writer import Dialect, Ops, Sql, as_datetime, from_json
 
 KEY_PREFIX = "ck_"
 
@@ -27,6 +30,27 @@ class Principal:
     key_id: str
     is_admin: bool
     rate_limit_per_hour: int | None
+    # The key's controls, checked in memory on every request: the models it may use (slugs
+    # or fnmatch patterns; None = all), when it expires, and whether it has a budget (then
+    # every debit also reserves against the key's budget, in the debit's transaction).
+    models: tuple[str, ...] | None = None
+    expires_at: datetime | None = None
+    budgeted: bool = False
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or any(fnmatchcase(model, p) for p in self.models)
+
+
+# The caller of the request being served, set by the auth middleware: the ledger reads it to
+# record which key spent and to reserve against that key's budget.
+CALLER: ContextVar[Principal | None] = ContextVar("hypereal_caller", default=None)
+
+
+def check_model(model: str) -> None:
+    """Raise ModelNotAllowed (403) when the calling key's allow-list does not name ``model``."""
+    caller = CALLER.get()
+    if caller is not None and not caller.may_use(model):
+        raise ModelNotAllowed(model, caller.models or ())
 
 
 @dataclass(frozen=True)
@@ -38,6 +62,18 @@ class KeyInfo:
     rate_limit_per_hour: int | None
     created_at: datetime
     revoked_at: datetime | None
+    models: tuple[str, ...] | None = None
+    expires_at: datetime | None = None
+    budget_daily: int | None = None
+    budget_monthly: int | None = None
+    budget_total: int | None = None
+    spent_day: int = 0
+    spent_month: int = 0
+    spent_total: int = 0
+
+    @property
+    def expired(self) -> bool:
+        return self.expires_at is not None and as_utc(self.expires_at) <= utcnow()
 
 
 @dataclass(frozen=True)
@@ -51,6 +87,8 @@ def hash_key(raw_key: str) -> str:
 
 
 def _info(row: ApiKey) -> KeyInfo:
+    now = utcnow()
+    day, month = now.strftime("%Y-%m-%d"), now.strftime("%Y-%m")
     return KeyInfo(
         id=row.id,
         account_id=row.account_id,
@@ -59,7 +97,56 @@ def _info(row: ApiKey) -> KeyInfo:
         rate_limit_per_hour=row.rate_limit_per_hour,
         created_at=row.created_at,
         revoked_at=row.revoked_at,
+        models=tuple(row.models) if row.models is not None else None,
+        expires_at=as_utc(row.expires_at) if row.expires_at else None,
+        budget_daily=row.budget_daily,
+        budget_monthly=row.budget_monthly,
+        budget_total=row.budget_total,
+        spent_day=row.spent_day or 0 if row.spent_day_of == day else 0,
+        spent_month=row.spent_month or 0 if row.spent_month_of == month else 0,
+        spent_total=row.spent_total or 0,
     )
+
+
+@dataclass(frozen=True)
+class Controls:
+    """Per-key controls to set: only the fields named in ``fields`` change (None clears)."""
+
+    models: Sequence[str] | None = None
+    expires_at: datetime | None = None
+    budget_daily: int | None = None
+    budget_monthly: int | None = None
+    budget_total: int | None = None
+    rate_limit_per_hour: int | None = None
+    name: str | None = None
+    fields: frozenset[str] = frozenset()
+
+    def summary(self) -> dict[str, object]:
+        """The fields named, JSON-ready (for the audit log)."""
+        shown: dict[str, object] = {}
+        for name in sorted(self.fields):
+            value = getattr(self, name)
+            if isinstance(value, datetime):
+                value = as_utc(value).isoformat()
+            elif name == "models" and value is not None:
+                value = list(value)
+            shown[name] = value
+        return shown
+
+    def apply(self, row: ApiKey) -> dict[str, object]:
+        """Set the named fields on ``row``; returns what changed (for the audit log)."""
+        changed: dict[str, object] = {}
+        for name in sorted(self.fields):
+            value = getattr(self, name)
+            if name == "models" and value is not None:
+                value = list(dict.fromkeys(value))
+            if name == "name":
+                value = value or ""
+            if name == "expires_at" and value is not None:
+                value = as_utc(value).astimezone(UTC)
+            setattr(row, name, value)
+            changed[name] = value.isoformat() if isinstance(value, datetime) else value
+        return changed
 
 
 async def create_account(db: Database, name: str, *, is_admin: bool = False) -> str:
@@ -76,7 +163,12 @@ async def account_exists(db: Database, account_id: str) -> bool:
 
 
 async def create_key(
-    db: Database, account_id: str, *, name: str = "", rate_limit_per_hour: int | None = None
+    db: Database,
+    account_id: str,
+    *,
+    name: str = "",
+    rate_limit_per_hour: int | None = None,
+    controls: Controls | None = None,
 ) -> CreatedKey:
     """Create a key for an existing account. Raises NotFound for an unknown account."""
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
@@ -91,9 +183,35 @@ async def create_key(
             name=name,
             rate_limit_per_hour=rate_limit_per_hour,
             created_at=utcnow(),
+            spent_day=0,
+            spent_month=0,
+            spent_total=0,
         )
+        if controls is not None:
+            controls.apply(row)
         session.add(row)
     return CreatedKey(info=_info(row), secret=secret)
+
+
+async def update_key(
+    db: Database, key_id: str, controls: Controls
+) -> tuple[KeyInfo, dict[str, object]]:
+    """Change a key's controls (the fields ``controls`` names). Returns the key and what
+    changed. Raises NotFound."""
+    async with db.session.begin() as session:
+        row = await session.get(ApiKey, key_id)
+        if row is None:
+            raise NotFound(f"API key not found: {key_id}")
+        changed = controls.apply(row)
+    return _info(row), changed
+
+
+async def get_key(db: Database, key_id: str) -> KeyInfo:
+    async with db.session() as session:
+        row = await session.get(ApiKey, key_id)
+        if row is None:
+            raise NotFound(f"API key not found: {key_id}")
+        return _info(row)
 
 
 async def authenticate(db: Database, authorization: str | None) -> Principal:
@@ -109,6 +227,10 @@ async def authenticate(db: Database, authorization: str | None) -> Principal:
         raise Unauthorized("Invalid API key")
     if found.revoked:
         raise Unauthorized("This API key has been revoked")
+    expires_at = found.principal.expires_at
+    if expires_at is not None and expires_at <= datetime.now(UTC):
+        shown = expires_at.isoformat().replace("+00:00", "Z")
+        raise Unauthorized(f"This API key expired at {shown}")
     return found.principal
 
 
@@ -124,6 +246,7 @@ def _principal_op(_: Dialect, digest: str) -> Ops[_Found | None]:
     round trip on PostgreSQL, as much as reading a revocation counter would)."""
     row = yield Sql.one(
         "SELECT k.id, k.account_id, k.key_hash, k.revoked_at, k.rate_limit_per_hour, "
+        "k.models, k.expires_at, k.budget_daily, k.budget_monthly, k.budget_total, "
         "a.is_admin FROM api_keys k JOIN accounts a ON a.id = k.account_id "
         "WHERE k.key_hash = :digest",
         digest=digest,
@@ -131,12 +254,18 @@ def _principal_op(_: Dialect, digest: str) -> Ops[_Found | None]:
     # The index seek already matched; the compare is constant-time anyway.
     if row is None or not hmac.compare_digest(row["key_hash"], digest):
         return None
+    models = from_json(row["models"])  # a JSON null when cleared by the ORM
     return _Found(
         Principal(
             account_id=row["account_id"],
             key_id=row["id"],
             is_admin=bool(row["is_admin"]),
             rate_limit_per_hour=row["rate_limit_per_hour"],
+            models=None if models is None else tuple(models),
+            expires_at=as_datetime(row["expires_at"]),
+            budgeted=row["budget_daily"] is not None
+            or row["budget_monthly"] is not None
+            or row["budget_total"] is not None,
         ),
         revoked=row["revoked_at"] is not None,
     )

@@ -14,10 +14,12 @@ from typing import Any, cast
 from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from hypereal.domain import key_budget, keys
 from hypereal.domain.errors import BadRequest, InsufficientCredits, NotFound
+from hypereal.observability.logs import annotate
 from hypereal.store.db import Database
 from hypereal.store.models import Account, LedgerEntry, utcnow
-from hypereal.store.writer import ConstraintViolation, Dialect, Ops, Sql
+from hypereal.store.writer import ConstraintViolation, Dialect, Ops, Sql, as_datetime
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class Entry:
     description: str
     refund_of: int | None
     created_at: datetime
+    key_id: str | None = None
+    model: str | None = None
 
 
 def _entry(row: LedgerEntry) -> Entry:
@@ -44,6 +48,8 @@ def _entry(row: LedgerEntry) -> Entry:
         description=row.description,
         refund_of=row.refund_of,
         created_at=row.created_at,
+        key_id=row.key_id,
+        model=row.model,
     )
 
 
@@ -75,16 +81,18 @@ _accounts = cast(Table, Account.__table__)
 # debit or a settlement on every chat turn is a few microseconds of SQL in a group commit.
 _INSERT_ENTRY = (
     "INSERT INTO ledger_entries (account_id, kind, amount, balance_after, reference, "
-    "description, refund_of, created_at) VALUES (:account, :kind, :amount, :balance_after, "
-    ":reference, :description, :refund_of, :created_at) RETURNING id"
+    "description, refund_of, created_at, key_id, model) VALUES (:account, :kind, :amount, "
+    ":balance_after, :reference, :description, :refund_of, :created_at, :key_id, :model) "
+    "RETURNING id"
 )
 # PostgreSQL: the conditional debit and its ledger row in one statement (one round trip).
 _PG_DEBIT = (
     "WITH debited AS (UPDATE accounts SET balance = balance - :amount "
     "WHERE id = :account AND balance >= :amount RETURNING balance) "
     "INSERT INTO ledger_entries (account_id, kind, amount, balance_after, reference, "
-    "description, refund_of, created_at) SELECT :account, 'debit', -:amount, balance, "
-    ":reference, :description, NULL, :created_at FROM debited RETURNING id, balance_after"
+    "description, refund_of, created_at, key_id, model) SELECT :account, 'debit', -:amount, "
+    "balance, :reference, :description, NULL, :created_at, :key_id, :model FROM debited "
+    "RETURNING id, balance_after"
 )
 
 
@@ -97,6 +105,8 @@ def _append(
     reference: str | None = None,
     description: str = "",
     refund_of: int | None = None,
+    key_id: str | None = None,
+    model: str | None = None,
 ) -> Ops[Entry]:
     created_at = utcnow()
     row = yield Sql.one(
@@ -109,6 +119,8 @@ def _append(
         description=description,
         refund_of=refund_of,
         created_at=created_at,
+        key_id=key_id,
+        model=model,
     )
     return Entry(
         id=int(row[0]),
@@ -120,6 +132,8 @@ def _append(
         description=description,
         refund_of=refund_of,
         created_at=created_at,
+        key_id=key_id,
+        model=model,
     )
 
 
@@ -152,11 +166,57 @@ async def grant(db: Database, account_id: str, amount: int, description: str = "
     return await db.write(grant_op, account_id, amount, description)
 
 
+@dataclass(frozen=True)
+class Spender:
+    """Who spends, for the ledger row: the API key (and whether it has a budget to reserve
+    against) and the model."""
+
+    key_id: str | None = None
+    model: str | None = None
+    budgeted: bool = False
+
+
+NOBODY = Spender()
+
+
+def spender(account_id: str, model: str | None) -> Spender:
+    """The request's key (``keys.CALLER``) when it spends from ``account_id``, and ``model``.
+    Raises ModelNotAllowed (403) when the key may not use ``model``."""
+    if model is not None:
+        annotate(model=model)
+    caller = keys.CALLER.get()
+    if caller is None or caller.account_id != account_id:
+        return Spender(model=model)
+    if model is not None:
+        keys.check_model(model)
+    return Spender(caller.key_id, model, caller.budgeted)
+
+
 def debit_op(
-    d: Dialect, account_id: str, amount: int, reference: str, description: str
+    d: Dialect,
+    account_id: str,
+    amount: int,
+    reference: str,
+    description: str,
+    by: Spender = NOBODY,
 ) -> Ops[Entry]:
-    """Take ``amount`` or nothing: a conditional UPDATE (balance >= amount) and the ledger row.
-    Raises InsufficientCredits / NotFound before writing anything."""
+    """Take ``amount`` or nothing: a conditional UPDATE (balance >= amount) and the ledger row,
+    and with a budgeted key, the reservation against the key's budget (key_budget.py).
+    Raises KeyBudgetExceeded / InsufficientCredits / NotFound, having written nothing."""
+    created_at = utcnow()
+    if by.budgeted and by.key_id is not None:
+        yield from key_budget.reserve_op(d, by.key_id, amount, created_at)
+    try:
+        return (yield from _debit_account(d, account_id, amount, reference, description, by))
+    except Exception:
+        if by.budgeted and by.key_id is not None:  # undo the key's reservation
+            yield from key_budget.release_op(d, by.key_id, amount, created_at)
+        raise
+
+
+def _debit_account(
+    d: Dialect, account_id: str, amount: int, reference: str, description: str, by: Spender
+) -> Ops[Entry]:
     created_at = utcnow()
     if d.pg:
         row = yield Sql.one(
@@ -166,6 +226,8 @@ def debit_op(
             reference=reference,
             description=description,
             created_at=created_at,
+            key_id=by.key_id,
+            model=by.model,
         )
         if row is not None:
             return Entry(
@@ -178,6 +240,8 @@ def debit_op(
                 description=description,
                 refund_of=None,
                 created_at=created_at,
+                key_id=by.key_id,
+                model=by.model,
             )
     else:
         row = yield Sql.one(
@@ -195,6 +259,8 @@ def debit_op(
                     balance_after=int(row[0]),
                     reference=reference,
                     description=description,
+                    key_id=by.key_id,
+                    model=by.model,
                 )
             )
     available = yield Sql.one(_BALANCE, account=account_id)
@@ -204,17 +270,25 @@ def debit_op(
 
 
 async def debit(
-    db: Database, account_id: str, amount: int, *, reference: str, description: str
+    db: Database,
+    account_id: str,
+    amount: int,
+    *,
+    reference: str,
+    description: str,
+    model: str | None = None,
 ) -> Entry:
     """Take ``amount`` credits, or nothing at all.
 
-    Raises InsufficientCredits(required, available) when the balance can't cover it. A caller
-    cancelled while the debit is queued does not lose the credits: the debit, which commits
-    anyway, is refunded as soon as it has.
+    Raises InsufficientCredits(required, available) when the balance can't cover it. The
+    request's API key (``keys.CALLER``) is recorded with ``model``; its allow-list (403) and
+    budget (KeyBudgetExceeded, 402) apply. A caller cancelled while the debit is queued does
+    not lose the credits: the debit, which commits anyway, is refunded as soon as it has.
     """
     if amount < 0:
         raise ValueError("debit amount must be >= 0")
-    future = db.submit(debit_op, account_id, amount, reference, description)
+    by = spender(account_id, model)
+    future = db.submit(debit_op, account_id, amount, reference, description, by)
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
@@ -237,13 +311,15 @@ def _refund_orphan(db: Database, done: asyncio.Future[Entry]) -> None:
 
 
 def refund_op(
-    _: Dialect, debit_entry_id: int, amount: int | None, description: str
+    d: Dialect, debit_entry_id: int, amount: int | None, description: str
 ) -> Ops[Entry | None]:
     """Give back a debit (all of it, or ``amount`` of it) unless it was refunded already."""
     original = yield Sql.one(
-        "SELECT account_id, kind, amount, reference, "
-        "(SELECT e.id FROM ledger_entries e WHERE e.refund_of = l.id) AS refunded_by "
-        "FROM ledger_entries l WHERE l.id = :id",
+        "SELECT l.account_id, l.kind, l.amount, l.reference, l.key_id, l.model, l.created_at, "
+        "(SELECT e.id FROM ledger_entries e WHERE e.refund_of = l.id) AS refunded_by, "
+        "(k.budget_daily IS NOT NULL OR k.budget_monthly IS NOT NULL "
+        "OR k.budget_total IS NOT NULL) AS budgeted "
+        "FROM ledger_entries l LEFT JOIN api_keys k ON k.id = l.key_id WHERE l.id = :id",
         id=debit_entry_id,
     )
     if original is None or original["kind"] != "debit":
@@ -259,6 +335,9 @@ def refund_op(
         amount=value,
         account=original["account_id"],
     )
+    if original["budgeted"]:
+        debited_at = as_datetime(original["created_at"]) or utcnow()
+        yield from key_budget.release_op(d, original["key_id"], value, debited_at)
     return (
         yield from _append(
             account_id=original["account_id"],
@@ -268,6 +347,8 @@ def refund_op(
             reference=original["reference"],
             description=description,
             refund_of=debit_entry_id,
+            key_id=original["key_id"],
+            model=original["model"],
         )
     )
 

@@ -22,6 +22,8 @@ from hypereal.domain import jobs
 from hypereal.domain.catalogue import ModelSpec
 from hypereal.domain.generation import client_error
 from hypereal.domain.ids import new_id
+from hypereal.observability import metrics
+from hypereal.observability.logs import LOG_CONTEXT
 from hypereal.services import Services
 
 log = logging.getLogger("hypereal.engine")
@@ -119,6 +121,8 @@ class JobRunner:
 
     async def _execute_claimed(self, job: jobs.JobView, spec: ModelSpec) -> None:
         db = self.services.db
+        LOG_CONTEXT.set({"job_id": job.id, "model": job.model})
+        started = time.perf_counter()
         work = asyncio.create_task(self._generate(job, spec))
         self.work[job.id] = work
         try:
@@ -130,7 +134,9 @@ class JobRunner:
         finally:
             self.work.pop(job.id, None)
             self.progress.pop(job.id, None)
+        ran = time.perf_counter() - started
         if outcome == "timeout":
+            metrics.observe_job(job.model, "failed", ran)
             error = client_error(TimeoutError(), timeout_seconds=spec.timeout_seconds).message
             await self._end(await jobs.fail_job(db, job.id, error, worker_id=self.worker_id))
         elif outcome == "lost":
@@ -139,10 +145,12 @@ class JobRunner:
             if self.releasing:
                 await self._release(job)
         elif (exc := work.exception()) is not None:
+            metrics.observe_job(job.model, "failed", ran)
             await self._end(
                 await jobs.fail_job(db, job.id, failure_message(exc), worker_id=self.worker_id)
             )
         else:
+            metrics.observe_job(job.model, "completed", ran)
             output = work.result()
             ended = await jobs.complete_job(
                 db,

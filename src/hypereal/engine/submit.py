@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from hypereal.backends.base import BackendError
-from hypereal.domain import jobs, ledger, pricing
+from hypereal.domain import jobs, keys, ledger, pricing
 from hypereal.domain.catalogue import ModelSpec, validate_params
 from hypereal.domain.errors import BadRequest, HyperealError, InsufficientCredits
 from hypereal.domain.generation import client_error
@@ -55,6 +55,7 @@ async def submit_generation(
     if engine is None:
         raise EngineNotRunning()
     spec = services.catalogue.get(submission.model, modality)
+    keys.check_model(spec.slug)  # before anything is fetched (403)
     _check_available(services, spec, in_process=engine.consume)
     params = validate_params(spec, submission.input, prefix="input.")
     if engine.consume:

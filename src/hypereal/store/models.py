@@ -53,6 +53,20 @@ class ApiKey(Base):
     rate_limit_per_hour: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # Per-key controls (domain/keys.py): the models it may use (slugs or fnmatch patterns, a
+    # JSON list; null = all), when it stops working, and its budgets in credits.
+    models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    budget_daily: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    budget_monthly: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    budget_total: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # What the key has spent (net of refunds) while it has a budget: in the UTC day named by
+    # spent_day_of ('YYYY-MM-DD'), the month spent_month_of ('YYYY-MM'), and in all.
+    spent_day: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    spent_day_of: Mapped[str | None] = mapped_column(String(10), nullable=True)
+    spent_month: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    spent_month_of: Mapped[str | None] = mapped_column(String(7), nullable=True)
+    spent_total: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class LedgerEntry(Base):
@@ -74,6 +88,9 @@ class LedgerEntry(Base):
         ForeignKey("ledger_entries.id"), unique=True, nullable=True
     )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The API key that spent (debits and their refunds) and the model it was spent on.
+    key_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    model: Mapped[str | None] = mapped_column(String(100), nullable=True)
 
 
 class IdempotencyRecord(Base):
@@ -169,3 +186,22 @@ class WebhookAttempt(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     duration_ms: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEntry(Base):
+    """Append-only record of an admin action: who (key, account), what, when."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    actor_key_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    actor_account_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    # account.created | key.created | key.revoked | key.updated | credits.granted |
+    # webhook_secret.rotated
+    action: Mapped[str] = mapped_column(String(40), index=True)
+    target_type: Mapped[str] = mapped_column(String(20))
+    target_id: Mapped[str] = mapped_column(String(100))
+    # The account the target belongs to (filters the log by account).
+    account_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -9,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from hypereal.api.deps import AdminDep, ServicesDep
-from hypereal.api.schemas import LedgerCursor, entry_json, iso, key_json, page
-from hypereal.domain import keys, ledger
+from hypereal.api.schemas import LedgerCursor, audit_json, entry_json, iso, key_json, page
+from hypereal.domain import audit, keys, ledger
 from hypereal.store.models import Account
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -32,21 +33,60 @@ class CreateAccount(Body):
     is_admin: bool = Field(default=False, alias="isAdmin")
 
 
-class CreateKey(Body):
+# Body field -> keys.Controls field.
+CONTROL_FIELDS = {
+    "rate_limit_per_hour": "rate_limit_per_hour",
+    "models": "models",
+    "expires_at": "expires_at",
+    "daily_budget": "budget_daily",
+    "monthly_budget": "budget_monthly",
+    "max_budget": "budget_total",
+    "name": "name",
+}
+ModelPattern = Annotated[str, Field(min_length=1, max_length=100)]
+Budget = Annotated[int | None, Field(ge=0, le=MAX_CREDITS)]
+
+
+class KeyControls(Body):
+    """The per-key controls (see domain/keys.py); in a PATCH only the fields sent change and
+    null clears one."""
+
+    rate_limit_per_hour: int | None = Field(
+        default=None, ge=1, le=MAX_RATE_LIMIT_PER_HOUR, alias="rateLimitPerHour"
+    )
+    models: list[ModelPattern] | None = Field(
+        default=None, max_length=100, description="Slugs or glob patterns (chat-*); null: all"
+    )
+    # ISO-8601 from JSON (strict mode would want a datetime object).
+    expires_at: datetime | None = Field(default=None, alias="expiresAt", strict=False)
+    daily_budget: Budget = Field(default=None, alias="dailyBudget")
+    monthly_budget: Budget = Field(default=None, alias="monthlyBudget")
+    max_budget: Budget = Field(default=None, alias="maxBudget")
+
+    def controls(self) -> keys.Controls:
+        sent = {CONTROL_FIELDS[n] for n in self.model_fields_set if n in CONTROL_FIELDS}
+        return keys.Controls(
+            models=self.models,
+            expires_at=self.expires_at,
+            budget_daily=self.daily_budget,
+            budget_monthly=self.monthly_budget,
+            budget_total=self.max_budget,
+            rate_limit_per_hour=self.rate_limit_per_hour,
+            name=getattr(self, "name", None),
+            fields=frozenset(sent),
+        )
+
+
+class CreateKey(KeyControls):
     account_id: str | None = Field(default=None, alias="accountId")
     name: str = Field(default="", max_length=200)
     credits: int = Field(
         default=0, ge=0, le=MAX_CREDITS, description="Granted when a new account is created"
     )
-    rate_limit_per_hour: int | None = Field(
-        default=None, ge=1, le=MAX_RATE_LIMIT_PER_HOUR, alias="rateLimitPerHour"
-    )
 
 
-class UpdateKey(Body):
-    rate_limit_per_hour: int | None = Field(
-        default=None, ge=1, le=MAX_RATE_LIMIT_PER_HOUR, alias="rateLimitPerHour"
-    )
+class UpdateKey(KeyControls):
+    name: str | None = Field(default=None, max_length=200)
 
 
 class Grant(Body):
@@ -58,11 +98,31 @@ async def _account_json(services: ServicesDep, account_id: str) -> dict[str, Any
     return {"accountId": account_id, "balance": await ledger.balance(services.db, account_id)}
 
 
+async def _new_account(
+    services: ServicesDep, admin: keys.Principal, name: str, credits: int, *, is_admin: bool
+) -> str:
+    account_id = await keys.create_account(services.db, name, is_admin=is_admin)
+    await audit.record(
+        services.db,
+        admin,
+        "account.created",
+        target_type="account",
+        target_id=account_id,
+        account_id=account_id,
+        details={"name": name, "isAdmin": is_admin, "credits": credits},
+    )
+    if credits:
+        await ledger.grant(services.db, account_id, credits, "initial credits")
+    return account_id
+
+
 @router.post("/accounts", status_code=201)
-async def create_account(body: CreateAccount, _: AdminDep, services: ServicesDep) -> dict[str, Any]:
-    account_id = await keys.create_account(services.db, body.name, is_admin=body.is_admin)
-    if body.credits:
-        await ledger.grant(services.db, account_id, body.credits, "initial credits")
+async def create_account(
+    body: CreateAccount, admin: AdminDep, services: ServicesDep
+) -> dict[str, Any]:
+    account_id = await _new_account(
+        services, admin, body.name, body.credits, is_admin=body.is_admin
+    )
     return await _account_json(services, account_id)
 
 
@@ -85,17 +145,38 @@ async def list_accounts(_: AdminDep, services: ServicesDep) -> dict[str, Any]:
 
 
 @router.post("/keys", status_code=201)
-async def create_key(body: CreateKey, _: AdminDep, services: ServicesDep) -> dict[str, Any]:
-    """Create a key; without ``accountId`` a new account is created for it."""
+async def create_key(body: CreateKey, admin: AdminDep, services: ServicesDep) -> dict[str, Any]:
+    """Create a key, with its controls; without ``accountId`` a new account is created."""
     account_id = body.account_id
     if account_id is None:
-        account_id = await keys.create_account(services.db, body.name or "account")
-        if body.credits:
-            await ledger.grant(services.db, account_id, body.credits, "initial credits")
+        account_id = await _new_account(
+            services, admin, body.name or "account", body.credits, is_admin=False
+        )
+    controls = body.controls()
     created = await keys.create_key(
-        services.db, account_id, name=body.name, rate_limit_per_hour=body.rate_limit_per_hour
+        services.db,
+        account_id,
+        name=body.name,
+        rate_limit_per_hour=body.rate_limit_per_hour,
+        controls=controls,
     )
-    return {**key_json(created.info), "key": created.secret}
+    shown = key_json(created.info)
+    await audit.record(
+        services.db,
+        admin,
+        "key.created",
+        target_type="key",
+        target_id=created.info.id,
+        account_id=account_id,
+        details={
+            name: shown[name]
+            for name in ("name", "rateLimitPerHour", "models", "expiresAt", *BUDGET_FIELDS)
+        },
+    )
+    return {**shown, "key": created.secret}
+
+
+BUDGET_FIELDS = ("dailyBudget", "monthlyBudget", "maxBudget")
 
 
 @router.get("/keys")
@@ -107,30 +188,77 @@ async def list_keys(
     return {"data": [key_json(k) for k in await keys.list_keys(services.db, account_id)]}
 
 
+async def _revoke(key_id: str, admin: keys.Principal, services: ServicesDep) -> dict[str, Any]:
+    before = await keys.get_key(services.db, key_id)
+    info = await keys.revoke_key(services.db, key_id)
+    if before.revoked_at is None:
+        await audit.record(
+            services.db,
+            admin,
+            "key.revoked",
+            target_type="key",
+            target_id=key_id,
+            account_id=info.account_id,
+        )
+    return key_json(info)
+
+
 @router.post("/keys/{key_id}/revoke")
-async def revoke_key(key_id: str, _: AdminDep, services: ServicesDep) -> dict[str, Any]:
-    return key_json(await keys.revoke_key(services.db, key_id))
+async def revoke_key(key_id: str, admin: AdminDep, services: ServicesDep) -> dict[str, Any]:
+    return await _revoke(key_id, admin, services)
 
 
 @router.delete("/keys/{key_id}")
-async def delete_key(key_id: str, _: AdminDep, services: ServicesDep) -> dict[str, Any]:
+async def delete_key(key_id: str, admin: AdminDep, services: ServicesDep) -> dict[str, Any]:
     """Same as revoke: keys are kept (revoked) so the ledger's history stays readable."""
-    return key_json(await keys.revoke_key(services.db, key_id))
+    return await _revoke(key_id, admin, services)
+
+
+_WIRE_NAMES = {
+    "rate_limit_per_hour": "rateLimitPerHour",
+    "models": "models",
+    "expires_at": "expiresAt",
+    "budget_daily": "dailyBudget",
+    "budget_monthly": "monthlyBudget",
+    "budget_total": "maxBudget",
+    "name": "name",
+}
 
 
 @router.patch("/keys/{key_id}")
 async def update_key(
-    key_id: str, body: UpdateKey, _: AdminDep, services: ServicesDep
+    key_id: str, body: UpdateKey, admin: AdminDep, services: ServicesDep
 ) -> dict[str, Any]:
-    """Set (or with null, reset to the default) the key's requests-per-hour limit."""
-    return key_json(await keys.set_key_rate_limit(services.db, key_id, body.rate_limit_per_hour))
+    """Change the key's controls: only the fields sent change; null clears a limit (the
+    requests-per-hour limit goes back to the default)."""
+    info, changed = await keys.update_key(services.db, key_id, body.controls())
+    if changed:
+        await audit.record(
+            services.db,
+            admin,
+            "key.updated",
+            target_type="key",
+            target_id=key_id,
+            account_id=info.account_id,
+            details={_WIRE_NAMES[name]: value for name, value in changed.items()},
+        )
+    return key_json(info)
 
 
 @router.post("/accounts/{account_id}/credits")
 async def grant_credits(
-    account_id: str, body: Grant, _: AdminDep, services: ServicesDep
+    account_id: str, body: Grant, admin: AdminDep, services: ServicesDep
 ) -> dict[str, Any]:
     entry = await ledger.grant(services.db, account_id, body.amount, body.description)
+    await audit.record(
+        services.db,
+        admin,
+        "credits.granted",
+        target_type="account",
+        target_id=account_id,
+        account_id=account_id,
+        details={"amount": body.amount, "description": body.description, "entryId": entry.id},
+    )
     return {"accountId": account_id, "balance": entry.balance_after, "entry": entry_json(entry)}
 
 
@@ -150,3 +278,25 @@ async def account_ledger(
     await ledger.balance(services.db, account_id)  # 404 for an unknown account
     rows = await ledger.entries(services.db, account_id, limit=limit + 1, before_id=before)
     return page(rows, limit)
+
+
+@router.get("/audit")
+async def audit_log(
+    _: AdminDep,
+    services: ServicesDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    before: LedgerCursor = None,
+    action: Annotated[str | None, Query(max_length=40)] = None,
+    account_id: Annotated[str | None, Query(alias="accountId", max_length=40)] = None,
+) -> dict[str, Any]:
+    """The audit log, newest first, paginated like the ledger (``before`` = ``nextCursor``)."""
+    rows = await audit.entries(
+        services.db, limit=limit + 1, before_id=before, action=action, account_id=account_id
+    )
+    shown = rows[:limit]
+    more = len(rows) > limit
+    return {
+        "data": [audit_json(r) for r in shown],
+        "hasMore": more,
+        "nextCursor": shown[-1].id if more and shown else None,
+    }

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 from hypereal.api.deps import PrincipalDep, ServicesDep
 from hypereal.api.idempotency import idempotent
 from hypereal.api.schemas import iso
-from hypereal.domain import jobs
+from hypereal.domain import audit, jobs
 from hypereal.domain.catalogue import ModelSpec
 from hypereal.domain.errors import Conflict, GenerationFailed, HyperealError
 from hypereal.domain.keys import Principal
@@ -303,4 +303,13 @@ async def get_webhook_secret(principal: PrincipalDep, services: ServicesDep) -> 
 @router.post("/webhooks/secret/rotate")
 async def rotate_secret(principal: PrincipalDep, services: ServicesDep) -> dict[str, Any]:
     """Replace the webhook secret; later attempts, retries included, use the new one."""
-    return {"secret": await rotate_webhook_secret(services.db, principal.account_id)}
+    secret = await rotate_webhook_secret(services.db, principal.account_id)
+    await audit.record(
+        services.db,
+        principal,
+        "webhook_secret.rotated",
+        target_type="account",
+        target_id=principal.account_id,
+        account_id=principal.account_id,
+    )
+    return {"secret": secret}

@@ -37,6 +37,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from time import perf_counter
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -49,6 +50,7 @@ from hypereal.backends.upstream.media import decode_data_uri, sniff_media_type, 
 from hypereal.backends.upstream.options import HttpOptions
 from hypereal.media.fetch import MAX_REDIRECTS, FetchRefused
 from hypereal.media.guarded_session import LazySession, guarded_session, origin_of
+from hypereal.observability import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +236,7 @@ class UpstreamHttp:
         it goes back to the pool), which tells the server to stop. Raises BackendError for any
         failure, including one while the body is being read."""
         url = self.url(path)
+        started = perf_counter()
         try:
             response = await self._send(
                 method,
@@ -246,10 +249,13 @@ class UpstreamHttp:
                 timeout=timeout,
             )
         except (aiohttp.ClientError, FetchRefused, TimeoutError) as exc:
+            metrics.upstream_error(self.provider, "transport")
             raise self._transport_error(exc, url, timeout) from exc
+        metrics.observe_upstream(self.provider, perf_counter() - started)
         try:
             answer = StreamedAnswer(response)
             if not 200 <= response.status < 300:
+                metrics.upstream_error(self.provider, str(response.status))
                 raise self.error_for(await answer.read())
             yield answer
         except (aiohttp.ClientError, TimeoutError) as exc:

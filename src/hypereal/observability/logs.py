@@ -1,0 +1,107 @@
+"""Structured logs (structlog): JSON lines, or plain text when the output is a terminal.
+
+Every line written while a request or a job is being served carries its context: the request
+id, the API key and account, the model and the job id (:func:`annotate` adds to it). Standard
+library loggers (uvicorn's, the app's ``logging.getLogger``) go through the same formatter,
+so the whole process writes one format.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextvars import ContextVar
+from typing import Any, TextIO
+
+import orjson
+import structlog
+from structlog.typing import EventDict, WrappedLogger
+
+from hypereal.domain import keys
+
+# The current request's (or job's) log context: a dict the middleware creates per request.
+LOG_CONTEXT: ContextVar[dict[str, Any] | None] = ContextVar("hypereal_log_context", default=None)
+
+ACCESS_LOGGER = "hypereal.access"
+
+
+def annotate(**fields: Any) -> None:
+    """Add ``fields`` (model=..., job_id=...) to the current request's log context."""
+    context = LOG_CONTEXT.get()
+    if context is not None:
+        context.update(fields)
+
+
+def _merge_context(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    context = LOG_CONTEXT.get()
+    if context:
+        for name, value in context.items():
+            event.setdefault(name, value)
+    caller = keys.CALLER.get()
+    if caller is not None:
+        event.setdefault("key_id", caller.key_id)
+        event.setdefault("account_id", caller.account_id)
+    return event
+
+
+def _orjson(value: Any, **_: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
+
+
+def configure_logging(
+    *,
+    level: str = "INFO",
+    json: bool | None = None,
+    stream: TextIO | None = None,
+    access: bool = True,
+) -> None:
+    """Route every log line through structlog to ``stream`` (stderr): JSON unless ``json`` is
+    False or (when None) the stream is a terminal. The access log (one line per request) is
+    ``hypereal.access``."""
+    stream = stream or sys.stderr
+    terminal = stream.isatty()
+    as_json = (not terminal) if json is None else json
+    renderer: Any = (
+        structlog.processors.JSONRenderer(serializer=_orjson)
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=terminal)
+    )
+    shared: list[Any] = [
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        _merge_context,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info if as_json else _keep,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger(ACCESS_LOGGER).setLevel(logging.NOTSET if access else logging.WARNING)
+    # uvicorn's own handlers would print a second, differently formatted line.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+
+
+def _keep(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    return event
+
+
+def access_logger() -> Any:
+    return structlog.get_logger(ACCESS_LOGGER)
