@@ -10,12 +10,18 @@ body, has arrived. When it fires first the connection is closed: with a JSON 408
 headers were not complete (no request was handed to the app), silently otherwise (the app
 sees the client disconnect). Time while the server itself has stopped reading the connection
 (flow control) does not count against the client. Other connections are not affected.
+
+The protocol also writes through :class:`CoalescingTransport`: uvicorn writes a response's
+status line and headers and then its body as two writes, two system calls and two TCP
+segments on a kept-alive connection; writes made in one turn of the event loop go out as one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterable
+from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -27,6 +33,45 @@ _REQUEST_TIMEOUT = (
     b"connection: close\r\n"
     b"\r\n" + _MESSAGE.encode()
 )
+
+
+class CoalescingTransport:
+    """A transport whose writes of one event-loop turn are sent as one write, at the end of
+    the turn (``call_soon``); ``close`` sends what is pending first, ``abort`` drops it.
+    Everything else is the wrapped transport's."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(bytes(data))
+
+    def writelines(self, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def _flush(self) -> None:
+        pending = self._pending
+        if pending:
+            self._pending = []
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending = []
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class RequestReadTimeoutProtocol(HttpToolsProtocol):
@@ -48,6 +93,7 @@ class RequestReadTimeoutProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.transport = cast(asyncio.Transport, CoalescingTransport(transport, self.loop))
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:

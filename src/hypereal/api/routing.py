@@ -238,8 +238,11 @@ class IndexedRouter(APIRouter):
                     scope.update(child_scope)
                     key = id(route)
                     if key not in index.lean:
-                        lean_ok = self.lean_endpoints and isinstance(route, APIRoute)
-                        index.lean[key] = LeanEndpoint.build(route) if lean_ok else None
+                        index.lean[key] = (
+                            LeanEndpoint.build(route)
+                            if self.lean_endpoints and isinstance(route, APIRoute)
+                            else None
+                        )
                     lean = index.lean[key]
                     if lean is not None:
                         await lean(scope, receive, send)
