@@ -1,0 +1,114 @@
+"""The operation language of the store's hot path (see :mod:`hypereal.store.writer`): an
+operation is a generator yielding :class:`Sql` statements for a :class:`Dialect`, plus the
+value conversions both databases share and the bookkeeping both writers use."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
+
+log = logging.getLogger("hypereal.store")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+Row = Any  # sqlite3.Row or asyncpg.Record: both index by column name and position
+Fetch = Literal["one", "all", "none"]
+
+
+@dataclass(frozen=True)
+class Sql:
+    """One statement with ``:name`` parameters, and what to fetch of its result."""
+
+    text: str
+    params: dict[str, Any] = field(default_factory=dict)
+    fetch: Fetch = "all"
+
+    @classmethod
+    def one(cls, text: str, **params: Any) -> Sql:
+        """The first row (or None)."""
+        return cls(text, params, "one")
+
+    @classmethod
+    def all(cls, text: str, **params: Any) -> Sql:
+        """Every row."""
+        return cls(text, params, "all")
+
+    @classmethod
+    def run(cls, text: str, **params: Any) -> Sql:
+        """Nothing: the number of rows changed."""
+        return cls(text, params, "none")
+
+
+Ops = Generator[Sql, Any, T]
+
+
+@dataclass(frozen=True)
+class Dialect:
+    pg: bool
+
+    @property
+    def greatest(self) -> str:
+        """The two-argument maximum function (``max`` on SQLite)."""
+        return "greatest" if self.pg else "max"
+
+
+SQLITE = Dialect(pg=False)
+POSTGRES = Dialect(pg=True)
+
+Operation = Callable[Concatenate[Dialect, P], Ops[T]]
+
+
+class ConstraintViolation(Exception):
+    """A unique or foreign-key constraint refused a write (either database)."""
+
+
+class WriterClosed(RuntimeError):
+    pass
+
+
+def to_json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def from_json(value: Any) -> Any:
+    """A JSON column as read: text on both databases (the columns are ``json``)."""
+    if value is None or not isinstance(value, str | bytes):
+        return value
+    return json.loads(value)
+
+
+def as_datetime(value: Any) -> datetime | None:
+    """A timestamp column as read: SQLite keeps naive UTC text, PostgreSQL an aware value."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    assert isinstance(value, datetime)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+@dataclass
+class _Pending:
+    operation: Callable[[], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+
+
+def _resolve(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for future, ok, value in results:
+        if future.done():
+            continue  # the caller was cancelled; the write stands (see Database.write)
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+def rows_changed(rows: Sequence[Row] | int) -> int:
+    return rows if isinstance(rows, int) else len(rows)

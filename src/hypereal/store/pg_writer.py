@@ -1,0 +1,200 @@
+"""PostgreSQL: the writer task with group commit and pooled one-round-trip reads on asyncpg
+(:class:`PgStore`; see :mod:`hypereal.store.writer`)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from typing import Any
+
+from hypereal.store.ops import (
+    ConstraintViolation,
+    Ops,
+    Sql,
+    T,
+    WriterClosed,
+    _resolve,
+    log,
+)
+
+_NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+
+class _PgStatement:
+    """A ``:name`` statement turned into asyncpg's ``$n`` form (cached per text)."""
+
+    _cache: dict[str, _PgStatement] = {}
+
+    def __init__(self, text: str) -> None:
+        names: list[str] = []
+
+        def number(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in names:
+                names.append(name)
+            return f"${names.index(name) + 1}"
+
+        self.text = _NAMED.sub(number, text)
+        self.names = names
+
+    @classmethod
+    def of(cls, text: str) -> _PgStatement:
+        found = cls._cache.get(text)
+        if found is None:
+            found = cls._cache[text] = cls(text)
+        return found
+
+
+async def _pg_execute(conn: Any, sql: Sql) -> Any:
+    statement = _PgStatement.of(sql.text)
+    args = [sql.params[name] for name in statement.names]
+    if sql.fetch == "one":
+        return await conn.fetchrow(statement.text, *args)
+    if sql.fetch == "all":
+        return await conn.fetch(statement.text, *args)
+    status: str = await conn.execute(statement.text, *args)
+    tail = status.rsplit(" ", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+async def _drive_async(conn: Any, operation: Callable[[], Ops[T]]) -> T:
+    ops = operation()
+    try:
+        statement = next(ops)
+        while True:
+            statement = ops.send(await _pg_execute(conn, statement))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    finally:
+        ops.close()
+
+
+def _pg_error(exc: BaseException) -> BaseException:
+    import asyncpg
+
+    if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
+        violation = ConstraintViolation(str(exc))
+        violation.__cause__ = exc
+        return violation
+    return exc
+
+
+def asyncpg_dsn(url: str) -> str:
+    """``postgresql+asyncpg://...`` (SQLAlchemy's form) as asyncpg takes it."""
+    scheme, sep, rest = url.partition("://")
+    return "postgresql" + sep + rest if "+" in scheme else url
+
+
+class PgStore:
+    """asyncpg pool and writer task for one event loop (see the module doc)."""
+
+    def __init__(self, dsn: str, pool_size: int) -> None:
+        self.dsn = dsn
+        self.pool_size = pool_size
+        self._pool: Any = None
+        self._opening: asyncio.Lock | None = None
+        self._queue: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def pool(self) -> Any:
+        if self._pool is None:
+            if self._opening is None:
+                self._opening = asyncio.Lock()
+            async with self._opening:
+                if self._pool is None:
+                    import asyncpg
+
+                    self._pool = await asyncpg.create_pool(
+                        self.dsn,
+                        min_size=1,
+                        max_size=self.pool_size,
+                        max_inactive_connection_lifetime=300,
+                    )
+        return self._pool
+
+    async def read(self, operation: Callable[[], Ops[T]], *, snapshot: bool = False) -> T:
+        import asyncpg
+
+        pool = await self.pool()
+        for attempt in (1, 2):
+            try:
+                async with pool.acquire() as conn:
+                    if not snapshot:
+                        return await _drive_async(conn, operation)
+                    async with conn.transaction(isolation="repeatable_read", readonly=True):
+                        return await _drive_async(conn, operation)
+            except (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError):
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def submit(self, operation: Callable[[], Any]) -> asyncio.Future[Any]:
+        if self._closing:
+            raise WriterClosed("the database writer is closed")
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((operation, future))
+        self._wake.set()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="hypereal-pg-writer")
+        return future
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._queue = self._queue, []
+            if not batch:
+                if self._closing:
+                    return
+                continue
+            try:
+                outcomes = await self._commit(batch)
+            except Exception as exc:  # could not even get a connection
+                outcomes = [(False, exc) for _ in batch]
+            _resolve(
+                [
+                    (future, ok, value)
+                    for (_, future), (ok, value) in zip(batch, outcomes, strict=True)
+                ]
+            )
+
+    async def _commit(
+        self, batch: list[tuple[Callable[[], Any], asyncio.Future[Any]]]
+    ) -> list[tuple[bool, Any]]:
+        import asyncpg
+
+        pool = await self.pool()
+        async with pool.acquire() as conn:
+            if len(batch) > 1:
+                try:
+                    outcomes: list[tuple[bool, Any]] = []
+                    async with conn.transaction():
+                        for operation, _ in batch:
+                            try:
+                                outcomes.append((True, await _drive_async(conn, operation)))
+                            except asyncpg.PostgresError:
+                                raise  # the transaction is aborted: re-run one by one
+                            except Exception as exc:  # a domain error, raised before writing
+                                outcomes.append((False, exc))
+                    return outcomes
+                except asyncpg.PostgresError as exc:
+                    log.debug("group commit of %d rolled back (%s); one by one", len(batch), exc)
+            outcomes = []
+            for operation, _ in batch:
+                try:
+                    async with conn.transaction():
+                        outcomes.append((True, await _drive_async(conn, operation)))
+                except Exception as exc:
+                    outcomes.append((False, _pg_error(exc)))
+            return outcomes
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._pool is not None:
+            await self._pool.close()
