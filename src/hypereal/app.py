@@ -208,6 +208,11 @@ def create_app(
         version="1.0.0",
         description="Self-hosted implementation of the Hypereal media-generation API.",
         lifespan=lifespan,
+        telemetry={
+            "tracing": settings.opentelemetry,
+            "metrics": settings.opentelemetry,
+            "logs": settings.opentelemetry,
+        },
     )
     app.state.services = services
     use_indexed_router(app)

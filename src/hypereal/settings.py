@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     # `hypereal serve`: seconds a client has to send a whole request, headers and body, from
     # the connection opening (or the next request's first byte); a slower one is dropped.
     request_read_timeout_seconds: float = Field(default=120.0, gt=0)
+    # FastAPI's native OpenTelemetry (traces and metrics of each request, for a provider
+    # configured in this process). Off: it asks the OpenTelemetry globals on every request,
+    # a few percent of the CPU of a cheap one; the server's own metrics are in /metrics.
+    opentelemetry: bool = False
 
     # Chat streams: seconds of backend silence before a keep-alive comment is sent.
     chat_keepalive_seconds: float = 15.0
