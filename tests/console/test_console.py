@@ -103,6 +103,10 @@ def test_speech_plays_in_an_audio_element(page: Page, console: Console) -> None:
     page.wait_for_function("document.querySelector('#tts-audio').readyState >= 1")
     assert page.evaluate("document.querySelector('#tts-audio').duration") > 0.3
     expect(page.locator(".cost-value")).to_have_text("3 credits")
+    before = httpx.get(
+        f"{console.base_url}/v1/credits", headers={"Authorization": f"Bearer {console.user_key}"}
+    ).json()["balance"]
+    expect(page.locator("#who-balance")).to_have_text(f"{before} credits")  # the balance left
     page.shots("text-to-speech")
 
 
@@ -285,3 +289,22 @@ def test_admin_creates_and_revokes_a_key(page: Page, console: Console) -> None:
     expect(page.locator("#keys table")).to_be_visible()
     assert secret not in page.content()
     page.shots("admin-after-revoke")
+
+
+def test_a_refused_request_shows_the_reason_and_charges_nothing(
+    page: Page, console: Console, photo: Path
+) -> None:
+    key = console.create_key(credits=10)
+    sign_in(page, console, key)
+    page.goto(f"{console.url}#/playground/video")
+    page.set_input_files("#video-image", str(photo))
+    page.fill("#video-duration", "10")  # 26 credits
+    page.click("#video-submit")
+    expect(page.locator("#page-playground .error")).to_have_text(
+        "Insufficient credits: 26 credits required, 10 available"
+    )
+    expect(page.locator("#video-progress [role=progressbar]")).to_have_count(0)
+    page.shots("refused-video")
+    page.goto(f"{console.url}#/overview")
+    expect(page.locator("#balance")).to_have_text("10 credits")
+    page.shots("refused-overview")

@@ -48,7 +48,7 @@ export async function render(page, ctx) {
     h(
       "div",
       { class: "grid-2" },
-      h("div", { class: "card" }, h("h2", {}, "Balance"), balance, h("p", { class: "muted" }, ctx.isAdmin ? "Admin key" : "API key")),
+      h("div", { class: "card" }, h("h2", {}, "Balance"), balance, h("p", { class: "muted" }, ctx.isAdmin ? "The account of this admin key" : "The account of this key")),
       h("div", { class: "card wide" }, h("h2", {}, `Credits by model, last ${DAYS} days`), chart),
     ),
     h("div", { class: "card" }, h("h2", {}, "Recent usage"), usage),

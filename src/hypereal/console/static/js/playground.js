@@ -13,6 +13,14 @@ const TABS = [
 
 const hasParam = (model, name) => (model.params || []).some((p) => p.name === name);
 
+function priceText(price) {
+  if (!price) return "";
+  if (price.kind === "fixed") return `${price.credits} credits`;
+  if (price.kind === "per_second") return `${price.credits_per_second} credits per second of output, at least ${price.minimum}`;
+  if (price.kind === "per_token") return `${price.base_credits} credits per message sent, plus the tokens ($${price.input_usd_per_million} / $${price.output_usd_per_million} per million in / out)`;
+  return JSON.stringify(price);
+}
+
 // A <select> of the catalogue's models that `accept` keeps, served ones first; the others
 // are listed disabled with the reason.
 function modelSelect(catalogue, accept, preferred, id) {
@@ -28,8 +36,15 @@ function modelSelect(catalogue, accept, preferred, id) {
         m.available ? `${m.slug} — ${m.name}` : `${m.slug} (not served here)`),
     ),
   );
+  const price = h("span", { class: "price", id: `${id}-price` });
+  const showPrice = () => {
+    const model = chosen.find((m) => m.slug === select.value);
+    price.textContent = model ? `Price: ${priceText(model.price)}` : "";
+  };
+  select.addEventListener("change", showPrice);
+  showPrice();
   const note = served.length ? null : h("p", { class: "muted" }, "No model of this kind is served by this server's backends: configure one (README, Backends).");
-  return { select, note, served };
+  return { select, note, served, price };
 }
 
 // The form's submit button, disabled when no model of its kind is served.
@@ -54,8 +69,16 @@ function busy(button, on) {
   button.classList.toggle("busy", on);
 }
 
+let refreshBalance = () => Promise.resolve();
+
+// A request ended: the button works again, and the top bar shows the balance left.
+function done(button) {
+  busy(button, false);
+  refreshBalance().catch(() => {});
+}
+
 function chatPanel(catalogue, live) {
-  const { select, note, served } = modelSelect(catalogue, (m) => m.modality === "chat", [catalogue.defaults?.chat, "smollm2-135m-instruct"], "chat-model");
+  const { select, note, served, price } = modelSelect(catalogue, (m) => m.modality === "chat", [catalogue.defaults?.chat, "smollm2-135m-instruct"], "chat-model");
   const prompt = h("textarea", { id: "chat-input", rows: 3, placeholder: "Ask something…" });
   const maxTokens = h("input", { id: "chat-max-tokens", type: "number", min: 1, max: 4096, value: "80" });
   const log = h("div", { class: "chat-log", id: "chat-log" });
@@ -102,13 +125,13 @@ function chatPanel(catalogue, live) {
         } finally {
           answer.classList.remove("streaming");
           answer.classList.add("done");
-          busy(send, false);
+          done(send);
         }
       },
     },
     h("h2", {}, "Chat"),
     note,
-    h("div", { class: "row" }, field("Model", select), field("Max tokens", maxTokens)),
+    h("div", { class: "row" }, field("Model", select, price), field("Max tokens", maxTokens)),
     log,
     field("Message", prompt),
     h("div", { class: "row" }, send, stop),
@@ -130,7 +153,7 @@ function fileInput(id, accept, preview) {
 }
 
 function imageForm(catalogue, { id, title, modalities, preferred, withImage, defaultPrompt, route }) {
-  const { select, note, served } = modelSelect(catalogue, (m) => modalities.includes(m.modality), preferred, `${id}-model`);
+  const { select, note, served, price } = modelSelect(catalogue, (m) => modalities.includes(m.modality), preferred, `${id}-model`);
   const prompt = h("input", { id: `${id}-prompt`, type: "text", value: defaultPrompt });
   const inputPreview = h("div", { class: "preview small" });
   const file = withImage ? fileInput(`${id}-image`, "image/*", inputPreview) : null;
@@ -157,13 +180,13 @@ function imageForm(catalogue, { id, title, modalities, preferred, withImage, def
         } catch (err) {
           replace(status, errorBox(err));
         } finally {
-          busy(submit, false);
+          done(submit);
         }
       },
     },
     h("h2", {}, title),
     note,
-    field("Model", select),
+    field("Model", select, price),
     withImage ? h("div", { class: "row" }, field("Image", file), inputPreview) : null,
     field("Prompt", prompt),
     submit,
@@ -182,7 +205,7 @@ function imagePanel(catalogue) {
 }
 
 function ttsPanel(catalogue, live) {
-  const { select, note, served } = modelSelect(catalogue, (m) => m.modality === "audio" && hasParam(m, "text") && !hasParam(m, "audio"), ["audio-tts"], "tts-model");
+  const { select, note, served, price } = modelSelect(catalogue, (m) => m.modality === "audio" && hasParam(m, "text") && !hasParam(m, "audio"), ["audio-tts"], "tts-model");
   const text = h("textarea", { id: "tts-text", rows: 3 }, "Hello from the hypereal console.");
   const result = h("div", { id: "tts-result" });
   const status = h("div", {});
@@ -204,13 +227,13 @@ function ttsPanel(catalogue, live) {
         } catch (err) {
           replace(status, errorBox(err));
         } finally {
-          busy(submit, false);
+          done(submit);
         }
       },
     },
     h("h2", {}, "Text to speech"),
     note,
-    field("Model", select),
+    field("Model", select, price),
     field("Text", text),
     submit,
     status,
@@ -219,7 +242,7 @@ function ttsPanel(catalogue, live) {
 }
 
 function sttPanel(catalogue, live) {
-  const { select, note, served } = modelSelect(catalogue, (m) => m.modality === "audio" && hasParam(m, "audio") && !hasParam(m, "text"), ["audio-asr"], "stt-model");
+  const { select, note, served, price } = modelSelect(catalogue, (m) => m.modality === "audio" && hasParam(m, "audio") && !hasParam(m, "text"), ["audio-asr"], "stt-model");
   const file = h("input", { id: "stt-file", type: "file", accept: "audio/*" });
   const result = h("div", { id: "stt-result" });
   const status = h("div", {});
@@ -252,13 +275,13 @@ function sttPanel(catalogue, live) {
         } catch (err) {
           replace(status, errorBox(err));
         } finally {
-          busy(submit, false);
+          done(submit);
         }
       },
     },
     h("h2", {}, "Speech to text"),
     note,
-    field("Model", select),
+    field("Model", select, price),
     field("Audio file", file, "WAV or MP3; English"),
     submit,
     status,
@@ -268,7 +291,7 @@ function sttPanel(catalogue, live) {
 
 // Video and 3D: an image in, a job with a live progress bar, then the output.
 function jobPanel(catalogue, live, { id, title, modality, preferred, route, extra, show }) {
-  const { select, note, served } = modelSelect(catalogue, (m) => m.modality === modality && hasParam(m, "image"), preferred, `${id}-model`);
+  const { select, note, served, price } = modelSelect(catalogue, (m) => m.modality === modality && hasParam(m, "image"), preferred, `${id}-model`);
   const inputPreview = h("div", { class: "preview small" });
   const file = fileInput(`${id}-image`, "image/*", inputPreview);
   const progress = h("div", { id: `${id}-progress` });
@@ -299,13 +322,13 @@ function jobPanel(catalogue, live, { id, title, modality, preferred, route, extr
         } catch (err) {
           status.append(errorBox(err));
         } finally {
-          busy(submit, false);
+          done(submit);
         }
       },
     },
     h("h2", {}, title),
     note,
-    field("Model", select),
+    field("Model", select, price),
     h("div", { class: "row" }, field("Image", file), inputPreview),
     Object.entries(extra).map(([name, node]) => field(name[0].toUpperCase() + name.slice(1), node)),
     submit,
@@ -344,7 +367,8 @@ function threedPanel(catalogue, live) {
 
 const PANELS = { chat: chatPanel, image: imagePanel, tts: ttsPanel, stt: sttPanel, video: videoPanel, "3d": threedPanel };
 
-export async function render(page, _ctx, [tab = "chat"]) {
+export async function render(page, ctx, [tab = "chat"]) {
+  refreshBalance = ctx.refreshBalance;
   if (!(tab in PANELS)) tab = "chat";
   let alive = true;
   const live = () => alive;
