@@ -1,21 +1,28 @@
 // Jobs: the caller's jobs as a gallery, kept live while any runs, with each job's webhook
 // deliveries on demand.
 import { api, ended } from "./api.js";
-import { credits, errorBox, glbViewer, h, mediaPreview, progressBar, replace, statusBadge, table, when } from "./ui.js";
+import { credits, errorBox, glbViewer, h, mediaPreview, progressBar, replace, statusBadge, when } from "./ui.js";
 
 const TYPES = ["", "video", "audio", "3d", "image"];
 const PAGE = 24;
 
-function deliveriesTable(deliveries) {
-  return table(deliveries, [
-    ["URL", (d) => h("code", {}, d.url)],
-    ["Event", (d) => d.event],
-    ["Status", (d) => statusBadge(d.status)],
-    ["Attempts", (d) => d.attempts],
-    ["Last answer", (d) => (d.lastStatusCode ? `HTTP ${d.lastStatusCode}` : d.lastError || "")],
-    ["Next try", (d) => when(d.nextAttemptAt)],
-    ["Log", (d) => d.attemptLog.map((a) => h("div", { class: "attempt" }, `#${a.attempt} ${when(a.at)} · ${a.statusCode ? `HTTP ${a.statusCode}` : a.error || "no answer"} · ${a.durationMs ?? "?"} ms`))],
-  ], { empty: "No webhook for this job (submit with webhook_url to get one)." });
+// Each delivery as a short block (the cards are narrow): state, URL, then every attempt.
+function deliveriesList(deliveries) {
+  if (!deliveries.length) return h("p", { class: "muted" }, "No webhook for this job (submit with webhook_url to get one).");
+  return h(
+    "ul",
+    { class: "delivery-list" },
+    deliveries.map((d) =>
+      h(
+        "li",
+        {},
+        h("div", {}, statusBadge(d.status), ` ${d.event} · ${d.attempts} attempt${d.attempts === 1 ? "" : "s"}`),
+        h("code", {}, d.url),
+        d.nextAttemptAt && d.status !== "delivered" ? h("div", { class: "muted" }, `next try ${when(d.nextAttemptAt)}`) : null,
+        h("ol", { class: "attempts" }, d.attemptLog.map((a) => h("li", {}, `${when(a.at)} · ${a.statusCode ? `HTTP ${a.statusCode}` : a.error || "no answer"} · ${a.durationMs ?? "?"} ms`))),
+      ),
+    ),
+  );
 }
 
 function card(job) {
@@ -43,7 +50,7 @@ function card(job) {
       replace(deliveries, h("p", { class: "muted" }, "Loading…"));
       try {
         const answer = await api(`/jobs/${job.jobId}/deliveries`);
-        replace(deliveries, h("h3", {}, "Webhook deliveries"), deliveriesTable(answer.data));
+        replace(deliveries, h("h3", {}, "Webhook deliveries"), deliveriesList(answer.data));
       } catch (err) {
         replace(deliveries, errorBox(err));
       }
@@ -82,8 +89,9 @@ function card(job) {
 
 const fingerprint = (job) => `${job.status}|${job.progress}|${job.stage}|${job.outputUrl}|${job.error}`;
 
-export async function render(page) {
+export async function render(page, ctx) {
   let type = "";
+  let changes = 0;
   let timer = null;
   let alive = true;
   const shown = new Map(); // jobId -> [fingerprint, card]
@@ -97,6 +105,7 @@ export async function render(page) {
     const known = shown.get(job.jobId);
     const print = fingerprint(job);
     if (known && known[0] === print) return known[1];
+    changes += 1;
     const node = card(job);
     if (known) known[1].replaceWith(node);
     else if (at === "end") gallery.append(node);
@@ -125,6 +134,8 @@ export async function render(page) {
     const newest = new Set(answer.data.map((j) => j.jobId));
     const running = [...shown.entries()].filter(([id, [print]]) => !newest.has(id) && /^(processing|queued)/.test(print));
     for (const [id] of running) put(await api(`/jobs/${id}`));
+    if (changes) ctx.refreshBalance().catch(() => {}); // a failed job was refunded, a new one paid
+    changes = 0;
   }
 
   function schedule() {
