@@ -10,6 +10,7 @@ uvicorn's own access line).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -62,8 +63,14 @@ def _match_template(scope: Scope) -> str:
     return UNMATCHED
 
 
+# A request id: this process's random prefix and a counter (unique without a system call
+# per request, as os.urandom would cost).
+_ID_PREFIX = os.urandom(6).hex()
+_ids = itertools.count(1)
+
+
 def new_request_id() -> str:
-    return os.urandom(12).hex()
+    return f"{_ID_PREFIX}{next(_ids):012x}"
 
 
 class ObservabilityMiddleware:
