@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 from contextvars import ContextVar
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import orjson
@@ -48,6 +49,34 @@ def _orjson(value: Any, **_: Any) -> str:
     return orjson.dumps(value, default=str).decode()
 
 
+class AccessWriter:
+    """The access line as JSON without the logging machinery: the same fields the structlog
+    pipeline writes for a ``hypereal.access`` record (``event``, ``level``, ``logger``,
+    ``timestamp``, the request's context and the line's own fields), rendered by orjson and
+    written to the stream at once. The logging path cost a quarter of the CPU of a cheap
+    request; this costs a few microseconds."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, fields: dict[str, Any], context: dict[str, Any]) -> None:
+        line: dict[str, Any] = {**context, **fields}
+        line["event"] = "request"
+        line["level"] = "info"
+        line["logger"] = ACCESS_LOGGER
+        line["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        self.stream.write(orjson.dumps(line, default=str).decode() + "\n")
+        self.stream.flush()
+
+
+# Set by configure_logging when the lines are JSON; None: access lines go through logging.
+_access_writer: AccessWriter | None = None
+
+
+def access_writer() -> AccessWriter | None:
+    return _access_writer
+
+
 def configure_logging(
     *,
     level: str = "INFO",
@@ -58,9 +87,11 @@ def configure_logging(
     """Route every log line through structlog to ``stream`` (stderr): JSON unless ``json`` is
     False or (when None) the stream is a terminal. The access log (one line per request) is
     ``hypereal.access``."""
+    global _access_writer
     stream = stream or sys.stderr
     terminal = stream.isatty()
     as_json = (not terminal) if json is None else json
+    _access_writer = AccessWriter(stream) if as_json else None
     renderer: Any = (
         structlog.processors.JSONRenderer(serializer=_orjson)
         if as_json

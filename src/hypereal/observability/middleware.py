@@ -21,7 +21,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hypereal.observability import metrics
-from hypereal.observability.logs import ACCESS_LOGGER, LOG_CONTEXT
+from hypereal.observability.logs import ACCESS_LOGGER, LOG_CONTEXT, access_writer
 
 REQUEST_ID_HEADER = b"x-request-id"
 # A client's id is kept when it is short and plain (no spaces, quotes or control characters).
@@ -122,14 +122,16 @@ class ObservabilityMiddleware:
             context.setdefault("key_id", principal.key_id)
             context.setdefault("account_id", principal.account_id)
         client = scope.get("client")
-        _access.info(
-            "request",
-            extra={
-                "method": scope["method"],
-                "path": scope["path"],
-                "route": route,
-                "status": status,
-                "duration_ms": round(elapsed * 1000, 3),
-                "client": client[0] if client else None,
-            },
-        )
+        fields = {
+            "method": scope["method"],
+            "path": scope["path"],
+            "route": route,
+            "status": status,
+            "duration_ms": round(elapsed * 1000, 3),
+            "client": client[0] if client else None,
+        }
+        writer = access_writer()
+        if writer is not None:
+            writer.write(fields, context)
+        else:
+            _access.info("request", extra=fields)

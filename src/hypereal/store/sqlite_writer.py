@@ -27,7 +27,8 @@ def _sqlite_value(value: Any) -> Any:
     if isinstance(value, datetime):
         if value.tzinfo is not None:
             value = value.astimezone(UTC).replace(tzinfo=None)
-        return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+        # "YYYY-MM-DD HH:MM:SS.ffffff", microseconds always written: a third of strftime's cost.
+        return value.isoformat(" ", "microseconds")
     return value
 
 
