@@ -132,7 +132,3 @@ def configure_logging(
 
 def _keep(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     return event
-
-
-def access_logger() -> Any:
-    return structlog.get_logger(ACCESS_LOGGER)
