@@ -13,6 +13,8 @@ from hypereal.backends.registry import BackendRegistry, check_patterns
 from hypereal.domain import catalogue as catalogue_module
 from hypereal.domain.catalogue import PassThrough, load_catalogue, parse_catalogue
 from hypereal.domain.errors import UnsupportedModel
+from hypereal.services import build_services
+from hypereal.settings import Settings
 
 CHAT_PRICE = {"base_credits": 1, "input_usd_per_million": 1.0, "output_usd_per_million": 2.0}
 
@@ -77,6 +79,9 @@ def test_lookups_are_remembered_and_the_memory_is_bounded(
     for index in range(50):
         catalogue.get(f"x-{index}", "chat")
     assert len(catalogue._matched) <= 8
+    with pytest.raises(UnsupportedModel):  # no model id is this long: not matched, not kept
+        catalogue.get("x-" + "a" * 10_000, "chat")
+    assert all(len(slug) < 300 for slug, _ in catalogue._matched)
 
 
 def test_pass_through_reserves_the_maximum_and_charges_credits_used_times_markup() -> None:
@@ -147,3 +152,23 @@ def test_an_operator_catalogue_file_adds_patterns(tmp_path: Path) -> None:
     assert catalogue.get("gemini-9-pro", "chat").bindings[0].upstream_model == (
         "google/gemini-9-pro"
     )
+
+
+def test_the_settings_file_names_patterns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "hypereal.toml"
+    config.write_text(
+        '[backends.hypereal]\ntype = "hypereal"\napi_key = "ck_x"\n\n'
+        '[[model_patterns]]\npattern = "*"\ntemplate = "video-i2v"\nbackend = "hypereal"\n'
+        "pass_through = { max_credits = 400, markup = 1.2 }\n\n"
+        '[[model_patterns]]\npattern = "*"\nbackend = "hypereal"\n'
+        "pass_through = { max_credits = 100, markup = 1.2 }\n"
+    )
+    monkeypatch.setenv("HYPEREAL_CONFIG", str(config))
+    settings = Settings(data_dir=tmp_path / "data")
+    services = build_services(settings)
+    video = services.catalogue.get("veo-4-i2v", "video")
+    chat = services.catalogue.get("some-new-llm", "chat")
+    assert video.pass_through == PassThrough(max_credits=400, markup=1.2)
+    assert video.param("image") is not None
+    assert chat.pass_through == PassThrough(max_credits=100, markup=1.2)
+    assert services.backends.resolve(chat).upstream_model == "some-new-llm"

@@ -70,6 +70,13 @@ class ChatRequest:
     # ``answers_whole = True`` then asks its upstream for one complete answer instead of a
     # stream of chunks, and yields it as one delta when it is done.
     whole: bool = False
+    # Set by a caller that settles to the upstream's own bill (a pass-through model): the
+    # backend records there what the upstream charged, ``credits_used``, when it says.
+    upstream_bill: dict[str, Any] | None = field(default=None, compare=False)
+    # OpenAI fields the client set that only change how the upstream generates (``stop``,
+    # ``seed``, ``response_format``), validated; given only to a backend whose
+    # ``chat_options`` names them (the route answers 400 for the others).
+    options: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,10 @@ class ChatBackend(Protocol):
     Optional too: ``answers_whole: bool``, True for a backend that honours
     ``ChatRequest.whole`` (an HTTP upstream asked for one complete answer). Such an answer is
     generated whole once asked for, so it is billed whole even if the client leaves first;
-    a streaming backend stops when the client leaves and bills the part it generated."""
+    a streaming backend stops when the client leaves and bills the part it generated.
+
+    Optional: ``chat_options: frozenset[str]``, the OpenAI fields of ``ChatRequest.options``
+    the backend passes on to its model (``stop``, ``seed``, ``response_format``)."""
 
     async def count_prompt_tokens(self, request: ChatRequest) -> int:
         """Tokens the prompt takes with the model's own tokenizer and chat template."""
@@ -118,6 +128,7 @@ class ImageRequest:
     images: Sequence[MediaBlob] = ()  # source images for edit models, already fetched
     upstream_model: str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)  # other validated model params
+    upstream_bill: dict[str, Any] | None = field(default=None, compare=False)  # see ChatRequest
 
 
 @runtime_checkable
@@ -141,6 +152,7 @@ class JobRequest:
     input: Mapping[str, Any]
     media: Mapping[str, MediaBlob] = field(default_factory=dict)
     upstream_model: str | None = None
+    upstream_bill: dict[str, Any] | None = field(default=None, compare=False)  # see ChatRequest
 
 
 @dataclass(frozen=True)
@@ -148,6 +160,8 @@ class JobResult:
     output: MediaBlob
     # Extra structured result (e.g. a transcript with timings), returned with the job.
     data: Mapping[str, Any] | None = None
+    # Credits to settle the job at (a pass-through model: set by the engine, not backends).
+    credits: int | None = None
 
 
 @runtime_checkable

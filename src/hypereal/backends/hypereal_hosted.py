@@ -21,6 +21,10 @@ they time out like fal.ai and Replicate jobs. The hosted API has no cancel call 
 lists only submit and ``GET /v1/jobs/{id}``): a job we stop waiting for, on our cancel or the
 ``timeout``, keeps running (and is billed) upstream.
 
+A pass-through model (a catalogue pattern with ``pass_through``) settles to what the account
+was charged: the ``creditsUsed`` of the chat stream's last chunk, the image answer or the job
+submission is recorded in the request's ``upstream_bill``.
+
 Options (``[backends.NAME]`` with ``type = "hypereal"``):
 
 ``api_key`` (required)
@@ -57,7 +61,7 @@ from hypereal.backends.base import (
     MediaBlob,
     ProgressCallback,
 )
-from hypereal.backends.upstream.chat import chat_deltas, estimate_prompt_tokens
+from hypereal.backends.upstream.chat import chat_deltas, estimate_prompt_tokens, record_credits
 from hypereal.backends.upstream.http import UpstreamHttp
 from hypereal.backends.upstream.jobs import JobStatus, ProgressReporter, run_job
 from hypereal.backends.upstream.media import to_data_uri
@@ -122,7 +126,7 @@ class HyperealHosted:
             body["model"] = request.upstream_model
         async with (
             self._http.stream("POST", self._chat_path, json=body) as response,
-            aclosing(chat_deltas(response, PROVIDER)) as deltas,
+            aclosing(chat_deltas(response, PROVIDER, request.upstream_bill)) as deltas,
         ):
             async for delta in deltas:
                 yield delta
@@ -147,6 +151,8 @@ class HyperealHosted:
             if len(uris) > 1:
                 body["images"] = uris
         answer = await self._http.request_json("POST", "/v1/images/generate", json=body)
+        if request.upstream_bill is not None:
+            record_credits(request.upstream_bill, answer)
         items = answer.get("data")
         urls = (
             [item.get("url") for item in items if isinstance(item, dict)]
@@ -194,6 +200,8 @@ class HyperealHosted:
         )
         output = await self._http.download(output_url)
         await reporter.done()
+        if request.upstream_bill is not None:
+            record_credits(request.upstream_bill, job.accepted)
         return JobResult(output=output)
 
 
@@ -211,10 +219,12 @@ class _HostedJob:
         self._params = {"model": model, "type": job_type}
         self._input = job_input
         self._state: dict[str, Any] = {}
+        self.accepted: dict[str, Any] = {}  # the submission's answer (creditsUsed: the bill)
 
     async def submit(self) -> str:
         body = {"model": self._params["model"], "input": self._input}
         accepted = await self._http.request_json("POST", self._path, json=body)
+        self.accepted = accepted
         job_id = accepted.get("jobId")
         if not isinstance(job_id, str) or not job_id:
             raise BackendError(f"{_SUBJECT} accepted the job without a jobId")

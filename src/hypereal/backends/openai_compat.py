@@ -94,6 +94,8 @@ class OpenAICompatible:
 
     # A non-streamed client request is answered from one non-streamed upstream completion.
     answers_whole = True
+    # OpenAI fields a client may set that are passed on as they are (ChatRequest.options).
+    chat_options = frozenset({"stop", "seed", "response_format"})
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         base_url = option_str(options, "base_url", BACKEND)
@@ -206,6 +208,8 @@ class OpenAICompatible:
             "temperature": request.temperature,
             self._max_tokens_param: request.max_tokens,
         }
+        if request.options:
+            body.update(request.options)
         if not request.whole:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}

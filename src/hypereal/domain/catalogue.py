@@ -177,6 +177,8 @@ class ModelPattern:
 
 # Slugs whose pattern lookup is remembered (matches and misses); past it the memory restarts.
 PATTERN_CACHE_SIZE = 4096
+# Longer slugs match no pattern (and are not remembered): no model id is this long.
+MAX_PATTERN_SLUG = 256
 
 
 @dataclass
@@ -215,6 +217,8 @@ class Catalogue:
     def match(self, slug: str, modalities: tuple[str, ...] = MODALITIES) -> ModelSpec | None:
         """The model the first pattern entry of one of ``modalities`` matching ``slug``
         makes, or None; remembered per slug (at most PATTERN_CACHE_SIZE of them)."""
+        if len(slug) > MAX_PATTERN_SLUG:
+            return None
         key = (slug, modalities)
         try:
             return self._matched[key]

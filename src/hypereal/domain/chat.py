@@ -6,8 +6,9 @@ The API formats the deltas (JSON or SSE); everything billable happens here.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import anyio
 
@@ -90,6 +91,42 @@ async def _check_minimum(
         raise InsufficientCredits(required=minimum, available=available)
 
 
+STOP_SEQUENCES = 4  # OpenAI's limit
+
+
+def check_option(name: str, value: Any) -> Any:
+    """An OpenAI chat field passed on to an upstream (``stop``, ``seed``, ``response_format``),
+    checked: BadRequest (400) naming the field when it is malformed."""
+    if name == "stop":
+        stops = [value] if isinstance(value, str) else value
+        if (
+            not isinstance(stops, list)
+            or not 1 <= len(stops) <= STOP_SEQUENCES
+            or not all(isinstance(stop, str) and stop for stop in stops)
+        ):
+            raise BadRequest(
+                f"Invalid value for 'stop': a string or a list of 1 to {STOP_SEQUENCES} strings"
+            )
+        for stop in stops:
+            check_text(stop, "stop")
+        return value
+    if name == "seed":
+        if isinstance(value, bool) or not isinstance(value, int) or abs(value) >= 2**63:
+            raise BadRequest("Invalid value for 'seed': must be an integer")
+        return value
+    if name == "response_format":
+        kind = value.get("type") if isinstance(value, dict) else None
+        if kind == "json_object":
+            return {"type": "json_object"}
+        if kind == "json_schema" and isinstance(value.get("json_schema"), dict):
+            return value
+        raise BadRequest(
+            "Invalid value for 'response_format': type json_object, or json_schema with a "
+            "json_schema object"
+        )
+    raise BadRequest(f"Invalid value for '{name}': not passed on to any chat backend")
+
+
 @dataclass
 class ChatTurn:
     """A metered chat turn. Use :meth:`open`, iterate :meth:`deltas`, then :meth:`settle`."""
@@ -117,6 +154,7 @@ class ChatTurn:
         upstream_model: str | None,
         *,
         whole: bool = False,
+        options: Mapping[str, Any] | None = None,
     ) -> ChatTurn:
         """Count the prompt, enforce the context limit (:func:`context_limit`) and reserve the
         maximum cost (``max_tokens``, cut to the room the context leaves, as completion).
@@ -133,6 +171,8 @@ class ChatTurn:
             max_tokens=max_tokens,
             upstream_model=upstream_model,
             whole=whole and getattr(backend, "answers_whole", False) is True,
+            upstream_bill={} if spec.pass_through is not None else None,
+            options=options,
         )
         await _check_minimum(db, account_id, spec, messages)
         try:
@@ -198,6 +238,9 @@ class ChatTurn:
         """
         if not delivered or (self.completion_tokens == 0 and self.finish_reason is None):
             actual = 0  # nothing was generated or nothing reached the client: nothing is owed
+        elif self.spec.pass_through is not None:  # the upstream's bill x markup
+            bill = self.request.upstream_bill or {}
+            actual = self.spec.pass_through.charge(bill.get("credits_used"))
         else:
             actual = chat_price(
                 self.spec, len(self.request.messages), self.prompt_tokens, self.completion_tokens

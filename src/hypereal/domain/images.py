@@ -139,6 +139,7 @@ async def generate(
         images=tuple(sources.values()),
         upstream_model=resolved.upstream_model,
         params={k: v for k, v in params.items() if k not in ("prompt", "images", "size")},
+        upstream_bill={} if spec.pass_through is not None else None,
     )
     result_id = new_id("res")
     charge = await pipeline.reserve(
@@ -151,6 +152,8 @@ async def generate(
         if not blobs:
             raise BackendError("the backend returned no images")
         stored = [await pipeline.store(in_format(blob, wanted), "image") for blob in blobs]
+        if spec.pass_through is not None:  # the upstream's bill x markup, settled below
+            credits = spec.pass_through.charge((request.upstream_bill or {}).get("credits_used"))
         # Inside the refunded section: a result that cannot be recorded is not charged.
         await jobs.record_completed(
             pipeline.db,
@@ -172,6 +175,8 @@ async def generate(
                 exc, what="Image generation", timeout_seconds=spec.timeout_seconds
             ) from exc
         raise
+    if spec.pass_through is not None:
+        await charge.settle(credits, note=f"image {spec.slug}: upstream bill x markup")
     return ImageResult(
         result_id=result_id,
         created=int(time.time()),

@@ -544,22 +544,48 @@ async def complete_job(
     output_url: str,
     output_key: str,
     result: Mapping[str, Any] | None,
+    credits: int | None = None,
 ) -> Ended | None:
     """Mark this worker's running job completed. None when it is not ours any more
-    (canceled meanwhile, or re-queued): the output is then discarded."""
-    return await db.write(
-        _end_op,
-        "id = :id AND state = 'processing' AND worker_id = :worker",
-        {
-            "id": job_id,
-            "worker": worker_id,
-            "output_url": output_url,
-            "output_key": output_key,
-            "result": to_json(dict(result)) if result is not None else None,
-        },
+    (canceled meanwhile, or re-queued): the output is then discarded. ``credits``: settle
+    the job at that many credits (less than reserved; the rest refunded in the same
+    transaction), for a model whose charge is known only at the end."""
+    params: dict[str, Any] = {
+        "id": job_id,
+        "worker": worker_id,
+        "output_url": output_url,
+        "output_key": output_key,
+        "result": to_json(dict(result)) if result is not None else None,
+    }
+    values = (
         "state = 'completed', output_url = :output_url, output_key = :output_key, "
-        "result = :result, progress = 1, error = NULL",
+        "result = :result, progress = 1, error = NULL"
     )
+    where = "id = :id AND state = 'processing' AND worker_id = :worker"
+    if credits is None:
+        return await db.write(_end_op, where, params, values)
+    return await db.write(_settle_end_op, where, {**params, "credits": credits}, values)
+
+
+def _settle_end_op(
+    d: Dialect, where: str, params: dict[str, Any], values: str
+) -> Ops[Ended | None]:
+    """Complete the job at ``params['credits']`` and refund the rest of what it reserved."""
+    before = yield Sql.one("SELECT credits FROM jobs WHERE id = :id", id=params["id"])
+    settled = params["credits"]
+    ended = yield from _end_op(d, where, params, values + ", credits = :credits")
+    if ended is None or before is None or ended.job.debit_entry_id is None:
+        return ended
+    rest = int(before["credits"]) - settled
+    if rest > 0:
+        yield from ledger.refund_op(
+            d,
+            ended.job.debit_entry_id,
+            rest,
+            f"{ended.job.type} job {ended.job.id}: settled at "
+            f"{settled} of {before['credits']} (upstream bill x markup)",
+        )
+    return ended
 
 
 async def fail_job(

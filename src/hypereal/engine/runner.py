@@ -15,7 +15,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hypereal.backends.base import JobRequest, JobResult, MediaBlob
 from hypereal.domain import jobs
@@ -159,6 +159,7 @@ class JobRunner:
                 output_url=output.url,
                 output_key=output.key,
                 result=output.result.data,
+                credits=output.result.credits,
             )
             await self._end(ended)
 
@@ -206,8 +207,12 @@ class JobRunner:
             input={k: v for k, v in job.input.items() if k not in media_fields},
             media=await self._inputs(job),
             upstream_model=resolved.upstream_model,
+            upstream_bill={} if spec.pass_through is not None else None,
         )
         result: JobResult = await method(request, self._progress_callback(job))
+        if spec.pass_through is not None:  # settled with the job's end: the bill x markup
+            used = spec.pass_through.charge((request.upstream_bill or {}).get("credits_used"))
+            result = replace(result, credits=min(used, job.credits))
         stored = await self.pipeline.store(result.output, MEDIA_KINDS.get(job.type, job.type))
         return _Output(stored.url, stored.key, result)
 

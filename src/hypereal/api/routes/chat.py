@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 from hypereal.api.deps import PrincipalDep, ServicesDep
 from hypereal.api.idempotency import idempotent
 from hypereal.backends.base import ChatDelta
-from hypereal.domain.chat import ChatTurn, parse_messages
+from hypereal.domain.chat import ChatTurn, check_option, parse_messages
 from hypereal.domain.errors import BadRequest, HyperealError
 from hypereal.services import Services
 
@@ -50,7 +50,7 @@ class ChatBody(BaseModel):
     temperature: float = Field(default=0.8, ge=0.0, le=2.0, strict=True)
     max_tokens: int = Field(default=4096, ge=1, le=32768, strict=True)
     stream: bool | None = Field(default=None, strict=True)
-    # OpenAI fields no chat backend here receives yet: refused when set (see _unhonoured).
+    # OpenAI fields passed on to a backend that can honour them, else a 400 (see _options).
     tools: Any = None
     tool_choice: Any = None
     stop: Any = None
@@ -59,23 +59,39 @@ class ChatBody(BaseModel):
     response_format: Any = None
 
 
-def _unhonoured(body: ChatBody, slug: str) -> None:
-    """A field the serving backend cannot honour is a 400 saying so, never ignored."""
+def _options(body: ChatBody, slug: str, backend: object) -> dict[str, Any] | None:
+    """The OpenAI fields the client set, checked, for a backend whose ``chat_options`` names
+    them; a field the serving backend cannot honour is a 400 saying so, never ignored."""
+    if (
+        body.stop is None
+        and body.seed is None
+        and body.response_format is None
+        and body.tools is None
+        and body.tool_choice is None
+        and body.n is None
+    ):
+        return None  # the usual request: nothing more to look at
+    honoured: frozenset[str] = getattr(backend, "chat_options", frozenset())
     response_format = body.response_format
-    set_fields = {
+    given = {
         "tools": body.tools not in (None, []),
         "tool_choice": body.tool_choice not in (None, "none", "auto"),
+        "n": body.n not in (None, 1),
         "stop": body.stop not in (None, [], ""),
         "seed": body.seed is not None,
-        "n": body.n not in (None, 1),
         "response_format": response_format is not None
         and not (isinstance(response_format, dict) and response_format.get("type") == "text"),
     }
-    for name, is_set in set_fields.items():
-        if is_set:
+    options: dict[str, Any] = {}
+    for name, is_set in given.items():
+        if not is_set:
+            continue
+        if name not in honoured:
             raise BadRequest(
                 f"Invalid value for '{name}': the backend serving {slug} cannot honour it"
             )
+        options[name] = check_option(name, getattr(body, name))
+    return options or None
 
 
 def _chunk(turn: ChatTurn, created: int, choice: dict[str, Any], **extra: Any) -> bytes:
@@ -367,8 +383,8 @@ async def _chat(
 ) -> Response:
     messages = parse_messages(body.messages)
     spec = services.catalogue.get(body.model, "chat")
-    _unhonoured(body, spec.slug)
     resolved = services.backends.resolve(spec)
+    options = _options(body, spec.slug, resolved.backend)
     stream = body.stream if body.stream is not None else stream_default
 
     async def produce() -> Response:
@@ -382,6 +398,7 @@ async def _chat(
             body.max_tokens,
             resolved.upstream_model,
             whole=not stream,
+            options=options,
         )
         if stream:
             return await open_stream(turn, services.settings.chat_keepalive_seconds, _ChatStream)

@@ -61,12 +61,18 @@ def _sse_event(block: bytes) -> tuple[str | None, str] | None:
     return (event, "\n".join(data)) if data else None
 
 
-async def chat_deltas(response: StreamedAnswer, provider: str) -> AsyncGenerator[ChatDelta]:
+async def chat_deltas(
+    response: StreamedAnswer, provider: str, bill: dict[str, Any] | None = None
+) -> AsyncGenerator[ChatDelta]:
     """ChatDeltas from an OpenAI ``chat.completion.chunk`` SSE stream (see module docs); a
-    server that ignored ``stream: true`` and answered one JSON completion is accepted too."""
+    server that ignored ``stream: true`` and answered one JSON completion is accepted too.
+    With ``bill``, a ``creditsUsed`` the upstream sends (hosted Hypereal) is recorded there
+    as ``credits_used`` (see :func:`record_credits`)."""
     if response.headers.get("content-type", "").startswith("application/json"):
-        whole_answer = await response.read()
-        for whole in _completion_deltas(json_object(whole_answer, provider), provider):
+        whole_answer = json_object(await response.read(), provider)
+        if bill is not None:
+            record_credits(bill, whole_answer)
+        for whole in _completion_deltas(whole_answer, provider):
             yield whole
         return
     finish_reason: str | None = None
@@ -84,6 +90,8 @@ async def chat_deltas(response: StreamedAnswer, provider: str) -> AsyncGenerator
                 )
             if isinstance(chunk.get("usage"), dict):
                 usage = chunk["usage"]
+            if bill is not None:
+                record_credits(bill, chunk)
             choices = chunk.get("choices") or []
             choice = choices[0] if isinstance(choices, list) and choices else {}
             delta = choice.get("delta") if isinstance(choice, dict) else None
@@ -150,6 +158,14 @@ def _error_text(chunk: Mapping[str, Any]) -> str:
     if isinstance(error, str) and error:
         return error
     return "unknown error"
+
+
+def record_credits(bill: dict[str, Any], answer: Mapping[str, Any]) -> None:
+    """Keep ``answer['creditsUsed']`` (what a hosted Hypereal account charged for it) in
+    ``bill['credits_used']`` when it is a number >= 0; anything else is not a bill."""
+    value = answer.get("creditsUsed")
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1e12:
+        bill["credits_used"] = value
 
 
 def _count(value: object) -> int | None:
