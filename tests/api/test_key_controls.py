@@ -210,6 +210,7 @@ async def test_an_expired_key_is_a_401_saying_so_until_its_expiry_moves(
     assert (await env.client.get(f"{prefix}/credits", headers=headers)).status_code == 200
 
 
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
 async def test_a_daily_budget_is_a_402_naming_it_and_a_refund_gives_the_credits_back(
     env: Env,
 ) -> None:
@@ -245,6 +246,7 @@ async def test_a_daily_budget_is_a_402_naming_it_and_a_refund_gives_the_credits_
     assert (await env.image(headers)).status_code == 200
 
 
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
 async def test_the_account_balance_402_is_separate_from_the_keys_budget(env: Env) -> None:
     account = await env.account(2)
     created, headers = await env.key(account, maxBudget=100, monthlyBudget=100)
@@ -258,6 +260,7 @@ async def test_the_account_balance_402_is_separate_from_the_keys_budget(env: Env
     assert (key.spent_day, key.spent_month, key.spent_total) == (2, 2, 2)
 
 
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
 async def test_jobs_count_against_the_key_budget(env: Env) -> None:
     account = await env.account(100)
     created, headers = await env.key(account, maxBudget=2)
@@ -300,7 +303,11 @@ async def test_a_key_budget_holds_under_200_concurrent_requests(env: Env) -> Non
     assert rows[other["id"]]["credits"] == 20
 
 
-@pytest.mark.parametrize("prefix", PREFIXES)
+@pytest.mark.parametrize(
+    ("database_url", "prefix"),
+    [("sqlite", "/v1"), ("sqlite", "/api/v1"), ("postgresql", "/v1")],
+    indirect=["database_url"],
+)
 async def test_usage_summary_by_model_key_and_day(env: Env, prefix: str) -> None:
     account = await env.account(100)
     first, headers = await env.key(account)
