@@ -106,6 +106,21 @@ def _chunk(turn: ChatTurn, created: int, choice: dict[str, Any], **extra: Any) -
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
 
+class _ContentChunks:
+    """``chat.completion.chunk`` events of one stream carrying a content delta, with the part
+    every chunk shares (id, object, created, model) rendered once: per chunk only the delta is
+    encoded. The bytes are those :func:`_chunk` writes for the same chunk."""
+
+    def __init__(self, turn: ChatTurn, created: int) -> None:
+        head = _chunk(turn, created, {"delta": None, "finish_reason": None})
+        self._head, _, tail = head.partition(b'"delta": null')
+        self._tail = tail
+
+    def __call__(self, delta: dict[str, str]) -> bytes:
+        encoded = json.dumps(delta, ensure_ascii=False).encode()
+        return self._head + b'"delta": ' + encoded + self._tail
+
+
 class Feed:
     """The backend's deltas read ahead by one task into a small queue, so the SSE writer can
     wait for the next one with a keep-alive timeout without cancelling the backend's stream
@@ -141,6 +156,10 @@ class Feed:
                 return await self._queue.get()
         except TimeoutError:
             return None
+
+    def ready(self) -> bool:
+        """Whether :meth:`next` has an item at once."""
+        return not self._queue.empty()
 
     async def stop(self) -> None:
         """Stop reading and close the deltas, shielded from the cancellation that usually
@@ -209,17 +228,20 @@ class TurnStream(StreamingResponse, metaclass=ABCMeta):
 class _ChatStream(TurnStream):
     """Chunks as the backend yields them, keep-alive comments while it is silent, the final
     chunk with finish_reason/usage/creditsUsed, then ``[DONE]``. An error after the stream
-    began arrives as a ``data:`` event with ``error``."""
+    began arrives as a ``data:`` event with ``error``. The chunks of deltas that are already
+    waiting are written together (one write, the same events)."""
 
     async def _sse(self) -> AsyncGenerator[bytes]:
         turn, feed = self._turn, self._feed
         created = int(time.time())
+        content_chunk = _ContentChunks(turn, created)
         first = True
+        waiting: list[bytes] = []  # events not written yet
         try:
             async with contextlib.aclosing(self._items()) as items:
                 async for item in items:
                     if item is None:
-                        yield b": keep-alive\n\n"
+                        waiting.append(b": keep-alive\n\n")
                     elif item.text:
                         content = (
                             {"role": "assistant", "content": item.text}
@@ -227,21 +249,23 @@ class _ChatStream(TurnStream):
                             else {"content": item.text}
                         )
                         first = False
-                        yield _chunk(turn, created, {"delta": content, "finish_reason": None})
+                        waiting.append(content_chunk(content))
+                    if waiting and not feed.ready():
+                        events = b"".join(waiting)
+                        waiting.clear()
+                        yield events
             credits = await turn.settle()
-            yield _chunk(
-                turn,
-                created,
-                {"delta": {}, "finish_reason": turn.finish_reason or "stop"},
-                usage=turn.usage(),
-                creditsUsed=credits,
-            )
-            yield b"data: [DONE]\n\n"
+            final = {"delta": {}, "finish_reason": turn.finish_reason or "stop"}
+            waiting.append(_chunk(turn, created, final, usage=turn.usage(), creditsUsed=credits))
+            waiting.append(b"data: [DONE]\n\n")
+            yield b"".join(waiting)
         except HyperealError as exc:
-            yield _error_event(exc.message, exc.status, await turn.settle())
+            waiting.append(_error_event(exc.message, exc.status, await turn.settle()))
+            yield b"".join(waiting)
         except Exception:
             logger.exception("Chat stream %s failed", turn.id)
-            yield _error_event("Internal server error", 500, await turn.settle())
+            waiting.append(_error_event("Internal server error", 500, await turn.settle()))
+            yield b"".join(waiting)
         finally:
             await feed.stop()
             await turn.settle()
