@@ -197,12 +197,21 @@ class _Index:
     prefixed: list[tuple[str, int, BaseRoute]] = field(default_factory=list)
 
     lean: dict[int, LeanEndpoint | None] = field(default_factory=dict)
+    merged: dict[str, list[BaseRoute]] = field(default_factory=dict)
 
     def candidates(self, path: str) -> list[BaseRoute]:
+        """The routes that can match ``path``, in their order; remembered for the paths
+        routes are registered for exactly (a fixed set), computed for the others."""
+        known = self.merged.get(path)
+        if known is not None:
+            return known
         found = list(self.exact.get(path, ()))
         found += [(order, route) for start, order, route in self.prefixed if path.startswith(start)]
         found.sort(key=lambda item: item[0])
-        return [route for _, route in found]
+        routes = [route for _, route in found]
+        if path in self.exact:
+            self.merged[path] = routes
+        return routes
 
 
 def _index(routes: list[BaseRoute]) -> _Index:
