@@ -21,10 +21,13 @@ from bench.common import (
     RssSampler,
     at_least,
     at_most,
+    cpu_note,
+    cpu_seconds,
     env_int,
     mb,
     ms,
     percentile,
+    process_tree,
     ratio,
     scenario_args,
     times_at_least,
@@ -51,15 +54,20 @@ async def measure(result: Result, targets: dict[str, Target], quick: bool) -> No
     p50: dict[str, float] = {}
     p99: dict[str, float] = {}
     rss: dict[str, RssSampler] = {}
+    cpu_us: dict[str, float] = {}  # server CPU per request at c=64 (user + system)
     for name, target in targets.items():
         call = post_json(target.url, target.body(stream=False, max_tokens=64), target.headers)
         async with contextlib.AsyncExitStack() as stack:
             if target.pid is not None:  # resident memory while it serves the chat load
                 rss[name] = await stack.enter_async_context(RssSampler(target.pid))
             await closed_loop(call, concurrency=8, total=50, seconds=30)  # warm up
+            pids = process_tree(target.pid) if target.pid is not None else []
+            cpu_before = cpu_seconds(pids)
             run = await closed_loop(
                 call, concurrency=concurrency, total=total, seconds=SECONDS_PER_RUN
             )
+            if pids and run.ok:
+                cpu_us[name] = 1e6 * (cpu_seconds(pids) - cpu_before) / len(run.ok)
             result.check(
                 len(run.ok) == len(run.samples),
                 f"{name}: non-2xx at c={concurrency}: {run.statuses()}",
@@ -100,6 +108,7 @@ async def measure(result: Result, targets: dict[str, Target], quick: bool) -> No
     if has_litellm:
         notes += f", litellm/direct {ratio(rps['litellm'], rps['direct'])}"
         notes += f", hypereal/litellm {ratio(rps['hypereal'], rps['litellm'])}"
+    notes += cpu_note(cpu_us)
     result.add(
         f"req/s at c={concurrency} ({total} req)",
         fmt(rps, "hypereal", "rps"),

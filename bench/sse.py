@@ -15,10 +15,13 @@ from bench.chat_targets import Target, chat_targets
 from bench.common import (
     Result,
     at_most,
+    cpu_note,
+    cpu_seconds,
     env_int,
     holds,
     ms,
     percentile,
+    process_tree,
     ratio,
     scenario_args,
     times_at_least,
@@ -41,10 +44,15 @@ async def measure(result: Result, targets: dict[str, Target], tokens: int, quick
     p50: dict[str, float] = {}
     p99: dict[str, float] = {}
     chunk_counts: dict[str, set[int]] = {}
+    cpu_us: dict[str, float] = {}  # server CPU per stream at c=64 (user + system)
     for name, target in targets.items():
         call = stream_sse(target.url, target.body(stream=True, max_tokens=1024), target.headers)
         await closed_loop(call, concurrency=8, total=40, seconds=30)  # warm up
+        pids = process_tree(target.pid) if target.pid is not None else []
+        cpu_before = cpu_seconds(pids)
         run = await closed_loop(call, concurrency=concurrency, total=total, seconds=SECONDS_PER_RUN)
+        if pids and run.ok:
+            cpu_us[name] = 1e6 * (cpu_seconds(pids) - cpu_before) / len(run.ok)
         result.check(
             len(run.ok) == len(run.samples),
             f"{name}: failed streams at c={concurrency}: {run.statuses()} "
@@ -73,6 +81,7 @@ async def measure(result: Result, targets: dict[str, Target], tokens: int, quick
     if has_litellm:
         notes += f", litellm/direct {ratio(sps['litellm'], sps['direct'])}"
         notes += f", hypereal/litellm {ratio(sps['hypereal'], sps['litellm'])}"
+    notes += cpu_note(cpu_us, "stream")
     result.add(
         f"streams/s at c={concurrency} ({total} streams, {tokens} tok)",
         f"{sps['hypereal']:.0f}/s",
