@@ -7,12 +7,13 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from hypereal.api.deps import single_query_values
 from hypereal.api.error_shapes import (
     OPENAI_PATHS,
     ErrorShapeMiddleware,
@@ -21,6 +22,7 @@ from hypereal.api.error_shapes import (
 )
 from hypereal.api.errors import InternalErrorMiddleware, install_error_handlers
 from hypereal.api.middleware import AuthRateLimitMiddleware
+from hypereal.api.openapi import install_openapi
 from hypereal.api.routes import (
     account,
     admin,
@@ -138,13 +140,17 @@ def add_routes(app: FastAPI, router: APIRouter, prefix: str = "") -> None:
         if not isinstance(route, APIRoute):
             app.router.routes.append(route)
             continue
+        dependencies = list(route.dependencies)
+        if route.dependant.query_params:  # a repeated one is a 400, not the last one wins
+            names = [field.alias for field in route.dependant.query_params]
+            dependencies.append(Depends(single_query_values(names)))
         app.router.add_api_route(
             prefix + route.path,
             route.endpoint,
             response_model=route.response_model,
             status_code=route.status_code,
             tags=list(route.tags),
-            dependencies=list(route.dependencies),
+            dependencies=dependencies,
             summary=route.summary,
             description=route.description,
             response_description=route.response_description,
@@ -208,6 +214,10 @@ def create_app(
         version="1.0.0",
         description="Self-hosted implementation of the Hypereal media-generation API.",
         lifespan=lifespan,
+        # /docs and /openapi.json: api/openapi.py (the real schema, Swagger UI's own files).
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
         telemetry={
             "tracing": settings.opentelemetry,
             "metrics": settings.opentelemetry,
@@ -225,6 +235,7 @@ def create_app(
     add_routes(app, console.router)
 
     add_routes(app, ops.router)
+    install_openapi(app, services.catalogue)
 
     # Added first, so innermost: its JSON 500 passes through the two below (headers).
     app.add_middleware(InternalErrorMiddleware)

@@ -39,8 +39,11 @@ def parse_messages(raw: object) -> list[ChatMessage]:
         role, content = item.get("role"), item.get("content")
         if role not in ROLES:
             raise BadRequest(f"Invalid value for '{where}.role': must be one of {', '.join(ROLES)}")
-        if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            parts = [p.get("text") for p in content if isinstance(p, dict)]
+        if isinstance(content, list):  # OpenAI content parts: text ones only
+            parts = [
+                p.get("text") if isinstance(p, dict) and p.get("type", "text") == "text" else None
+                for p in content
+            ]
             if not all(isinstance(p, str) for p in parts):
                 raise BadRequest(
                     f"Invalid value for '{where}.content': only text parts are supported"
@@ -76,15 +79,15 @@ async def _check_minimum(
     """InsufficientCredits (402) when the balance cannot pay the least the turn costs
     (``base_credits`` per message, no tokens), checked only for a long prompt (see
     PRECHECK_PROMPT_CHARS)."""
-    minimum = chat_price(spec, len(messages), 0, 0)
-    if minimum <= 0:
-        return
     size = 0
-    for message in messages:
+    for message in messages:  # a short prompt leaves here, at the cost of this loop
         size += len(message.content) + 8
         if size >= PRECHECK_PROMPT_CHARS:
             break
     else:
+        return
+    minimum = chat_price(spec, len(messages), 0, 0)
+    if minimum <= 0:
         return
     available = await ledger.balance(db, account_id)
     if available < minimum:

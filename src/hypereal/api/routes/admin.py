@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from sqlalchemy import select
 
 from hypereal.api.deps import AdminDep, ServicesDep
@@ -47,6 +47,12 @@ ModelPattern = Annotated[str, Field(min_length=1, max_length=100)]
 Budget = Annotated[int | None, Field(ge=0, le=MAX_CREDITS)]
 
 
+def _iso_text(value: object) -> object:
+    if value is not None and not isinstance(value, str):
+        raise ValueError("must be an ISO-8601 date-time string")
+    return value
+
+
 class KeyControls(Body):
     """The per-key controls (see domain/keys.py); in a PATCH only the fields sent change and
     null clears one."""
@@ -57,8 +63,11 @@ class KeyControls(Body):
     models: list[ModelPattern] | None = Field(
         default=None, max_length=100, description="Slugs or glob patterns (chat-*); null: all"
     )
-    # ISO-8601 from JSON (strict mode would want a datetime object).
-    expires_at: datetime | None = Field(default=None, alias="expiresAt", strict=False)
+    # ISO-8601 from JSON (strict mode would want a datetime object); a number is refused
+    # (lax mode would read it as seconds since 1970), as the schema says: a date-time string.
+    expires_at: Annotated[datetime | None, BeforeValidator(_iso_text)] = Field(
+        default=None, alias="expiresAt", strict=False
+    )
     daily_budget: Budget = Field(default=None, alias="dailyBudget")
     monthly_budget: Budget = Field(default=None, alias="monthlyBudget")
     max_budget: Budget = Field(default=None, alias="maxBudget")

@@ -50,12 +50,7 @@ async def _may_read_input(
     raise NotFound("File not found")
 
 
-@router.api_route(
-    "/files/{key:path}",
-    methods=["GET", "HEAD"],
-    summary="Download a stored file",
-    responses=FILE_RESPONSES,
-)
+@router.get("/files/{key:path}", summary="Download a stored file", responses=FILE_RESPONSES)
 async def get_file(
     key: str,
     services: ServicesDep,
@@ -83,3 +78,15 @@ async def get_file(
         media_type=content_type_for(path.name),
         headers={"Cache-Control": PRIVATE_CACHE if private else PUBLIC_CACHE},
     )
+
+
+@router.head("/files/{key:path}", summary="A stored file's headers", responses=FILE_RESPONSES)
+async def head_file(
+    key: str,
+    services: ServicesDep,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+    expires: Annotated[str | None, Query()] = None,
+    signature: Annotated[str | None, Query()] = None,
+) -> FileResponse:
+    """The headers ``GET`` would answer, without the body."""
+    return await get_file(key, services, authorization, expires, signature)

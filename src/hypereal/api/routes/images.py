@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict
 from hypereal.api.deps import PrincipalDep, ServicesDep
 from hypereal.api.idempotency import idempotent
 from hypereal.domain import images
+from hypereal.domain.errors import BadRequest
 from hypereal.domain.keys import Principal
 from hypereal.services import Services
 
@@ -38,6 +39,8 @@ async def _run(
     services: Services,
     modalities: tuple[str, ...],
 ) -> Response:
+    if body.model is None and "model" in body.model_fields_set:
+        raise BadRequest("Invalid value for 'model': must be a string")
     spec = services.catalogue.get(body.model, modalities)
     values = {
         "prompt": body.prompt,

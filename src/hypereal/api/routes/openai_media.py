@@ -275,6 +275,8 @@ def _speech_fields(services: Services, spec: ModelSpec, body: SpeechBody) -> dic
     fmt = body.response_format or "mp3"
     format_param = spec.param("format")
     choices = format_param.choices if format_param is not None else None
+    if not isinstance(fmt, str):  # a list or an object: unhashable, never a format
+        raise BadRequest("Invalid value for 'response_format': must be one of: mp3, wav")
     if fmt not in SPEECH_CONTENT_TYPES or (choices is not None and fmt not in choices):
         raise _unsupported("response_format", fmt, spec, "it produces wav or mp3")
     if body.instructions not in (None, ""):
