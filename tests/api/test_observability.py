@@ -150,6 +150,13 @@ async def test_access_lines_are_json_with_the_request_id_key_and_account(
     assert access["route"] == "/v1/credits" and access["method"] == "GET"
     assert access["account_id"] == account and access["key_id"].startswith("key_")
     assert isinstance(access["duration_ms"], float) and access["timestamp"].endswith("Z")
+    # Other loggers' lines are JSON too, without uvicorn's coloured copy of its message.
+    logging.getLogger("uvicorn.error").info(
+        "Started server process [%d]", 7, extra={"color_message": "\x1b[36m%d\x1b[0m"}
+    )
+    last = json.loads(json_logs.getvalue().splitlines()[-1])
+    assert last["event"] == "Started server process [7]" and last["level"] == "info"
+    assert "color_message" not in last
 
 
 async def test_a_job_submission_logs_its_job_id_and_model(

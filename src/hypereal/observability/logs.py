@@ -110,7 +110,7 @@ def configure_logging(
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), _drop_color_message],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info if as_json else _keep,
@@ -128,6 +128,12 @@ def configure_logging(
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+
+
+def _drop_color_message(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    """uvicorn passes a copy of its message with terminal colour codes as an extra."""
+    event.pop("color_message", None)
+    return event
 
 
 def _keep(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
