@@ -13,16 +13,17 @@ import base64
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+from fastapi import FastAPI
 
 from hypereal.app import create_app
 from hypereal.backends.base import BackendError, JobRequest, JobResult, MediaBlob
-from hypereal.backends.registry import BackendRegistry
 from hypereal.domain import keys, ledger
+from hypereal.engine.engine import Engine
 from hypereal.services import Services, build_services
 from hypereal.settings import Settings
 from tests.fakes.sample_media import glb_bytes, image_bytes, mp4_bytes, wav_bytes
@@ -234,14 +235,21 @@ def job_settings(tmp_path: Path, **overrides: Any) -> Settings:
 
 
 def job_services(settings: Settings) -> Services:
-    services = build_services(settings)
-    return replace(services, backends=BackendRegistry(settings.backends, extra_types=TEST_TYPES))
+    return build_services(settings, backend_types=TEST_TYPES)
 
 
 @dataclass
 class JobEnv:
     services: Services
     client: httpx.AsyncClient
+    app: FastAPI
+
+    @property
+    def engine(self) -> Engine:
+        """The job engine the app's lifespan started."""
+        engine = self.app.state.engine
+        assert isinstance(engine, Engine)
+        return engine
 
     async def new_key(self, credits: int = 100) -> tuple[str, dict[str, str]]:
         """A new account with ``credits``: (account id, auth headers)."""
@@ -279,7 +287,7 @@ async def job_app(tmp_path: Path, **overrides: Any) -> AsyncIterator[JobEnv]:
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
-            yield JobEnv(services, c)
+            yield JobEnv(services, c, app)
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 20) -> None:

@@ -72,6 +72,44 @@ def test_a_bad_setting_is_one_clear_line_and_a_nonzero_exit(tmp_path: Path) -> N
         assert len(result.stderr.strip().splitlines()) == 1
 
 
+BAD_BACKENDS = [
+    ('[backends.fal]\ntype = "fall"\napi_key = "k"\n', "backend 'fal': option 'type'", "'fall'"),
+    (
+        '[backends.fal]\ntype = "fal"\napi_key = "k"\ntimout = 5\n',
+        "backend 'fal': option 'timout'",
+        "did you mean 'timeout'",
+    ),
+    ('[backends.rep]\ntype = "replicate"\n', "backend 'rep': option 'api_key'", "not set"),
+]
+
+
+def test_a_bad_backend_setting_stops_serve_worker_and_models_list(tmp_path: Path) -> None:
+    for number, (toml, names, problem) in enumerate(BAD_BACKENDS):
+        config = tmp_path / f"backends{number}.toml"
+        config.write_text(toml)
+        for args in (["serve", "--port", "1"], ["worker"], ["models", "list"]):
+            env = {
+                **os.environ,
+                "HYPEREAL_DATA_DIR": str(tmp_path),
+                "HYPEREAL_CONFIG": str(config),
+                # The worker checks its settings before it connects to this (closed) port.
+                "HYPEREAL_BROKER_URL": "redis://127.0.0.1:1/0",
+            }
+            result = subprocess.run(
+                [sys.executable, "-m", "hypereal.cli", *args],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=120,
+                check=False,
+            )
+            assert result.returncode == 2, (args, toml, result.stdout, result.stderr)
+            [line] = result.stderr.strip().splitlines()
+            assert names in line and problem in line, (args, line)
+            assert "Traceback" not in result.stdout + result.stderr
+            assert "serving on" not in result.stdout
+
+
 def test_first_start_prints_the_admin_key_once(tmp_path: Path) -> None:
     import socket
     import time

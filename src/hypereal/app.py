@@ -38,7 +38,7 @@ from hypereal.api.routes import (
     upstream_webhooks,
 )
 from hypereal.api.routing import use_indexed_router
-from hypereal.engine.engine import engine_lifespan
+from hypereal.engine.engine import Engine, engine_lifespan
 from hypereal.observability.middleware import ObservabilityMiddleware
 from hypereal.services import Services, bootstrap_admin, build_services
 from hypereal.settings import Settings
@@ -205,8 +205,11 @@ def create_app(
 
         async with AsyncExitStack() as stack:
             for hook in lifespan_hooks:
-                await stack.enter_async_context(hook(services))
+                entered = await stack.enter_async_context(hook(services))
+                if isinstance(entered, Engine):
+                    app.state.engine = entered  # handed to the job routes (api/deps.py)
             yield
+            app.state.engine = None
         await services.close()
 
     app = FastAPI(
@@ -225,6 +228,7 @@ def create_app(
         },
     )
     app.state.services = services
+    app.state.engine = None
     use_indexed_router(app)
     install_error_handlers(app)
     for prefix in API_PREFIXES:

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
+from hypereal.backends.options import BackendConfigError
 from hypereal.client.cli import register as register_client_commands
 from hypereal.domain import keys, ledger
 from hypereal.domain.errors import HyperealError
@@ -84,6 +85,13 @@ def load_settings(**overrides: object) -> Settings:
         raise typer.Exit(2) from None
 
 
+def backend_config_error(exc: BackendConfigError) -> typer.Exit:
+    """Print a misconfigured backend's one line (the backend, the option, the problem) and
+    return the exit (status 2, as for any other invalid setting) for the caller to raise."""
+    err_console.print(f"hypereal: invalid backend settings: {exc}", highlight=False)
+    return typer.Exit(2)
+
+
 def run(action: Callable[[Services], Awaitable[T]]) -> T:
     """Run one action against a migrated database; domain errors exit with status 1."""
 
@@ -97,6 +105,8 @@ def run(action: Callable[[Services], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(_main())
+    except BackendConfigError as exc:
+        raise backend_config_error(exc) from None
     except HyperealError as exc:
         console.print(f"[red]error:[/red] {exc.message}")
         raise typer.Exit(1) from exc
@@ -119,6 +129,10 @@ def serve(
     if port is not None:
         overrides["port"] = port
     settings = load_settings(**overrides)
+    try:
+        application = create_app(settings)
+    except BackendConfigError as exc:
+        raise backend_config_error(exc) from None
     console.print(f"hypereal: serving on http://{settings.host}:{settings.port}", highlight=False)
     if not settings.public_url and settings.host in ("0.0.0.0", "::"):
         err_console.print(
@@ -131,7 +145,7 @@ def serve(
     # request (hypereal.access) replaces uvicorn's.
     configure_logging(level=settings.log_level, access=settings.access_log)
     uvicorn.run(
-        create_app(settings),
+        application,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
@@ -165,6 +179,8 @@ def worker(
         # uvloop, as `serve` runs on (uvicorn picks it): a faster event loop for the jobs.
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(run_worker(settings, concurrency=concurrency))
+    except BackendConfigError as exc:
+        raise backend_config_error(exc) from None
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc

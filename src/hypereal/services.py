@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -29,8 +30,6 @@ class Services:
     backends: BackendRegistry
     media: MediaStore
     limiter: RateLimiter
-    # The job engine (hypereal.engine.engine.Engine) while the app or a worker runs.
-    engine: Any = None
 
     @cached_property
     def pipeline(self) -> Pipeline:
@@ -67,10 +66,13 @@ def build_media_store(settings: Settings) -> MediaStore:
     return LocalMediaStore(settings.resolved_media_dir, settings.base_url())
 
 
-def build_services(settings: Settings) -> Services:
+def build_services(settings: Settings, *, backend_types: Mapping[str, str] = {}) -> Services:
+    """Everything built from ``settings``; ``backend_types`` adds backend types ("module:Class")
+    to the built-in ones (tests' scripted backends). Raises BackendConfigError for a
+    misconfigured backend, ValueError for another bad setting."""
     catalogue = load_catalogue(settings.catalogue_file, settings.model_patterns)
     backends: dict[str, dict[str, Any]] = dict(settings.backends)
-    extra_types: dict[str, str] = {}
+    extra_types: dict[str, str] = dict(backend_types)
     if settings.enable_test_backends:
         from hypereal.backends import noop
 

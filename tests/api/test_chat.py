@@ -15,7 +15,6 @@ import httpx
 import pytest
 
 from hypereal.app import create_app
-from hypereal.backends.registry import BackendRegistry
 from hypereal.domain import keys, ledger
 from hypereal.services import Services, build_services
 from hypereal.settings import Settings
@@ -127,9 +126,8 @@ async def make_services(tmp_path: Path, **extra_backends: dict[str, Any]) -> Ser
             **extra_backends,
         },
     )
-    services = build_services(settings)
-    services.backends = BackendRegistry(
-        settings.backends, extra_types={"scripted": "tests.support.chat_backends:ScriptedChat"}
+    services = build_services(
+        settings, backend_types={"scripted": "tests.support.chat_backends:ScriptedChat"}
     )
     await services.migrate()
     return services

@@ -99,7 +99,7 @@ async def test_backend_failure_fails_the_job_and_refunds_exactly_once(tmp_path: 
         crashed = await env.wait_for(crashing, headers)
         assert crashed["error"] == "Generation failed: internal error (RuntimeError)"
         # A maintenance pass (the refund reconciler) must not refund again.
-        await env.services.engine.maintain()
+        await env.engine.maintain()
         assert await ledger.balance(env.services.db, account) == 30
         kinds = await ledger_kinds(env.services, account)
         assert kinds.count("refund") == 2 and kinds.count("debit") == 2

@@ -15,7 +15,6 @@ from starlette.routing import Route
 
 from hypereal.domain import jobs, ledger
 from hypereal.domain.catalogue import parse_catalogue
-from hypereal.engine.engine import engine_of
 from hypereal.engine.waiters import JobWaiters
 from tests.fakes_jobs import CALLS, TEST_CATALOGUE, eventually, job_app
 from tests.support.servers import serve_app
@@ -105,7 +104,7 @@ async def test_past_the_sync_window_the_answer_is_202_and_the_job_goes_on(tmp_pa
         response = await env.client.post("/v1/3d/generate", json=body, headers=headers)
         assert response.status_code == 202, response.text
         assert response.json()["status"] == "processing"
-        assert engine_of(env.services).waiters.waiting == 0  # nobody left waiting
+        assert env.engine.waiters.waiting == 0  # nobody left waiting
         CALLS.gate.set()
         job = await env.wait_for(response.json()["jobId"], headers)
         assert job["status"] == "completed"
@@ -158,7 +157,7 @@ async def test_the_waiter_is_woken_by_the_engine_not_by_polling(tmp_path: Path) 
     """With the database re-check an hour apart, only the engine's notice can answer."""
     async with job_app(tmp_path, catalogue_file=catalogue(tmp_path)) as env:
         _, headers = await env.new_key(credits=10)
-        waiters = engine_of(env.services).waiters
+        waiters = env.engine.waiters
         waiters.recheck_seconds = 3600
         body = {"model": "test-gated", "input": {"prompt": "x"}}
         request = asyncio.ensure_future(
@@ -176,7 +175,7 @@ async def test_a_job_ended_elsewhere_is_seen_by_the_slow_recheck(tmp_path: Path)
     """A job ended by another process (no notice here) is found by re-reading its row."""
     async with job_app(tmp_path, catalogue_file=catalogue(tmp_path)) as env:
         _, headers = await env.new_key(credits=10)
-        waiters = engine_of(env.services).waiters
+        waiters = env.engine.waiters
         waiters.recheck_seconds = 0.05
         body = {"model": "test-gated", "input": {"prompt": "x"}}
         request = asyncio.ensure_future(
@@ -200,7 +199,7 @@ async def test_a_poll_with_prefer_wait_is_held_until_the_job_ends(tmp_path: Path
         response = await env.client.post("/v1/videos/generate", json=body, headers=headers)
         assert response.status_code == 202
         job_id = response.json()["jobId"]
-        waiters = engine_of(env.services).waiters
+        waiters = env.engine.waiters
         waiters.recheck_seconds = 3600  # only the engine's notice can answer the poll
         poll = asyncio.ensure_future(
             env.client.get(f"/v1/jobs/{job_id}", headers={**headers, "Prefer": "wait=60"})

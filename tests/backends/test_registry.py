@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from hypereal.backends.base import BackendUnavailable
-from hypereal.backends.registry import UPSTREAM_CONCURRENCY, BackendRegistry
+from hypereal.backends.options import OPTIONS, BackendConfigError
+from hypereal.backends.registry import BACKEND_TYPES, UPSTREAM_CONCURRENCY, BackendRegistry
 from hypereal.domain.catalogue import Binding, ModelSpec, PriceRule
 
 
@@ -26,7 +27,8 @@ REGISTRY = BackendRegistry(
     {
         "fal": {"type": "fal", "api_key": "k"},
         "fal-small": {"type": "fal", "api_key": "k", "concurrency": 2},
-        "fal-bad": {"type": "fal", "api_key": "k", "concurrency": 0},
+        # Well-formed options, but nothing to serve with on this host.
+        "llama-missing": {"type": "llama_cpp", "model_path": "/nonexistent/model.gguf"},
     }
 )
 
@@ -45,12 +47,50 @@ def test_the_instance_option_and_then_the_catalogue_win() -> None:
     assert REGISTRY.concurrency(video_model("fal", concurrency=1)) == 1
 
 
-def test_the_first_available_binding_decides() -> None:
-    # Unconfigured and broken bindings are skipped, as when the job is run.
-    assert REGISTRY.concurrency(video_model("nowhere", "fal-bad", "fal-small")) == 2
+def test_the_first_configured_binding_decides_without_building_it() -> None:
+    assert REGISTRY.concurrency(video_model("nowhere", "fal-small", "fal")) == 2
     assert REGISTRY.concurrency(video_model("nowhere")) == 1  # unavailable: 503 anyway
+    assert "fal-small" not in REGISTRY._instances  # a configuration question builds nothing
 
 
-def test_a_bad_concurrency_option_makes_the_instance_unavailable() -> None:
-    with pytest.raises(BackendUnavailable, match="`concurrency` must be a whole number"):
-        REGISTRY.instance("fal-bad")
+def test_a_binding_whose_backend_failed_to_load_is_skipped() -> None:
+    with pytest.raises(BackendUnavailable, match="does not exist"):
+        REGISTRY.instance("llama-missing")
+    assert REGISTRY.concurrency(video_model("llama-missing", "fal-small")) == 2
+
+
+@pytest.mark.parametrize(
+    ("config", "line"),
+    [
+        (
+            {"type": "fall", "api_key": "k"},
+            "backend 'b': option 'type': unknown backend type 'fall', did you mean 'fal'?",
+        ),
+        (
+            {"type": "fal", "api_key": "k", "timout": 5},
+            "backend 'b': option 'timout': unknown option, did you mean 'timeout'?",
+        ),
+        ({"type": "replicate"}, "backend 'b': option 'api_key': required for type 'replicate'"),
+        ({"type": "fal", "api_key": "k", "concurrency": 0}, "backend 'b': option 'concurrency'"),
+        ({"type": "fal", "api_key": 5}, "backend 'b': option 'api_key': Input should be a"),
+        ({"type": "image_ops", "max_images": True}, "backend 'b': option 'max_images'"),
+        ({"type": "diffusers_video"}, "backend 'b': option 'weights_dir': required"),
+    ],
+)
+def test_a_bad_backend_setting_is_refused_when_the_registry_is_built(
+    config: dict[str, object], line: str
+) -> None:
+    with pytest.raises(BackendConfigError) as refused:
+        BackendRegistry({"b": config})
+    message = str(refused.value)
+    assert message.startswith(line) and "\n" not in message
+
+
+def test_a_builtin_instance_takes_only_its_own_options() -> None:
+    BackendRegistry({"local-image-ops": {"max_images": 2}})
+    with pytest.raises(BackendConfigError, match="'local-image-ops': option 'voices'"):
+        BackendRegistry({"local-image-ops": {"voices": {}}})
+
+
+def test_every_backend_type_has_an_options_model() -> None:
+    assert set(BACKEND_TYPES) <= set(OPTIONS)

@@ -84,8 +84,7 @@ async def test_a_lost_job_out_of_attempts_is_failed_and_refunded_once(tmp_path: 
         assert failed["status"] == "failed"
         assert "lease expired" in failed["error"]
         assert (await env.wait_for(queued_id, headers))["status"] == "completed"
-        engine = env.services.engine
-        assert engine is not None
+        engine = env.engine
         await engine.maintain()  # further sweeps change nothing
         await engine.maintain()
         assert await ledger.balance(env.services.db, account) == 7
@@ -104,7 +103,7 @@ async def test_an_embedded_restart_takes_back_running_jobs_before_their_leases_e
             assert job["status"] == "completed", job
         rerun = await jobs.load_job(env.services.db, running_id)
         assert rerun is not None and rerun.attempts == 2
-        assert rerun.worker_id == env.services.engine.worker_id  # type: ignore[union-attr]
+        assert rerun.worker_id == env.engine.worker_id
         assert await ledger_kinds(env.services, account) == ["grant", "debit", "debit"]
 
 
@@ -290,8 +289,7 @@ async def test_the_sweep_fails_a_dead_workers_job_once_with_its_webhook(tmp_path
                 )
                 assert claim.outcome == "claimed"
             await asyncio.sleep(0.05)  # the dead worker's lease runs out
-            engine = env.services.engine
-            assert engine is not None
+            engine = env.engine
             await engine.maintain()
 
             failed = (await env.client.get(f"/v1/jobs/{dead.id}", headers=headers)).json()

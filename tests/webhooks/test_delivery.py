@@ -21,7 +21,6 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from typer.testing import CliRunner
 
 from hypereal.cli import app as cli_app
-from hypereal.engine.engine import engine_of
 from hypereal.store.models import Account, WebhookDelivery, utcnow
 from hypereal.webhooks.secrets import new_secret
 from tests.fakes_jobs import JobEnv, eventually, job_app
@@ -397,7 +396,7 @@ async def test_concurrent_deliveries_per_process_are_bounded(tmp_path: Path) -> 
                             next_attempt_at=utcnow(),
                         )
                     )
-            sender = engine_of(env.services).webhooks
+            sender = env.engine.webhooks
             await asyncio.gather(*(sender.deliver(delivery_id) for delivery_id in ids))
     assert receiver.delivered == set(ids)
     assert receiver.most == 3

@@ -7,7 +7,7 @@ which cost two thread hops on every request for what is an attribute read.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Collection
-from typing import Annotated, cast
+from typing import TYPE_CHECKING, Annotated, cast
 
 from fastapi import Depends, Request
 
@@ -15,9 +15,18 @@ from hypereal.domain.errors import BadRequest, Forbidden, Unauthorized
 from hypereal.domain.keys import Principal
 from hypereal.services import Services
 
+if TYPE_CHECKING:
+    from hypereal.engine.engine import Engine
+
 
 async def get_services(request: Request) -> Services:
     return cast(Services, request.app.state.services)
+
+
+def running_engine(request: Request) -> Engine | None:
+    """The job engine the app's lifespan started (``app.state.engine``), or None for an app
+    built without it."""
+    return cast("Engine | None", getattr(request.app.state, "engine", None))
 
 
 async def get_principal(request: Request) -> Principal:

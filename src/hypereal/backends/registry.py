@@ -8,12 +8,12 @@ models bound only to unavailable instances answer 503 with that reason.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from hypereal.backends import options
 from hypereal.backends.base import (
     AudioBackend,
     BackendUnavailable,
@@ -22,6 +22,7 @@ from hypereal.backends.base import (
     MeshBackend,
     VideoBackend,
 )
+from hypereal.backends.options import BackendOptions
 from hypereal.domain.catalogue import Catalogue, ModelSpec
 from hypereal.domain.errors import ModelUnavailable
 
@@ -91,37 +92,34 @@ class BackendRegistry:
         instances: Mapping[str, Mapping[str, Any]],
         extra_types: Mapping[str, str] | None = None,
     ) -> None:
+        """Check every instance's options against its type's model (``backends/options.py``).
+
+        Raises BackendConfigError (one line: the backend, the option, the problem).
+        """
         self.configs: dict[str, dict[str, Any]] = {
             name: dict(cfg) for name, cfg in BUILTIN_INSTANCES.items()
         }
         for name, cfg in instances.items():
             self.configs[name] = {**self.configs.get(name, {}), **cfg}
         self.types = {**BACKEND_TYPES, **(extra_types or {})}
+        self.options: dict[str, BackendOptions] = {
+            name: options.validate(name, config, self.types)
+            for name, config in self.configs.items()
+        }
         self._instances: dict[str, Any] = {}
         self._failures: dict[str, str] = {}
         self._protocol_checks: dict[tuple[str, type], bool] = {}
-        self._lock = asyncio.Lock()
 
     def _create(self, name: str) -> Any:
-        config = self.configs[name]
-        type_name = config.get("type", name)
-        target = self.types.get(type_name)
-        if target is None:
-            raise BackendUnavailable(f"unknown backend type {type_name!r}")
-        module_name, _, class_name = target.partition(":")
+        checked = self.options[name]
+        module_name, _, class_name = self.types[checked.type].partition(":")
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
             raise BackendUnavailable(f"its Python package is not installed ({exc.name})") from exc
-        limit = config.get("concurrency")
-        if limit is not None and (
-            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
-        ):
-            raise BackendUnavailable(
-                "its option `concurrency` must be a whole number of at least 1"
-            )
-        options = {k: v for k, v in config.items() if k not in ("type", "concurrency")}
-        return getattr(module, class_name)(options)
+        config = self.configs[name]
+        backend_options = {k: v for k, v in config.items() if k not in ("type", "concurrency")}
+        return getattr(module, class_name)(backend_options)
 
     def instance(self, name: str) -> Any:
         """The instance named ``name``. Raises BackendUnavailable with the reason."""
@@ -173,20 +171,20 @@ class BackendRegistry:
 
     def concurrency(self, spec: ModelSpec) -> int:
         """How many jobs of ``spec`` may run at once, all workers together: the catalogue's
-        ``concurrency`` when it sets one, else the serving instance's ``concurrency`` option,
-        else UPSTREAM_CONCURRENCY for an upstream type and 1 for a local one."""
+        ``concurrency`` when it sets one, else the ``concurrency`` option of the first
+        configured backend of the model not known to be unavailable, else
+        UPSTREAM_CONCURRENCY for an upstream type and 1 for a local one. Read from the
+        checked options: no backend is built to answer."""
         if spec.concurrency is not None:
             return spec.concurrency
-        try:
-            resolved = self.resolve(spec)
-        except ModelUnavailable:
-            return 1
-        config = self.configs[resolved.instance]
-        limit = config.get("concurrency")
-        if isinstance(limit, int):
-            return limit  # validated when the instance was created
-        upstream = config.get("type", resolved.instance) in UPSTREAM_TYPES
-        return UPSTREAM_CONCURRENCY if upstream else 1
+        for binding in spec.bindings:
+            checked = self.options.get(binding.backend)
+            if checked is None or binding.backend in self._failures:
+                continue
+            if checked.concurrency is not None:
+                return checked.concurrency
+            return UPSTREAM_CONCURRENCY if checked.type in UPSTREAM_TYPES else 1
+        return 1
 
     def availability(self, spec: ModelSpec) -> tuple[bool, str | None, str | None]:
         """(available, serving instance, reason when unavailable) for model listings."""
@@ -203,16 +201,6 @@ class BackendRegistry:
                 await close()
         self._instances.clear()
         self._protocol_checks.clear()
-
-
-def check_bindings(catalogue: Catalogue, registry: BackendRegistry) -> list[str]:
-    """Warnings for bindings naming instances that are not configured (for ``models list``)."""
-    return [
-        f"{spec.slug}: binding to unconfigured backend '{b.backend}'"
-        for spec in catalogue.models.values()
-        for b in spec.bindings
-        if b.backend not in registry.configs
-    ]
 
 
 def check_patterns(catalogue: Catalogue, registry: BackendRegistry) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 from taskiq import AsyncBroker
 
+from hypereal.domain import job_maintenance as maintenance
 from hypereal.domain import jobs
 from hypereal.engine.broker import build_broker
 from hypereal.engine.runner import JobRunner
@@ -162,22 +163,22 @@ class Engine:
         db = self.services.db
         if startup and self.queue is not None:
             await self.take_back_predecessors_jobs()
-        for job in await jobs.expired_jobs(db):
+        for job in await maintenance.expired_jobs(db):
             if job.attempts < self.settings.job_max_attempts:
-                if await jobs.requeue_expired(db, job):
+                if await maintenance.requeue_expired(db, job):
                     log.warning(
                         "job %s: worker %s lost its lease; re-queued", job.id, job.worker_id
                     )
                     await self.kick(job.id, job.model)
                 continue
             error = LOST_WORKER_ERROR.format(attempts=job.attempts)
-            ended = await jobs.fail_expired(db, job, error)
+            ended = await maintenance.fail_expired(db, job, error)
             if ended is not None:
                 await self.job_ended(ended)
         stale = None if startup else utcnow() - timedelta(seconds=self.settings.job_lease_seconds)
-        for job_id, model in await jobs.jobs_to_resend(db, kicked_before=stale):
+        for job_id, model in await maintenance.jobs_to_resend(db, kicked_before=stale):
             await self.kick(job_id, model)
-        for job in await jobs.unrefunded_jobs(db, older_than_seconds=30):
+        for job in await maintenance.unrefunded_jobs(db, older_than_seconds=30):
             await jobs.settle_refund(db, job)
         for delivery_id in await self.webhooks.due():
             self._spawn(self.webhooks.deliver(delivery_id))
@@ -188,10 +189,10 @@ class Engine:
         sweep re-runs it (or fails it, out of attempts). Only a job of a process still alive on
         this host (another embedded server on the same database) keeps its lease. Never
         called with a broker: there, other workers may be running, and leases are the rule."""
-        for job in await jobs.running_jobs(self.services.db):
+        for job in await maintenance.running_jobs(self.services.db):
             if job.worker_id == self.worker_id or worker_alive_here(job.worker_id):
                 continue
-            if await jobs.end_lease(self.services.db, job):
+            if await maintenance.end_lease(self.services.db, job):
                 log.warning(
                     "job %s: its worker %s is gone (this server restarted); taking it back",
                     job.id,
@@ -221,23 +222,14 @@ def worker_alive_here(worker_id: str | None) -> bool:
     return True
 
 
-def engine_of(services: Services) -> Engine:
-    """The engine started for these services. Raises RuntimeError when none runs."""
-    engine = services.engine
-    if not isinstance(engine, Engine):
-        raise RuntimeError("the job engine is not running (create_app starts it)")
-    return engine
-
-
 @asynccontextmanager
 async def engine_lifespan(services: Services) -> AsyncIterator[Engine]:
     """The app's engine: consuming in-process by default; enqueue-only when a broker URL
-    is set (``hypereal worker`` processes run the jobs)."""
+    is set (``hypereal worker`` processes run the jobs). The app keeps what it yields as
+    ``app.state.engine``, which the job routes hand to the parts that need it."""
     engine = Engine(services, consume=not services.settings.broker_url)
     await engine.start()
-    services.engine = engine
     try:
         yield engine
     finally:
-        services.engine = None
         await engine.stop()

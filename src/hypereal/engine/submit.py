@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from hypereal.backends.base import BackendError
@@ -23,6 +23,9 @@ from hypereal.domain.generation import client_error
 from hypereal.media.fetch import FetchRefused, parse_networks, vetted_addresses
 from hypereal.media.signing import inputs_kind
 from hypereal.services import Services
+
+if TYPE_CHECKING:
+    from hypereal.engine.engine import Engine
 
 log = logging.getLogger("hypereal.engine")
 
@@ -44,14 +47,17 @@ class Submission:
 
 
 async def submit_generation(
-    services: Services, account_id: str, modality: str, submission: Submission
+    services: Services,
+    engine: Engine | None,
+    account_id: str,
+    modality: str,
+    submission: Submission,
 ) -> jobs.JobView:
     """Create, charge and enqueue a job of ``modality`` (video | audio | 3d).
 
     Raises ModelRequired / UnsupportedModel / BadRequest (400), InsufficientCredits (402),
-    ModelUnavailable or EngineNotRunning (503).
+    ModelUnavailable or EngineNotRunning (503, ``engine`` None: an app built without it).
     """
-    engine = services.engine
     if engine is None:
         raise EngineNotRunning()
     spec = services.catalogue.get(submission.model, modality)

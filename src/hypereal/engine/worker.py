@@ -36,7 +36,6 @@ async def run_worker(settings: Settings, *, concurrency: int | None = None) -> N
     engine = Engine(services, consume=True)
     assert engine.broker is not None  # a broker_url is set
     engine.broker.is_worker_process = True
-    services.engine = engine
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -64,7 +63,6 @@ async def run_worker(settings: Settings, *, concurrency: int | None = None) -> N
             await asyncio.wait_for(listening, SHUTDOWN_SECONDS)
         stopping.cancel()
         await engine.stop()
-        services.engine = None
         await services.close()
     if listening.done() and not listening.cancelled() and listening.exception() is not None:
         raise RuntimeError("the queue listener stopped") from listening.exception()

@@ -11,14 +11,14 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
 
-from hypereal.api.deps import PrincipalDep, ServicesDep
+from hypereal.api.deps import PrincipalDep, ServicesDep, running_engine
 from hypereal.api.idempotency import idempotent
 from hypereal.api.schemas import iso
 from hypereal.domain import audit, jobs
 from hypereal.domain.catalogue import ModelSpec
 from hypereal.domain.errors import Conflict, GenerationFailed, HyperealError
 from hypereal.domain.keys import Principal
-from hypereal.engine.submit import Submission, submit_generation
+from hypereal.engine.submit import EngineNotRunning, Submission, submit_generation
 from hypereal.media.store import LocalMediaStore
 from hypereal.services import Services
 from hypereal.webhooks.delivery import Delivery, deliveries_for_job
@@ -119,14 +119,14 @@ class JobEnded(HyperealError):
         return {**job_json(self.job), "error": self.message, "success": False}
 
 
-async def wait_for_job(services: Services, job: jobs.JobView, seconds: float) -> jobs.JobView:
+async def wait_for_job(
+    request: Request, services: Services, job: jobs.JobView, seconds: float
+) -> jobs.JobView:
     """The job once ended, or as it stands after ``seconds`` (see engine/waiters.py)."""
-    engine = services.engine
-    waiters = getattr(engine, "waiters", None)
-    if waiters is None or seconds <= 0:
+    engine = running_engine(request)
+    if engine is None or seconds <= 0:
         return job
-    ended: jobs.JobView = await waiters.wait(services.db, job, seconds)
-    return ended
+    return await engine.waiters.wait(services.db, job, seconds)
 
 
 def delivery_json(delivery: Delivery) -> dict[str, Any]:
@@ -169,13 +169,14 @@ async def _generate(
         fields = {**(body.model_extra or {}), **(body.input or {})}
         job = await submit_generation(
             services,
+            running_engine(request),
             principal.account_id,
             modality,
             Submission(model=body.model, input=fields, webhook_url=body.webhook_url),
         )
         window = wait_window(request, services.catalogue.find(job.model))
         if window > 0:
-            job = await wait_for_job(services, job, window)
+            job = await wait_for_job(request, services, job, window)
             if job.state == "completed":
                 return JSONResponse(completed_json(job))
             if job.state in jobs.TERMINAL:
@@ -260,7 +261,7 @@ async def get_job(
     job = await jobs.get_job(services.db, principal.account_id, job_id)
     asked = prefer_wait(request)
     if asked and job.state in jobs.ACTIVE:
-        job = await wait_for_job(services, job, asked)
+        job = await wait_for_job(request, services, job, asked)
     data = job_json(job)
     if job.media:  # the uploaded inputs are not public: their owner gets expiring URLs
         data["inputUrls"] = {field: input_url(services, key) for field, key in job.media.items()}
@@ -276,13 +277,12 @@ def input_url(services: Services, key: str) -> str:
 
 
 @router.post("/jobs/{job_id}/cancel")
-async def cancel_job(job_id: str, principal: PrincipalDep, services: ServicesDep) -> dict[str, Any]:
+async def cancel_job(request: Request, job_id: str, principal: PrincipalDep) -> dict[str, Any]:
     """Cancel a queued or running job and refund its credits (409 once it has finished)."""
-    if services.engine is not None:
-        job = await services.engine.cancel(principal.account_id, job_id)
-    else:
-        _, job = await jobs.cancel_job(services.db, principal.account_id, job_id)
-    return job_json(job)
+    engine = running_engine(request)
+    if engine is None:
+        raise EngineNotRunning()
+    return job_json(await engine.cancel(principal.account_id, job_id))
 
 
 @router.get("/jobs/{job_id}/deliveries")

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.datastructures import FormData, UploadFile
 
-from hypereal.api.deps import PrincipalDep, ServicesDep
+from hypereal.api.deps import PrincipalDep, ServicesDep, running_engine
 from hypereal.api.idempotency import idempotent
 from hypereal.api.routes.jobs import JobEnded, wait_for_job
 from hypereal.domain import images, jobs
@@ -237,10 +237,12 @@ def _output_key_op(_: Dialect, job_id: str) -> Ops[str | None]:
     return row["output_key"] if row is not None else None
 
 
-async def _finished(services: Services, job: jobs.JobView, spec: ModelSpec) -> jobs.JobView:
+async def _finished(
+    request: Request, services: Services, job: jobs.JobView, spec: ModelSpec
+) -> jobs.JobView:
     """Wait for the job; its error when it fails, a 504 naming the job when it runs on."""
     window = min(MEDIA_WAIT_SECONDS, max(spec.sync_seconds, float(spec.timeout_seconds)))
-    job = await wait_for_job(services, job, window)
+    job = await wait_for_job(request, services, job, window)
     if job.state == "completed":
         return job
     if job.state in jobs.TERMINAL:
@@ -312,9 +314,13 @@ async def speech(
 
     async def produce() -> Response:
         job = await submit_generation(
-            services, principal.account_id, "audio", Submission(spec.slug, fields, None)
+            services,
+            running_engine(request),
+            principal.account_id,
+            "audio",
+            Submission(spec.slug, fields, None),
         )
-        job = await _finished(services, job, spec)
+        job = await _finished(request, services, job, spec)
         key = await services.db.read(_output_key_op, job.id)
         data = await services.media.get(key) if key else None
         if data is None:
@@ -417,9 +423,13 @@ async def transcriptions(
 
     async def produce() -> Response:
         job = await submit_generation(
-            services, principal.account_id, "audio", Submission(spec.slug, fields, None)
+            services,
+            running_engine(request),
+            principal.account_id,
+            "audio",
+            Submission(spec.slug, fields, None),
         )
-        job = await _finished(services, job, spec)
+        job = await _finished(request, services, job, spec)
         result = dict(job.result or {})
         if "text" not in result:
             raise GenerationFailed(f"{spec.slug} returned no transcript")

@@ -1,0 +1,219 @@
+"""The job state machine on its own (``domain/jobs.py``), on a real SQLite database: submit
+debits, claim takes a free slot of the model or parks the job, each end is reached once,
+failures and cancels refund exactly once, a parked job is handed the slot an ending job
+frees, and leases expire into a re-queue."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from hypereal.domain import job_maintenance as maintenance
+from hypereal.domain import jobs, keys, ledger
+from hypereal.domain.errors import Conflict, InsufficientCredits, JobNotFound
+from hypereal.store.db import Database
+from hypereal.store.migrate import upgrade_to_head
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}")
+    await upgrade_to_head(database.engine)
+    yield database
+    await database.dispose()
+
+
+async def account(db: Database, credits: int = 100) -> str:
+    account_id = await keys.create_account(db, "jobs")
+    if credits:
+        await ledger.grant(db, account_id, credits)
+    return account_id
+
+
+async def submit(
+    db: Database, account_id: str, *, model: str = "m", credits: int = 10, webhook: bool = False
+) -> jobs.JobView:
+    return await jobs.submit(
+        db,
+        jobs.NewJob(
+            account_id=account_id,
+            type="video",
+            model=model,
+            input={"prompt": "x"},
+            credits=credits,
+            media={},
+            webhook_url="https://example.com/hook" if webhook else None,
+        ),
+    )
+
+
+async def claim(db: Database, job_id: str, worker: str = "w1", limit: int = 1) -> jobs.ClaimOutcome:
+    return await jobs.claim_job(db, job_id, worker, concurrency=limit, lease_seconds=60)
+
+
+async def test_submit_debits_and_queues(db: Database) -> None:
+    owner = await account(db)
+    job = await submit(db, owner)
+    assert (job.state, job.credits, job.attempts, job.worker_id) == ("queued", 10, 0, None)
+    assert job.debit_entry_id is not None
+    assert await ledger.balance(db, owner) == 90
+    assert await jobs.get_job(db, owner, job.id) == job
+
+
+async def test_submit_without_the_credits_writes_nothing(db: Database) -> None:
+    owner = await account(db, credits=5)
+    with pytest.raises(InsufficientCredits):
+        await submit(db, owner)
+    assert await ledger.balance(db, owner) == 5
+    assert await jobs.list_jobs(db, owner, limit=10) == []
+
+
+async def test_claim_takes_a_free_slot_once(db: Database) -> None:
+    owner = await account(db)
+    job = await submit(db, owner)
+    first = await claim(db, job.id)
+    assert first.outcome == "claimed" and first.job is not None
+    assert (first.job.state, first.job.worker_id, first.job.attempts) == ("processing", "w1", 1)
+    # A redelivered message, or another worker: the job is not queued any more.
+    assert (await claim(db, job.id, "w2")).outcome == "gone"
+
+
+async def test_a_full_model_parks_the_job_and_an_ending_job_hands_over_its_slot(
+    db: Database,
+) -> None:
+    owner = await account(db)
+    running, waiting, other_model = (
+        await submit(db, owner),
+        await submit(db, owner),
+        await submit(db, owner, model="other"),
+    )
+    assert (await claim(db, running.id)).outcome == "claimed"
+    assert (await claim(db, waiting.id)).outcome == "busy"  # one slot, taken: parked
+    assert (await claim(db, other_model.id)).outcome == "claimed"  # slots are per model
+    ended = await jobs.complete_job(
+        db, running.id, "w1", output_url="http://x/o.mp4", output_key="o.mp4", result=None
+    )
+    assert ended is not None and ended.job.state == "completed"
+    assert ended.next_job_id == waiting.id  # the parked job is sent again
+    assert (await claim(db, waiting.id)).outcome == "claimed"
+
+
+async def test_two_slots_run_two_jobs_of_a_model(db: Database) -> None:
+    owner = await account(db)
+    first, second, third = [await submit(db, owner) for _ in range(3)]
+    assert (await claim(db, first.id, limit=2)).outcome == "claimed"
+    assert (await claim(db, second.id, limit=2)).outcome == "claimed"
+    assert (await claim(db, third.id, limit=2)).outcome == "busy"
+
+
+async def test_completion_is_this_workers_and_happens_once(db: Database) -> None:
+    owner = await account(db)
+    job = await submit(db, owner, webhook=True)
+    await claim(db, job.id)
+    done = {"output_url": "http://x/o.mp4", "output_key": "o.mp4", "result": {"a": 1}}
+    assert await jobs.complete_job(db, job.id, "someone-else", **done) is None
+    ended = await jobs.complete_job(db, job.id, "w1", **done)
+    assert ended is not None
+    assert (ended.job.state, ended.job.progress, ended.job.output_url) == (
+        "completed",
+        1.0,
+        "http://x/o.mp4",
+    )
+    assert ended.delivery_id is not None  # the webhook row commits with the end
+    assert await jobs.complete_job(db, job.id, "w1", **done) is None
+    assert await ledger.balance(db, owner) == 90  # charged, not refunded
+
+
+async def test_failure_refunds_once(db: Database) -> None:
+    owner = await account(db)
+    job = await submit(db, owner, webhook=True)
+    await claim(db, job.id)
+    ended = await jobs.fail_job(db, job.id, "boom", worker_id="w1")
+    assert ended is not None
+    assert (ended.job.state, ended.job.error) == ("failed", "boom")
+    assert ended.job.refund_entry_id is not None and ended.delivery_id is not None
+    assert await ledger.balance(db, owner) == 100
+    assert await jobs.fail_job(db, job.id, "again") is None
+    assert await jobs.settle_refund(db, ended.job) == ended.job  # noted already: nothing
+    assert await ledger.balance(db, owner) == 100
+
+
+async def test_cancel_refunds_once_and_a_finished_job_is_a_conflict(db: Database) -> None:
+    owner = await account(db)
+    job = await submit(db, owner, webhook=True)
+    ended, view = await jobs.cancel_job(db, owner, job.id)
+    assert ended is not None and view.state == "canceled" and view.credits_used == 0
+    assert ended.delivery_id is None  # canceled jobs send no webhook
+    assert await ledger.balance(db, owner) == 100
+    again, view_again = await jobs.cancel_job(db, owner, job.id)
+    assert again is None and view_again.state == "canceled"
+    assert await ledger.balance(db, owner) == 100
+
+    done = await submit(db, owner)
+    await claim(db, done.id)
+    await jobs.complete_job(db, done.id, "w1", output_url="u", output_key="k", result=None)
+    with pytest.raises(Conflict, match="already completed"):
+        await jobs.cancel_job(db, owner, done.id)
+
+
+async def test_a_canceled_running_job_loses_its_heartbeat(db: Database) -> None:
+    owner = await account(db)
+    job = await submit(db, owner)
+    await claim(db, job.id)
+    assert await jobs.heartbeat(db, job.id, "w1", 60, progress=(0.5, "half"))
+    view = await jobs.get_job(db, owner, job.id)
+    assert (view.progress, view.progress_message) == (0.5, "half")
+    await jobs.cancel_job(db, owner, job.id)
+    assert not await jobs.heartbeat(db, job.id, "w1", 60)  # the worker must stop
+
+
+async def test_jobs_are_private_to_their_account(db: Database) -> None:
+    owner, stranger = await account(db), await account(db)
+    job = await submit(db, owner)
+    with pytest.raises(JobNotFound):
+        await jobs.get_job(db, stranger, job.id)
+    with pytest.raises(JobNotFound):
+        await jobs.cancel_job(db, stranger, job.id)
+
+
+async def test_release_gives_the_job_back_without_counting_an_attempt(db: Database) -> None:
+    owner = await account(db)
+    job = await submit(db, owner)
+    await claim(db, job.id)
+    assert not await jobs.release_job(db, job.id, "w2")
+    assert await jobs.release_job(db, job.id, "w1")
+    view = await jobs.get_job(db, owner, job.id)
+    assert (view.state, view.attempts, view.worker_id) == ("queued", 0, None)
+
+
+async def test_an_expired_lease_is_requeued_then_failed(db: Database) -> None:
+    owner = await account(db)
+    job = await submit(db, owner)
+    await jobs.claim_job(db, job.id, "w1", concurrency=1, lease_seconds=-1)  # lapsed at once
+    [expired] = await maintenance.expired_jobs(db)
+    assert expired.id == job.id
+    assert await maintenance.requeue_expired(db, expired)
+    assert (await jobs.get_job(db, owner, job.id)).state == "queued"
+    await jobs.claim_job(db, job.id, "w2", concurrency=1, lease_seconds=-1)
+    [expired] = await maintenance.expired_jobs(db)
+    ended = await maintenance.fail_expired(db, expired, "lost")
+    assert ended is not None and ended.job.state == "failed" and ended.job.attempts == 2
+    assert await ledger.balance(db, owner) == 100
+
+
+async def test_webhook_payload_of_an_ended_job(db: Database) -> None:
+    owner = await account(db)
+    job = await submit(db, owner, webhook=True)
+    ended = await jobs.fail_job(db, job.id, "boom")
+    assert ended is not None
+    assert jobs.webhook_payload(ended.job) == {
+        "status": "failed",
+        "outputUrl": None,
+        "jobId": job.id,
+        "type": "video",
+        "model": "m",
+        "creditsUsed": 0,
+        "error": "boom",
+    }

@@ -1,0 +1,88 @@
+"""The engine's slot accounting on its own (a JobRunner on a real SQLite database, no HTTP, no
+queue): a model runs at most its slot count of jobs at once, the jobs over it are parked,
+and each job that ends hands its slot to the oldest parked job of its model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from hypereal.domain import jobs, keys, ledger
+from hypereal.engine.runner import JobRunner
+from hypereal.services import Services
+from tests.fakes_jobs import CALLS, eventually, job_services, job_settings
+
+
+@pytest.fixture
+async def services(tmp_path: Path) -> AsyncIterator[Services]:
+    built = job_services(job_settings(tmp_path))
+    await built.migrate()
+    CALLS.calls.clear()
+    CALLS.running = CALLS.max_running = 0
+    CALLS.gate = asyncio.Event()
+    yield built
+    CALLS.gate.set()
+    await built.close()
+
+
+async def submit(services: Services, account_id: str, model: str) -> str:
+    job = await jobs.submit(
+        services.db,
+        jobs.NewJob(
+            account_id=account_id,
+            type="video",
+            model=model,
+            input={"prompt": "x"},
+            credits=1,
+            media={},
+        ),
+    )
+    return job.id
+
+
+async def test_slots_come_from_the_catalogue_else_the_backend(services: Services) -> None:
+    runner = JobRunner(services, on_end=lambda ended: asyncio.sleep(0))
+    catalogue = services.catalogue
+    assert runner.concurrency(catalogue.models["test-gated"]) == 1  # the catalogue's
+    assert runner.concurrency(catalogue.models["test-gated-wide"]) == 3  # its backend's
+
+
+async def test_a_model_runs_at_most_its_slots_and_an_end_hands_its_slot_on(
+    services: Services,
+) -> None:
+    ended: list[jobs.Ended] = []
+
+    async def on_end(end: jobs.Ended) -> None:
+        ended.append(end)
+
+    runner = JobRunner(services, on_end, worker_id="w-slots")
+    account = await keys.create_account(services.db, "slots")
+    await ledger.grant(services.db, account, 10)
+    ids = [await submit(services, account, "test-gated-wide") for _ in range(5)]
+
+    runs = [asyncio.create_task(runner.run(job_id, "test-gated-wide")) for job_id in ids]
+
+    async def three_running_two_parked() -> bool:
+        return CALLS.running == 3 and sum(run.done() for run in runs) == 2
+
+    await eventually(three_running_two_parked)
+    states = {job_id: (await jobs.load_job(services.db, job_id)) for job_id in ids}
+    running = [i for i, job in states.items() if job is not None and job.state == "processing"]
+    parked = [i for i, job in states.items() if job is not None and job.state == "queued"]
+    assert len(running) == 3 and len(parked) == 2
+
+    CALLS.gate.set()  # the three running jobs finish
+    await asyncio.gather(*runs)
+    assert sorted(e.job.id for e in ended) == sorted(running)
+    handed_over = [e.next_job_id for e in ended if e.next_job_id is not None]
+    assert sorted(handed_over) == sorted(parked)  # each parked job got a freed slot, once
+
+    await asyncio.gather(*(runner.run(job_id, "test-gated-wide") for job_id in handed_over))
+    for job_id in ids:
+        job = await jobs.load_job(services.db, job_id)
+        assert job is not None and job.state == "completed"
+    assert CALLS.max_running == 3
+    assert await ledger.balance(services.db, account) == 5  # five jobs charged, none twice
