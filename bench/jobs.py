@@ -32,12 +32,14 @@ from bench.common import (
     Goal,
     Result,
     at_least,
+    cpu_seconds,
     env_int,
     hypereal_server,
     ms,
     percentile,
     postgres_available,
     process,
+    process_tree,
     redis_available,
     scenario_args,
     server_env,
@@ -70,12 +72,14 @@ async def wait_done(database_url: str, total: int, seconds: float) -> dict[str, 
 
 
 @contextlib.contextmanager
-def workers(count: int, env: dict[str, str], work: Path) -> Iterator[None]:
+def workers(count: int, env: dict[str, str], work: Path) -> Iterator[list[int]]:
+    """``count`` ``hypereal worker`` processes; yields their pids."""
     with contextlib.ExitStack() as stack:
         logs = []
+        pids = []
         for index in range(count):
             log = work / f"worker-{index}.log"
-            stack.enter_context(process([HYPEREAL, "worker"], env=env, log=log))
+            pids.append(stack.enter_context(process([HYPEREAL, "worker"], env=env, log=log)).pid)
             logs.append(log)
         deadline = time.monotonic() + 60
         while not all(
@@ -84,7 +88,7 @@ def workers(count: int, env: dict[str, str], work: Path) -> Iterator[None]:
             if time.monotonic() > deadline:
                 raise RuntimeError("workers did not start")
             time.sleep(0.1)
-        yield
+        yield pids
 
 
 def as_datetime(value: object) -> dt.datetime:
@@ -133,20 +137,23 @@ def run_mode(
                 HYPEREAL_BROKER_QUEUE=f"hypereal-bench-{uuid.uuid4().hex[:10]}",
             )
         server = stack.enter_context(hypereal_server(work, env))
+        pids = process_tree(server.proc.pid)
         if worker_count:
-            stack.enter_context(workers(worker_count, server.env, work))
+            pids += stack.enter_context(workers(worker_count, server.env, work))
         key = server.key(credits=total * 2)
         call = post_json(
             f"{server.url}/v1/videos/generate",
             {"model": "noop-video", "input": {"prompt": "bench"}},
             {"authorization": f"Bearer {key}"},
         )
+        cpu_before = cpu_seconds(pids)
         submitted = asyncio.run(
             closed_loop(call, concurrency=concurrency, total=total, seconds=timeout)
         )
         accepted = sum(1 for s in submitted.samples if s.status == 202)
         result.check(accepted == total, f"{mode}: {accepted} of {total} submissions accepted")
         rows = asyncio.run(wait_done(database_url, accepted, timeout))
+        cpu_used = cpu_seconds(pids) - cpu_before
     completed, first, last = rows.get("completed", (0, None, None))
     result.check(completed == total, f"{mode}: {completed} of {total} completed; states {rows}")
     span = (as_datetime(last) - as_datetime(first)).total_seconds() if first and last else 0.0
@@ -168,6 +175,12 @@ def run_mode(
         notes=(
             f"{completed}/{total} completed in {span:.1f} s; submit {accepted / submitted.wall:.0f}"
             f"/s, p50 {ms(percentile(latencies, 50))}, p99 {ms(percentile(latencies, 99))}"
+            + (
+                f"; CPU per job (server{' + workers' if worker_count else ''}, user + system)"
+                f" {1e6 * cpu_used / completed:.0f} us"
+                if completed
+                else ""
+            )
         ),
         goal=goals(mode, rate, rates),
     )
