@@ -50,6 +50,10 @@ def test_keys_create_and_update_set_the_controls_and_are_audited(tmp_path: Path)
     assert [e.action for e in log] == ["key.created", "account.created"]
     assert log[0].actor_key_id is None and log[0].details["actor"] == "cli"
 
+    listing = hypereal(tmp_path, "keys", "list").stdout
+    assert "chat-*,audio-tts" in listing and "2030-01-02 03:04" in listing
+    assert "0/4, -, 0/40" in listing and "active" in listing
+
     updated = hypereal(
         tmp_path, "keys", "update", key_id, "--models", "none", "--monthly-budget", "12"
     )

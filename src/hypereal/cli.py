@@ -359,11 +359,26 @@ def keys_list(
         table.add_column(column, no_wrap=True)  # ids are copied to `keys revoke`: never cut
     table.add_column("name", overflow="fold")
     table.add_column("limit/h", no_wrap=True)
+    table.add_column("models", overflow="fold")
+    table.add_column("expires", no_wrap=True)
+    table.add_column("spent/budget: day, month, total", no_wrap=True)
     table.add_column("status", no_wrap=True)
     for k in rows:
-        status = "revoked" if k.revoked_at else "active"
+        status = "revoked" if k.revoked_at else "expired" if k.expired else "active"
         limit = str(k.rate_limit_per_hour or "default")
-        table.add_row(k.id, k.prefix + "...", k.account_id, k.name, limit, status)
+        models = ",".join(k.models) if k.models is not None else "all"
+        expires = k.expires_at.strftime("%Y-%m-%d %H:%M") if k.expires_at else "-"
+        budgets = ", ".join(
+            "-" if budget is None else f"{spent}/{budget}"
+            for spent, budget in (
+                (k.spent_day, k.budget_daily),
+                (k.spent_month, k.budget_monthly),
+                (k.spent_total, k.budget_total),
+            )
+        )
+        table.add_row(
+            k.id, k.prefix + "...", k.account_id, k.name, limit, models, expires, budgets, status
+        )
     print_table(table)
 
 
