@@ -16,6 +16,7 @@ Bounded: ``MAX_EXAMPLES`` per operation (``HYPEREAL_FUZZ_EXAMPLES`` overrides it
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import shutil
 import tempfile
@@ -68,8 +69,10 @@ POSITIVE_STATUSES = ["2xx", "3xx", "400", "401", "402", "403", "404", "409", "42
 
 def _app() -> Any:
     hosted = {"api_key": "fuzz", "base_url": CLOSED}
+    data_dir = Path(tempfile.mkdtemp(prefix="hypereal-fuzz-"))
+    atexit.register(shutil.rmtree, data_dir, True)  # also when only collected
     app_settings = Settings(
-        data_dir=Path(tempfile.mkdtemp(prefix="hypereal-fuzz-")),
+        data_dir=data_dir,
         bootstrap_admin=False,
         rate_limit_per_hour=10**9,
         backends={
@@ -99,8 +102,6 @@ schema = schemathesis.openapi.from_dict(APP.openapi(), config=CONFIG)
 
 @pytest.fixture(scope="module")
 def live() -> Iterator[tuple[str, dict[str, str]]]:
-    data_dir = APP.state.services.settings.data_dir
-
     async def prepare() -> dict[str, str]:
         # Its own services on the same database: the server's belong to its event loop.
         services = build_services(APP.state.services.settings)
@@ -117,7 +118,6 @@ def live() -> Iterator[tuple[str, dict[str, str]]]:
 
     with serve_app(APP) as url:  # migrates the database as it starts
         yield url, asyncio.run(prepare())
-    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def _key_for(path: str, secrets: dict[str, str]) -> str:
