@@ -47,7 +47,8 @@ def test_keys_create_and_update_set_the_controls_and_are_audited(tmp_path: Path)
         "2030-01-02T03:04:05+00:00"
     )
     assert (info.budget_daily, info.budget_monthly, info.budget_total) == (4, None, 40)
-    assert [e.action for e in log] == ["key.created", "account.created"]
+    assert [e.action for e in log] == ["key.created", "credits.granted", "account.created"]
+    assert log[0].details["maxBudget"] == 40 and log[0].details["models"] == ["chat-*", "audio-tts"]
     assert log[0].actor_key_id is None and log[0].details["actor"] == "cli"
 
     listing = hypereal(tmp_path, "keys", "list").stdout
@@ -61,7 +62,7 @@ def test_keys_create_and_update_set_the_controls_and_are_audited(tmp_path: Path)
     info, log = _read(tmp_path, key_id)
     assert info.models is None and info.budget_monthly == 12 and info.budget_daily == 4
     assert log[0].action == "key.updated"
-    assert log[0].details == {"models": None, "budget_monthly": 12, "actor": "cli"}
+    assert log[0].details == {"models": None, "monthlyBudget": 12, "actor": "cli"}
 
     assert hypereal(tmp_path, "keys", "revoke", key_id).returncode == 0
     account = created.stdout.split("account: ")[1].split()[0]

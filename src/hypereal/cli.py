@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Annotated, TypeVar
 
 import typer
@@ -15,7 +16,7 @@ from rich.table import Table
 
 from hypereal.backends.options import BackendConfigError
 from hypereal.client.cli import register as register_client_commands
-from hypereal.domain import keys, ledger
+from hypereal.domain import admin_actions, keys, ledger
 from hypereal.domain.errors import HyperealError
 from hypereal.services import Services, build_services
 from hypereal.settings import Settings
@@ -192,23 +193,12 @@ def webhooks_secret(
     rotate: Annotated[bool, typer.Option(help="Replace the secret with a new one")] = False,
 ) -> None:
     """Print an account's webhook signing secret (created on first use), or rotate it."""
-    from hypereal.webhooks.secrets import rotate_webhook_secret, webhook_secret
+    from hypereal.webhooks.secrets import webhook_secret
 
     if rotate:
 
         async def _rotate(services: Services) -> str:
-            from hypereal.domain import audit
-
-            secret = await rotate_webhook_secret(services.db, account)
-            await audit.record(
-                services.db,
-                None,
-                "webhook_secret.rotated",
-                target_type="account",
-                target_id=account,
-                account_id=account,
-            )
-            return secret
+            return await admin_actions.rotate_secret(services.db, None, account)
 
         print(run(_rotate))
     else:
@@ -271,37 +261,26 @@ def keys_create(
         monthly_budget=monthly_budget,
         max_budget=max_budget,
     )
+    if rate_limit is not None:
+        controls = replace(
+            controls,
+            rate_limit_per_hour=rate_limit,
+            fields=controls.fields | {"rate_limit_per_hour"},
+        )
 
     async def _create(services: Services) -> keys.CreatedKey:
-        from hypereal.domain import audit
-
         account_id = account
         if account_id is None:
-            account_id = await keys.create_account(services.db, name or "account", is_admin=admin)
-            await audit.record(
-                services.db,
-                None,
-                "account.created",
-                target_type="account",
-                target_id=account_id,
-                account_id=account_id,
-                details={"name": name or "account", "isAdmin": admin},
+            account_id = await admin_actions.create_account(
+                services.db, None, name or "account", is_admin=admin
             )
         if credits:
-            await ledger.grant(services.db, account_id, credits, "granted with key (CLI)")
-        created = await keys.create_key(
-            services.db, account_id, name=name, rate_limit_per_hour=rate_limit, controls=controls
+            await admin_actions.grant_credits(
+                services.db, None, account_id, credits, "granted with key (CLI)"
+            )
+        return await admin_actions.create_key(
+            services.db, None, account_id, name=name, controls=controls
         )
-        await audit.record(
-            services.db,
-            None,
-            "key.created",
-            target_type="key",
-            target_id=created.info.id,
-            account_id=account_id,
-            details={"name": name, "credits": credits, **controls.summary()},
-        )
-        return created
 
     created = run(_create)
     console.print(f"account: {created.info.account_id}  key id: {created.info.id}", highlight=False)
@@ -329,20 +308,7 @@ def keys_update(
         raise fail("nothing to change: give --models, --expires or a budget")
 
     async def _update(services: Services) -> keys.KeyInfo:
-        from hypereal.domain import audit
-
-        info, changed = await keys.update_key(services.db, key_id, controls)
-        if changed:
-            await audit.record(
-                services.db,
-                None,
-                "key.updated",
-                target_type="key",
-                target_id=key_id,
-                account_id=info.account_id,
-                details=changed,
-            )
-        return info
+        return await admin_actions.update_key(services.db, None, key_id, controls)
 
     info = run(_update)
     console.print(f"updated {info.id}", highlight=False)
@@ -387,20 +353,7 @@ def keys_revoke(key_id: str) -> None:
     """Revoke a key; it is refused from the next request on."""
 
     async def _revoke(services: Services) -> keys.KeyInfo:
-        from hypereal.domain import audit
-
-        before = await keys.get_key(services.db, key_id)
-        info = await keys.revoke_key(services.db, key_id)
-        if before.revoked_at is None:
-            await audit.record(
-                services.db,
-                None,
-                "key.revoked",
-                target_type="key",
-                target_id=key_id,
-                account_id=info.account_id,
-            )
-        return info
+        return await admin_actions.revoke_key(services.db, None, key_id)
 
     info = run(_revoke)
     console.print(f"revoked {info.id}")
@@ -417,19 +370,7 @@ def credits_grant(
         raise fail(f"amount must be between 1 and {MAX_CREDITS}")
 
     async def _grant(services: Services) -> ledger.Entry:
-        from hypereal.domain import audit
-
-        entry = await ledger.grant(services.db, account_id, amount, description)
-        await audit.record(
-            services.db,
-            None,
-            "credits.granted",
-            target_type="account",
-            target_id=account_id,
-            account_id=account_id,
-            details={"amount": amount, "description": description, "entryId": entry.id},
-        )
-        return entry
+        return await admin_actions.grant_credits(services.db, None, account_id, amount, description)
 
     entry = run(_grant)
     console.print(f"{account_id}: +{amount}, balance {entry.balance_after}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -74,12 +75,20 @@ def audit_json(record: Record) -> dict[str, Any]:
 
 
 def page(entries: list[Entry], limit: int) -> dict[str, Any]:
-    """A page of ledger entries; ``entries`` holds up to ``limit + 1`` rows, the extra one
-    only telling whether there is a next page."""
-    shown = entries[:limit]
-    more = len(entries) > limit
+    """A page of ledger entries (see :func:`paged`)."""
+    return paged(entries, limit, entry_json)
+
+
+def paged(
+    rows: Sequence[Any], limit: int, render: Callable[[Any], dict[str, Any]]
+) -> dict[str, Any]:
+    """A page of ``rows`` (each with an ``id``, newest first) as ``render`` shows them;
+    ``rows`` holds up to ``limit + 1``, the extra one only telling whether there is a next
+    page (``nextCursor``: the last id shown, for ``before=``)."""
+    shown = rows[:limit]
+    more = len(rows) > limit
     return {
-        "data": [entry_json(e) for e in shown],
+        "data": [render(row) for row in shown],
         "hasMore": more,
         "nextCursor": shown[-1].id if more and shown else None,
     }

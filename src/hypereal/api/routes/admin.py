@@ -10,8 +10,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from sqlalchemy import select
 
 from hypereal.api.deps import AdminDep, ServicesDep
-from hypereal.api.schemas import LedgerCursor, audit_json, entry_json, iso, key_json, page
-from hypereal.domain import audit, keys, ledger
+from hypereal.api.schemas import LedgerCursor, audit_json, entry_json, iso, key_json, page, paged
+from hypereal.domain import admin_actions, audit, keys, ledger
 from hypereal.store.models import Account
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -107,30 +107,12 @@ async def _account_json(services: ServicesDep, account_id: str) -> dict[str, Any
     return {"accountId": account_id, "balance": await ledger.balance(services.db, account_id)}
 
 
-async def _new_account(
-    services: ServicesDep, admin: keys.Principal, name: str, credits: int, *, is_admin: bool
-) -> str:
-    account_id = await keys.create_account(services.db, name, is_admin=is_admin)
-    await audit.record(
-        services.db,
-        admin,
-        "account.created",
-        target_type="account",
-        target_id=account_id,
-        account_id=account_id,
-        details={"name": name, "isAdmin": is_admin, "credits": credits},
-    )
-    if credits:
-        await ledger.grant(services.db, account_id, credits, "initial credits")
-    return account_id
-
-
 @router.post("/accounts", status_code=201)
 async def create_account(
     body: CreateAccount, admin: AdminDep, services: ServicesDep
 ) -> dict[str, Any]:
-    account_id = await _new_account(
-        services, admin, body.name, body.credits, is_admin=body.is_admin
+    account_id = await admin_actions.create_account(
+        services.db, admin, body.name, body.credits, is_admin=body.is_admin
     )
     return await _account_json(services, account_id)
 
@@ -158,34 +140,13 @@ async def create_key(body: CreateKey, admin: AdminDep, services: ServicesDep) ->
     """Create a key, with its controls; without ``accountId`` a new account is created."""
     account_id = body.account_id
     if account_id is None:
-        account_id = await _new_account(
-            services, admin, body.name or "account", body.credits, is_admin=False
+        account_id = await admin_actions.create_account(
+            services.db, admin, body.name or "account", body.credits
         )
-    controls = body.controls()
-    created = await keys.create_key(
-        services.db,
-        account_id,
-        name=body.name,
-        rate_limit_per_hour=body.rate_limit_per_hour,
-        controls=controls,
+    created = await admin_actions.create_key(
+        services.db, admin, account_id, name=body.name, controls=body.controls()
     )
-    shown = key_json(created.info)
-    await audit.record(
-        services.db,
-        admin,
-        "key.created",
-        target_type="key",
-        target_id=created.info.id,
-        account_id=account_id,
-        details={
-            name: shown[name]
-            for name in ("name", "rateLimitPerHour", "models", "expiresAt", *BUDGET_FIELDS)
-        },
-    )
-    return {**shown, "key": created.secret}
-
-
-BUDGET_FIELDS = ("dailyBudget", "monthlyBudget", "maxBudget")
+    return {**key_json(created.info), "key": created.secret}
 
 
 @router.get("/keys")
@@ -197,41 +158,15 @@ async def list_keys(
     return {"data": [key_json(k) for k in await keys.list_keys(services.db, account_id)]}
 
 
-async def _revoke(key_id: str, admin: keys.Principal, services: ServicesDep) -> dict[str, Any]:
-    before = await keys.get_key(services.db, key_id)
-    info = await keys.revoke_key(services.db, key_id)
-    if before.revoked_at is None:
-        await audit.record(
-            services.db,
-            admin,
-            "key.revoked",
-            target_type="key",
-            target_id=key_id,
-            account_id=info.account_id,
-        )
-    return key_json(info)
-
-
 @router.post("/keys/{key_id}/revoke")
 async def revoke_key(key_id: str, admin: AdminDep, services: ServicesDep) -> dict[str, Any]:
-    return await _revoke(key_id, admin, services)
+    return key_json(await admin_actions.revoke_key(services.db, admin, key_id))
 
 
 @router.delete("/keys/{key_id}")
 async def delete_key(key_id: str, admin: AdminDep, services: ServicesDep) -> dict[str, Any]:
     """Same as revoke: keys are kept (revoked) so the ledger's history stays readable."""
-    return await _revoke(key_id, admin, services)
-
-
-_WIRE_NAMES = {
-    "rate_limit_per_hour": "rateLimitPerHour",
-    "models": "models",
-    "expires_at": "expiresAt",
-    "budget_daily": "dailyBudget",
-    "budget_monthly": "monthlyBudget",
-    "budget_total": "maxBudget",
-    "name": "name",
-}
+    return key_json(await admin_actions.revoke_key(services.db, admin, key_id))
 
 
 @router.patch("/keys/{key_id}")
@@ -240,17 +175,7 @@ async def update_key(
 ) -> dict[str, Any]:
     """Change the key's controls: only the fields sent change; null clears a limit (the
     requests-per-hour limit goes back to the default)."""
-    info, changed = await keys.update_key(services.db, key_id, body.controls())
-    if changed:
-        await audit.record(
-            services.db,
-            admin,
-            "key.updated",
-            target_type="key",
-            target_id=key_id,
-            account_id=info.account_id,
-            details={_WIRE_NAMES[name]: value for name, value in changed.items()},
-        )
+    info = await admin_actions.update_key(services.db, admin, key_id, body.controls())
     return key_json(info)
 
 
@@ -258,15 +183,8 @@ async def update_key(
 async def grant_credits(
     account_id: str, body: Grant, admin: AdminDep, services: ServicesDep
 ) -> dict[str, Any]:
-    entry = await ledger.grant(services.db, account_id, body.amount, body.description)
-    await audit.record(
-        services.db,
-        admin,
-        "credits.granted",
-        target_type="account",
-        target_id=account_id,
-        account_id=account_id,
-        details={"amount": body.amount, "description": body.description, "entryId": entry.id},
+    entry = await admin_actions.grant_credits(
+        services.db, admin, account_id, body.amount, body.description
     )
     return {"accountId": account_id, "balance": entry.balance_after, "entry": entry_json(entry)}
 
@@ -302,10 +220,4 @@ async def audit_log(
     rows = await audit.entries(
         services.db, limit=limit + 1, before_id=before, action=action, account_id=account_id
     )
-    shown = rows[:limit]
-    more = len(rows) > limit
-    return {
-        "data": [audit_json(r) for r in shown],
-        "hasMore": more,
-        "nextCursor": shown[-1].id if more and shown else None,
-    }
+    return paged(rows, limit, audit_json)

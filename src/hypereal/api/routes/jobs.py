@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 from hypereal.api.deps import PrincipalDep, ServicesDep, running_engine
 from hypereal.api.idempotency import idempotent
 from hypereal.api.schemas import iso
-from hypereal.domain import audit, jobs
+from hypereal.domain import admin_actions, jobs
 from hypereal.domain.catalogue import ModelSpec
 from hypereal.domain.errors import Conflict, GenerationFailed, HyperealError
 from hypereal.domain.keys import Principal
@@ -22,7 +22,7 @@ from hypereal.engine.submit import EngineNotRunning, Submission, submit_generati
 from hypereal.media.store import LocalMediaStore
 from hypereal.services import Services
 from hypereal.webhooks.delivery import Delivery, deliveries_for_job
-from hypereal.webhooks.secrets import rotate_webhook_secret, webhook_secret
+from hypereal.webhooks.secrets import webhook_secret
 
 router = APIRouter(tags=["jobs"])
 
@@ -303,13 +303,6 @@ async def get_webhook_secret(principal: PrincipalDep, services: ServicesDep) -> 
 @router.post("/webhooks/secret/rotate")
 async def rotate_secret(principal: PrincipalDep, services: ServicesDep) -> dict[str, Any]:
     """Replace the webhook secret; later attempts, retries included, use the new one."""
-    secret = await rotate_webhook_secret(services.db, principal.account_id)
-    await audit.record(
-        services.db,
-        principal,
-        "webhook_secret.rotated",
-        target_type="account",
-        target_id=principal.account_id,
-        account_id=principal.account_id,
-    )
-    return {"secret": secret}
+    return {
+        "secret": await admin_actions.rotate_secret(services.db, principal, principal.account_id)
+    }
