@@ -179,7 +179,7 @@ def worker(
     try:
         # uvloop, as `serve` runs on (uvicorn picks it): a faster event loop for the jobs.
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(run_worker(settings, concurrency=concurrency))
+            runner.run(run_worker(settings, build_services, concurrency=concurrency))
     except BackendConfigError as exc:
         raise backend_config_error(exc) from None
     except ValueError as exc:

@@ -27,8 +27,9 @@ from hypereal.backends.base import BackendError, MediaBlob
 from hypereal.domain import ledger
 from hypereal.domain.catalogue import ModelSpec
 from hypereal.domain.errors import BadRequest, GenerationFailed, HyperealError
-from hypereal.media.fetch import fetch_media
+from hypereal.media.fetch import FetchRefused, fetch_media
 from hypereal.media.imageinfo import check_image_header
+from hypereal.media.images import ImageRejected
 from hypereal.media.sniff import sniff_content_type
 from hypereal.media.store import MediaStore, new_media_key
 from hypereal.settings import Settings
@@ -172,15 +173,20 @@ class Pipeline:
                 fields.append((param.name, value))
             else:
                 fields.extend((f"{param.name}[{i}]", url) for i, url in enumerate(value))
-        blobs = await asyncio.gather(
-            *(
-                fetch_media(url, self.settings, field=prefix + field, expect=_expected_kind(field))
-                for field, url in fields
+        try:
+            blobs = await asyncio.gather(
+                *(
+                    fetch_media(
+                        url, self.settings, field=prefix + field, expect=_expected_kind(field)
+                    )
+                    for field, url in fields
+                )
             )
-        )
-        found = {field: blob for (field, _), blob in zip(fields, blobs, strict=True)}
-        for field, blob in found.items():  # header only: no pixel is decoded
-            check_image_header(blob, prefix + field, self.settings.max_input_pixels)
+            found = {field: blob for (field, _), blob in zip(fields, blobs, strict=True)}
+            for field, blob in found.items():  # header only: no pixel is decoded
+                check_image_header(blob, prefix + field, self.settings.max_input_pixels)
+        except (FetchRefused, ImageRejected) as exc:
+            raise BadRequest(exc.message) from exc
         return found
 
     async def store(self, blob: MediaBlob, kind: str) -> StoredMedia:

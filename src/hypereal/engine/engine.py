@@ -29,9 +29,9 @@ from taskiq import AsyncBroker
 from hypereal.domain import job_maintenance as maintenance
 from hypereal.domain import jobs
 from hypereal.engine.broker import build_broker
+from hypereal.engine.context import JobServices
 from hypereal.engine.runner import JobRunner
 from hypereal.engine.waiters import JobWaiters
-from hypereal.services import Services
 from hypereal.store.models import utcnow
 from hypereal.webhooks.delivery import WebhookSender
 
@@ -51,7 +51,7 @@ class Engine:
     ``worker_concurrency`` tasks of this process; with one, taskiq's Redis Streams broker.
     A message is ``(job id, model)``; the database says whether and where it runs."""
 
-    def __init__(self, services: Services, *, consume: bool) -> None:
+    def __init__(self, services: JobServices, *, consume: bool) -> None:
         self.services = services
         self.settings = services.settings
         self.consume = consume
@@ -223,7 +223,7 @@ def worker_alive_here(worker_id: str | None) -> bool:
 
 
 @asynccontextmanager
-async def engine_lifespan(services: Services) -> AsyncIterator[Engine]:
+async def engine_lifespan(services: JobServices) -> AsyncIterator[Engine]:
     """The app's engine: consuming in-process by default; enqueue-only when a broker URL
     is set (``hypereal worker`` processes run the jobs). The app keeps what it yields as
     ``app.state.engine``, which the job routes hand to the parts that need it."""

@@ -22,9 +22,9 @@ from hypereal.domain import jobs
 from hypereal.domain.catalogue import ModelSpec
 from hypereal.domain.generation import client_error
 from hypereal.domain.ids import new_id
+from hypereal.engine.context import JobServices
 from hypereal.observability import metrics
 from hypereal.observability.logs import LOG_CONTEXT
-from hypereal.services import Services
 
 log = logging.getLogger("hypereal.engine")
 
@@ -49,7 +49,9 @@ class _Output:
 class JobRunner:
     """Claims and runs jobs for one process; ``on_end`` is told about every job it ends."""
 
-    def __init__(self, services: Services, on_end: JobEnded, worker_id: str | None = None) -> None:
+    def __init__(
+        self, services: JobServices, on_end: JobEnded, worker_id: str | None = None
+    ) -> None:
         self.services = services
         self.settings = services.settings
         self.pipeline = services.pipeline

@@ -20,9 +20,9 @@ from hypereal.domain import jobs, keys, ledger, pricing
 from hypereal.domain.catalogue import ModelSpec, validate_params
 from hypereal.domain.errors import BadRequest, HyperealError, InsufficientCredits
 from hypereal.domain.generation import client_error
+from hypereal.engine.context import JobServices
 from hypereal.media.fetch import FetchRefused, parse_networks, vetted_addresses
 from hypereal.media.signing import inputs_kind
-from hypereal.services import Services
 
 if TYPE_CHECKING:
     from hypereal.engine.engine import Engine
@@ -47,7 +47,7 @@ class Submission:
 
 
 async def submit_generation(
-    services: Services,
+    services: JobServices,
     engine: Engine | None,
     account_id: str,
     modality: str,
@@ -91,7 +91,7 @@ async def submit_generation(
     return job
 
 
-def check_backend_input(services: Services, spec: ModelSpec, params: Mapping[str, Any]) -> None:
+def check_backend_input(services: JobServices, spec: ModelSpec, params: Mapping[str, Any]) -> None:
     """Let the serving backend refuse a request it cannot honour (an unknown voice ...)
     before anything is charged: a backend may offer ``check_input(input)``, raising a
     client BackendError. Called where the backend runs in this process."""
@@ -108,14 +108,14 @@ def check_backend_input(services: Services, spec: ModelSpec, params: Mapping[str
         raise client_error(exc) from exc
 
 
-def _check_available(services: Services, spec: ModelSpec, *, in_process: bool) -> None:
+def _check_available(services: JobServices, spec: ModelSpec, *, in_process: bool) -> None:
     """In-process, the backend must load here; in front of remote workers, one of the
     model's backends must at least be configured (it may only load on GPU hosts)."""
     if in_process or not any(b.backend in services.backends.configs for b in spec.bindings):
         services.backends.resolve(spec)
 
 
-async def checked_webhook_url(services: Services, url: object) -> str | None:
+async def checked_webhook_url(services: JobServices, url: object) -> str | None:
     """An http(s) URL whose host passes the same SSRF guard as deliveries. Raises BadRequest."""
     if url is None or url == "":
         return None
@@ -143,7 +143,7 @@ def _recorded(url: str, size: int) -> str:
 
 
 async def _store_inputs(
-    services: Services, account_id: str, spec: ModelSpec, params: dict[str, Any]
+    services: JobServices, account_id: str, spec: ModelSpec, params: dict[str, Any]
 ) -> dict[str, str]:
     """Fetch every media parameter into the media store; returns field -> store key and
     replaces data: URIs in ``params`` with a short stub."""

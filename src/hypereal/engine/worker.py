@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from contextlib import suppress
 
 from taskiq.acks import AcknowledgeType
 from taskiq.receiver import Receiver
 
+from hypereal.engine.context import JobServices
 from hypereal.engine.engine import Engine
-from hypereal.services import build_services
 from hypereal.settings import Settings
 
 log = logging.getLogger("hypereal.worker")
@@ -25,14 +26,19 @@ log = logging.getLogger("hypereal.worker")
 SHUTDOWN_SECONDS = 15
 
 
-async def run_worker(settings: Settings, *, concurrency: int | None = None) -> None:
+async def run_worker(
+    settings: Settings,
+    build: Callable[[Settings], JobServices],
+    *,
+    concurrency: int | None = None,
+) -> None:
     """Consume jobs until SIGINT/SIGTERM. Raises ValueError without a ``broker_url``."""
     if not settings.broker_url:
         raise ValueError(
             "hypereal worker needs a shared queue: set HYPEREAL_BROKER_URL "
             "(e.g. redis://127.0.0.1:6379/0). Without one, jobs run inside `hypereal serve`."
         )
-    services = build_services(settings)
+    services = build(settings)
     engine = Engine(services, consume=True)
     assert engine.broker is not None  # a broker_url is set
     engine.broker.is_worker_process = True

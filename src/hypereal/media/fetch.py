@@ -22,7 +22,6 @@ from urllib.parse import unquote_to_bytes
 
 import httpx
 
-from hypereal.domain.errors import BadRequest
 from hypereal.media.blob import MediaBlob
 from hypereal.media.sniff import sniff_content_type
 from hypereal.settings import Settings
@@ -34,8 +33,15 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class FetchRefused(BadRequest):
-    """A URL we will not fetch or post to (400 with the reason)."""
+class FetchRefused(Exception):
+    """A URL we will not fetch or post to; ``message`` says why. The request that named it
+    is at fault: callers above answer 400 with the message (``status``)."""
+
+    status = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 def parse_networks(cidrs: Sequence[str]) -> list[IPNetwork]:

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from hypereal.domain.ids import new_id
 from hypereal.media.sniff import extension_for
+from hypereal.store.ids import new_id
 
 PRESIGNED_URL_SECONDS = 7 * 24 * 3600  # S3's maximum
 

@@ -34,7 +34,7 @@ import aiohttp
 from standardwebhooks import Webhook
 
 from hypereal.domain.errors import HyperealError
-from hypereal.media.fetch import parse_networks
+from hypereal.media.fetch import FetchRefused, parse_networks
 from hypereal.media.guarded_session import LazySession, guarded_session
 from hypereal.settings import Settings
 from hypereal.store.db import Database
@@ -315,7 +315,7 @@ class WebhookSender:
             ) as response:
                 status = response.status
                 await _discard_answer(response)
-        except HyperealError as exc:  # refused by the SSRF guard
+        except (FetchRefused, HyperealError) as exc:  # refused by the SSRF guard
             return _Outcome(None, exc.message)
         except (aiohttp.ClientError, TimeoutError) as exc:
             return _Outcome(None, f"{exc.__class__.__name__}: {exc}".rstrip(": "))
