@@ -56,6 +56,13 @@ async def test_close_sends_pending_writes_first_and_abort_drops_them() -> None:
 
     raw = Recording()
     transport = CoalescingTransport(raw, asyncio.get_running_loop())
+    transport.write(b"too late")
+    raw.closed = True  # the connection closed under the pending write (the client left)
+    await asyncio.sleep(0)
+    assert raw.writes == []  # dropped: uvloop's transport would raise on it
+
+    raw = Recording()
+    transport = CoalescingTransport(raw, asyncio.get_running_loop())
     transport.write(b"never")
     transport.abort()
     await asyncio.sleep(0)

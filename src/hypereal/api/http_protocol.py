@@ -60,7 +60,10 @@ class CoalescingTransport:
         pending = self._pending
         if pending:
             self._pending = []
-            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+            # The connection may have closed since the writes (the client left): uvloop's
+            # transport raises on a write then, asyncio's ignores it. Nobody reads them now.
+            if not self._transport.is_closing():
+                self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def close(self) -> None:
         self._flush()
