@@ -10,7 +10,7 @@ from typing import Any
 
 from hypereal.backends.registry import BackendRegistry, check_patterns
 from hypereal.domain import keys, ledger
-from hypereal.domain.catalogue import Catalogue, load_catalogue
+from hypereal.domain.catalogue import Catalogue, load_catalogue, parse_catalogue
 from hypereal.domain.generation import Pipeline
 from hypereal.domain.ratelimit import RateLimiter
 from hypereal.media.signing import MediaSigner, load_secret
@@ -78,7 +78,9 @@ def build_services(settings: Settings, *, backend_types: Mapping[str, str] = {})
 
         extra_types.update(noop.NOOP_TYPES)
         backends = {**noop.NOOP_INSTANCES, **backends}
-        noop.add_noop_models(catalogue)
+        # The noop-* models, unless the operator's catalogue defines those slugs.
+        for slug, spec in parse_catalogue(noop.NOOP_CATALOGUE).models.items():
+            catalogue.models.setdefault(slug, spec)
     registry = BackendRegistry(backends, extra_types=extra_types)
     check_patterns(catalogue, registry)
     return Services(

@@ -27,7 +27,6 @@ from hypereal.backends.base import (
     MediaBlob,
     ProgressCallback,
 )
-from hypereal.domain.catalogue import Catalogue, parse_catalogue
 
 NOOP_TYPES = {"noop": "hypereal.backends.noop:NoopBackend"}
 NOOP_INSTANCES: dict[str, dict[str, Any]] = {"noop": {"type": "noop"}}
@@ -87,12 +86,6 @@ NOOP_CATALOGUE: dict[str, Any] = {
         },
     ]
 }
-
-
-def add_noop_models(catalogue: Catalogue) -> None:
-    """Add the ``noop-*`` models (unless the operator's catalogue defines those slugs)."""
-    for slug, spec in parse_catalogue(NOOP_CATALOGUE).models.items():
-        catalogue.models.setdefault(slug, spec)
 
 
 # ------------------------------------------------------------------ tiny valid files
