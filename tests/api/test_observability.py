@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from hypereal.observability import logs
 from hypereal.observability.logs import configure_logging
 from hypereal.services import Services
 from hypereal.settings import Settings
@@ -131,6 +132,7 @@ def json_logs() -> Iterator[io.StringIO]:
     yield stream
     root.handlers[:] = saved[0]
     root.setLevel(saved[1])
+    logs._access_writer = None  # the access line back to the (now quiet) logging path
 
 
 async def test_access_lines_are_json_with_the_request_id_key_and_account(
@@ -154,9 +156,10 @@ async def test_access_lines_are_json_with_the_request_id_key_and_account(
     logging.getLogger("uvicorn.error").info(
         "Started server process [%d]", 7, extra={"color_message": "\x1b[36m%d\x1b[0m"}
     )
-    last = json.loads(json_logs.getvalue().splitlines()[-1])
-    assert last["event"] == "Started server process [7]" and last["level"] == "info"
-    assert "color_message" not in last
+    lines = [json.loads(line) for line in json_logs.getvalue().splitlines() if line]
+    (started,) = [line for line in lines if line["event"] == "Started server process [7]"]
+    assert started["level"] == "info" and started["logger"] == "uvicorn.error"
+    assert "color_message" not in started
 
 
 async def test_a_job_submission_logs_its_job_id_and_model(
@@ -190,6 +193,7 @@ def test_logs_are_plain_text_on_a_terminal() -> None:
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+        logs._access_writer = None
     line = stream.getvalue().strip()
     assert "hello there" in line and "hypereal.test" in line
     with pytest.raises(json.JSONDecodeError):
