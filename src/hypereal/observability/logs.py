@@ -128,6 +128,7 @@ def configure_logging(
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+        logger.setLevel(logging.NOTSET)  # the root's level (uvicorn.run sets its own after)
 
 
 def _drop_color_message(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
