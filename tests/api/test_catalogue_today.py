@@ -21,9 +21,9 @@ from hypereal.domain import keys, ledger
 from hypereal.domain.catalogue import load_catalogue
 from hypereal.services import Services, build_services
 from hypereal.settings import Settings
-from tests.fakes.fal_server import FalFake, FalScenario
-from tests.fakes.hypereal_server import HyperealFake
-from tests.fakes.sample_media import image_bytes, wav_bytes
+from tests.support.fal_server import FalFake, FalScenario
+from tests.support.hypereal_server import HyperealFake
+from tests.support.sample_media import image_bytes, wav_bytes
 from tests.support.servers import serve_app
 
 CHAT = ("gpt-5.5", "gpt-5.5-instant", "claude-sonnet-4-6", "claude-opus-4-7")

@@ -531,7 +531,7 @@ async def test_failure_before_the_first_token_is_a_json_error_not_a_stream(
 
 @pytest.fixture
 async def upstream(tmp_path: Path) -> AsyncIterator[tuple[Any, httpx.AsyncClient, Services]]:
-    from tests.fakes.openai_server import OpenAIFake
+    from tests.support.openai_server import OpenAIFake
 
     fake = OpenAIFake(tokens=["a", "b"])
     with serve_app(fake.app) as url:

@@ -16,8 +16,8 @@ from hypereal.app import create_app
 from hypereal.domain import keys, ledger
 from hypereal.services import Services, build_services
 from hypereal.settings import Settings
-from tests.fakes.hypereal_server import HyperealFake
-from tests.fakes.openai_server import OpenAIFake
+from tests.support.hypereal_server import HyperealFake
+from tests.support.openai_server import OpenAIFake
 from tests.support.servers import free_port, serve_app
 
 openai = pytest.importorskip("openai")

@@ -19,8 +19,8 @@ from hypereal.app import create_app
 from hypereal.domain import keys, ledger
 from hypereal.services import Services, build_services
 from hypereal.settings import Settings
-from tests.fakes.fal_server import FalFake, FalScenario
-from tests.fakes.openai_server import OpenAIFake
+from tests.support.fal_server import FalFake, FalScenario
+from tests.support.openai_server import OpenAIFake
 from tests.support.servers import serve_app, silent_server
 
 

@@ -16,7 +16,7 @@ from hypereal.services import Services, build_services
 from hypereal.settings import Settings
 from tests.api.test_images import user
 from tests.backends.test_upstream_download import FileServerWrapper, redirect_to
-from tests.fakes.fal_server import FalFake
+from tests.support.fal_server import FalFake
 from tests.support.servers import serve_app
 
 

@@ -8,7 +8,7 @@ from io import BytesIO
 from pathlib import Path
 
 from hypereal.domain import jobs, ledger
-from tests.fakes_jobs import CALLS, job_app, png_data_uri, wav_data_uri
+from tests.support.jobs import CALLS, job_app, png_data_uri, wav_data_uri
 
 
 async def test_video_job_completes_and_its_output_downloads_as_mp4(tmp_path: Path) -> None:

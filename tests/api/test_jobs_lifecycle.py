@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from hypereal.domain import ledger
-from tests.fakes_jobs import CALLS, JobEnv, eventually, job_app, ledger_kinds
+from tests.support.jobs import CALLS, JobEnv, job_app, ledger_kinds
+from tests.support.polling import eventually
 
 
 async def _submit(env: JobEnv, headers: dict[str, str], model: str) -> str:

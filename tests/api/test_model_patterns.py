@@ -18,9 +18,9 @@ from hypereal.app import create_app
 from hypereal.domain import keys, ledger
 from hypereal.services import Services, build_services
 from hypereal.settings import Settings
-from tests.fakes.hypereal_server import HyperealFake
-from tests.fakes.openai_server import OpenAIFake
-from tests.fakes.sample_media import image_bytes
+from tests.support.hypereal_server import HyperealFake
+from tests.support.openai_server import OpenAIFake
+from tests.support.sample_media import image_bytes
 from tests.support.servers import serve_app
 
 CHAT_PRICE = {"base_credits": 1, "input_usd_per_million": 1.0, "output_usd_per_million": 1.0}

@@ -20,7 +20,7 @@ from hypereal.app import create_app
 from hypereal.domain import jobs, keys, ledger
 from hypereal.services import Services, build_services
 from hypereal.settings import Settings
-from tests.fakes.fal_server import FalFake
+from tests.support.fal_server import FalFake
 from tests.support.servers import free_port, serve_app
 
 openai = pytest.importorskip("openai")

@@ -18,8 +18,8 @@ from hypereal.app import create_app
 from hypereal.domain import keys, ledger
 from hypereal.services import Services, build_services
 from hypereal.settings import Settings
-from tests.fakes.hypereal_server import HyperealFake
-from tests.fakes.sample_media import image_bytes
+from tests.support.hypereal_server import HyperealFake
+from tests.support.sample_media import image_bytes
 from tests.support.servers import serve_app
 
 MARKUP = 1.5

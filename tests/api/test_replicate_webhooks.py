@@ -24,8 +24,8 @@ from hypereal.backends.replicate import ReplicatePredictions
 from hypereal.domain import keys, ledger
 from hypereal.services import build_services
 from hypereal.settings import Settings
-from tests.fakes.replicate_server import ReplicateFake, ReplicateScenario
-from tests.fakes_jobs import wav_data_uri
+from tests.support.jobs import wav_data_uri
+from tests.support.replicate_server import ReplicateFake, ReplicateScenario
 from tests.support.servers import free_port, serve_app
 
 TOKEN = "r8_test_token"

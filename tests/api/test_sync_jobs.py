@@ -16,7 +16,8 @@ from starlette.routing import Route
 from hypereal.domain import jobs, ledger
 from hypereal.domain.catalogue import parse_catalogue
 from hypereal.engine.waiters import JobWaiters
-from tests.fakes_jobs import CALLS, TEST_CATALOGUE, eventually, job_app
+from tests.support.jobs import CALLS, TEST_CATALOGUE, job_app
+from tests.support.polling import eventually
 from tests.support.servers import serve_app
 
 SYNC_MODELS = """

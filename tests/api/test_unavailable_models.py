@@ -10,7 +10,7 @@ import pytest
 
 from hypereal.domain import keys, ledger
 from hypereal.services import Services
-from tests.fakes.sample_media import wav_bytes
+from tests.support.sample_media import wav_bytes
 
 WAV = "data:audio/wav;base64," + base64.b64encode(wav_bytes()).decode()
 

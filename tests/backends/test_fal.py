@@ -19,9 +19,10 @@ from hypereal.backends.base import (
     MediaBlob,
 )
 from hypereal.backends.fal import FalQueue
-from tests.fakes.fal_server import FalFake, FalScenario
-from tests.fakes.observe import ProgressRecorder, wait_until
-from tests.fakes.sample_media import image_bytes
+from tests.support.fal_server import FalFake, FalScenario
+from tests.support.observe import ProgressRecorder
+from tests.support.polling import eventually
+from tests.support.sample_media import image_bytes
 from tests.support.servers import free_port, serve_app
 
 MODEL = "fal-ai/flux/schnell"
@@ -254,7 +255,7 @@ async def test_cancelling_the_job_task_cancels_the_fal_request(
     fake.set_scenario(MODEL, FalScenario(output="video", progress_polls=100_000))
     request = JobRequest(job_id="j", input={"prompt": "x"}, upstream_model=MODEL)
     task = asyncio.create_task(fal.generate_video(request, ProgressRecorder()))
-    await wait_until(lambda: fake.status_polls >= 3)
+    await eventually(lambda: fake.status_polls >= 3)
 
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

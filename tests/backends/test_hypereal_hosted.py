@@ -1,4 +1,4 @@
-"""HyperealHosted against a real HTTP server speaking the hosted Hypereal API (tests/fakes)."""
+"""HyperealHosted against a real HTTP server speaking the hosted Hypereal API (tests/support)."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from hypereal.backends.base import (
     VideoBackend,
 )
 from hypereal.backends.hypereal_hosted import HyperealHosted
-from tests.fakes.hypereal_server import HyperealFake, JobScenario
-from tests.fakes.sample_media import image_bytes
+from tests.support.hypereal_server import HyperealFake, JobScenario
+from tests.support.sample_media import image_bytes
 from tests.support.servers import serve_app
 
 CHAT = ChatRequest((ChatMessage("user", "tell me a story"),), temperature=0.8, max_tokens=64)

@@ -1,4 +1,4 @@
-"""OpenAICompatible against a real HTTP server speaking the OpenAI protocol (tests/fakes)."""
+"""OpenAICompatible against a real HTTP server speaking the OpenAI protocol (tests/support)."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ from hypereal.backends.base import (
     MediaBlob,
 )
 from hypereal.backends.openai_compat import OpenAICompatible, estimate_prompt_tokens
-from tests.fakes.openai_server import OpenAIFake
-from tests.fakes.sample_media import image_bytes
+from tests.support.openai_server import OpenAIFake
+from tests.support.sample_media import image_bytes
 from tests.support.servers import free_port, serve_app
 
 MESSAGES = (

@@ -26,9 +26,10 @@ from hypereal.backends.replicate import (
     ReplicateWebhookError,
     verify_replicate_webhook,
 )
-from tests.fakes.observe import ProgressRecorder, wait_until
-from tests.fakes.replicate_server import ReplicateFake, ReplicateScenario
-from tests.fakes.sample_media import image_bytes
+from tests.support.observe import ProgressRecorder
+from tests.support.polling import eventually
+from tests.support.replicate_server import ReplicateFake, ReplicateScenario
+from tests.support.sample_media import image_bytes
 from tests.support.servers import serve_app
 
 MODEL = "black-forest-labs/flux-schnell"
@@ -270,7 +271,7 @@ async def test_cancelling_the_job_task_cancels_the_prediction(
 ) -> None:
     fake.default = ReplicateScenario(output="video", processing_polls=100_000)
     task = asyncio.create_task(replicate.generate_video(job(), ProgressRecorder()))
-    await wait_until(lambda: fake.polls >= 3)
+    await eventually(lambda: fake.polls >= 3)
 
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -320,7 +321,7 @@ async def signed_delivery(
         await backend.generate_images(ImageRequest(prompt="x", upstream_model=MODEL))
     finally:
         await backend.aclose()
-    await wait_until(lambda: len(received) == 1)
+    await eventually(lambda: len(received) == 1)
     async with httpx.AsyncClient() as client:
         response = await client.get(
             f"{api_url}/webhooks/default/secret", headers={"Authorization": f"Bearer {TOKEN}"}

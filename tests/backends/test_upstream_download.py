@@ -17,10 +17,10 @@ from hypereal.backends.base import BackendError, BackendUnavailable, ImageReques
 from hypereal.backends.fal import FalQueue
 from hypereal.backends.openai_compat import OpenAICompatible
 from hypereal.backends.replicate import ReplicatePredictions
-from tests.fakes.fal_server import FalFake
-from tests.fakes.openai_server import OpenAIFake
-from tests.fakes.replicate_server import ReplicateFake, ReplicateScenario
-from tests.fakes.sample_media import image_bytes
+from tests.support.fal_server import FalFake
+from tests.support.openai_server import OpenAIFake
+from tests.support.replicate_server import ReplicateFake, ReplicateScenario
+from tests.support.sample_media import image_bytes
 from tests.support.servers import serve_app
 
 KEY = "fal-test-key"

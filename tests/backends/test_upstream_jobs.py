@@ -9,7 +9,7 @@ import pytest
 
 from hypereal.backends.base import BackendError
 from hypereal.backends.upstream.jobs import JobStatus, ProgressReporter, run_job
-from tests.fakes.observe import ProgressRecorder
+from tests.support.observe import ProgressRecorder
 
 
 class FakeJob:

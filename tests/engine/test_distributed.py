@@ -25,8 +25,8 @@ from sqlalchemy import select
 from hypereal.domain import ledger
 from hypereal.store.db import Database
 from hypereal.store.models import Job, WebhookDelivery
-from tests.fakes_jobs import eventually
 from tests.support.infra import ensure_postgres, ensure_redis, temporary_postgres_database
+from tests.support.polling import eventually
 from tests.support.processes import process
 from tests.support.servers import free_port, serve_app
 from tests.webhooks.test_delivery import Receiver

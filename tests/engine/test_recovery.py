@@ -23,7 +23,8 @@ import httpx
 from hypereal.domain import jobs, keys, ledger
 from hypereal.engine.engine import LOST_WORKER_ERROR, Engine
 from tests.engine.test_distributed import HYPEREAL, create_key, pid_of, process
-from tests.fakes_jobs import eventually, job_app, job_services, job_settings, ledger_kinds
+from tests.support.jobs import job_app, job_services, job_settings, ledger_kinds
+from tests.support.polling import eventually
 from tests.support.servers import free_port
 from tests.webhooks.test_delivery import PRIVATE_OK, Receiver, receiving
 

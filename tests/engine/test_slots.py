@@ -13,7 +13,8 @@ import pytest
 from hypereal.domain import jobs, keys, ledger
 from hypereal.engine.runner import JobRunner
 from hypereal.services import Services
-from tests.fakes_jobs import CALLS, eventually, job_services, job_settings
+from tests.support.jobs import CALLS, job_services, job_settings
+from tests.support.polling import eventually
 
 
 @pytest.fixture

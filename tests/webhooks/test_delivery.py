@@ -23,8 +23,9 @@ from typer.testing import CliRunner
 from hypereal.cli import app as cli_app
 from hypereal.store.models import Account, WebhookDelivery, utcnow
 from hypereal.webhooks.secrets import new_secret
-from tests.fakes_jobs import JobEnv, eventually, job_app
 from tests.support.infra import ensure_postgres, temporary_postgres_database
+from tests.support.jobs import JobEnv, job_app
+from tests.support.polling import eventually
 from tests.support.servers import serve_app
 
 PRIVATE_OK = {"allowed_private_networks": ["127.0.0.1/32"]}

@@ -37,8 +37,8 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from tests.fakes.openai_server import StreamStats, chat_chunks, prompt_tokens
-from tests.fakes.sample_media import MIME_BY_KIND, MediaStore, image_bytes, media_for
+from tests.support.openai_server import StreamStats, chat_chunks, prompt_tokens
+from tests.support.sample_media import MIME_BY_KIND, MediaStore, image_bytes, media_for
 
 # Poll ``type`` and output kind of each job endpoint.
 JOB_KINDS = {"videos": ("video", "video"), "audio": ("audio", "audio"), "3d": ("3d", "mesh")}

@@ -1,10 +1,7 @@
-"""Helpers for tests that drive a backend against a fake: record the progress a job reports,
-and wait for the fake's server thread to reach some state."""
+"""A recorder of the progress a backend reports, for tests that drive a backend against a
+fake (wait for a fake's state with ``tests.support.polling.eventually``)."""
 
 from __future__ import annotations
-
-import asyncio
-from collections.abc import Callable
 
 
 class ProgressRecorder:
@@ -25,11 +22,3 @@ class ProgressRecorder:
     def fractions(self) -> list[float]:
         """The fractions, in order."""
         return [fraction for fraction, _ in self.calls]
-
-
-async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None:
-    """Poll ``condition`` until true; fails the test after ``within`` seconds."""
-    async with asyncio.timeout(within):
-        # Polling, not an asyncio.Event: the state changes in the fake's own server thread.
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)

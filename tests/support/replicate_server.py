@@ -48,7 +48,7 @@ from fastapi import BackgroundTasks, FastAPI, Request
 from fastapi.responses import JSONResponse
 from standardwebhooks.webhooks import Webhook
 
-from tests.fakes.sample_media import MIME_BY_KIND, MediaStore, media_for, progress_log
+from tests.support.sample_media import MIME_BY_KIND, MediaStore, media_for, progress_log
 
 OutputKind = Literal["image", "images", "video", "audio", "mesh"]
 Outcome = Literal["succeeded", "failed", "canceled"]

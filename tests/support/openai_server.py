@@ -46,7 +46,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from tests.fakes.sample_media import MIME_BY_KIND, MediaStore, image_bytes, wav_bytes
+from tests.support.sample_media import MIME_BY_KIND, MediaStore, image_bytes, wav_bytes
 
 Failure = Literal[
     "unauthorized",

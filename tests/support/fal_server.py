@@ -35,7 +35,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from tests.fakes.sample_media import MIME_BY_KIND, MediaStore, media_for, progress_log
+from tests.support.sample_media import MIME_BY_KIND, MediaStore, media_for, progress_log
 
 OutputKind = Literal["images", "video", "audio", "mesh"]
 

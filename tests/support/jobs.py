@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +26,7 @@ from hypereal.domain import keys, ledger
 from hypereal.engine.engine import Engine
 from hypereal.services import Services, build_services
 from hypereal.settings import Settings
-from tests.fakes.sample_media import glb_bytes, image_bytes, mp4_bytes, wav_bytes
+from tests.support.sample_media import glb_bytes, image_bytes, mp4_bytes, wav_bytes
 
 # One MPEG-1 Layer III frame header (128 kbit/s, 44.1 kHz) behind an ID3v2 tag.
 MP3_BYTES = b"ID3\x03\x00\x00\x00\x00\x00\x00" + b"\xff\xfb\x90\x64" + bytes(413)
@@ -99,7 +99,7 @@ class ScriptedJobs:
         return JobResult(MediaBlob(glb_bytes(), "model/gltf-binary"))
 
 
-TEST_TYPES = {"test_jobs": "tests.fakes_jobs:ScriptedJobs"}
+TEST_TYPES = {"test_jobs": "tests.support.jobs:ScriptedJobs"}
 TEST_BACKENDS: dict[str, dict[str, Any]] = {
     "fake-ok": {"type": "test_jobs"},
     "fake-fail": {"type": "test_jobs", "mode": "fail"},
@@ -288,15 +288,6 @@ async def job_app(tmp_path: Path, **overrides: Any) -> AsyncIterator[JobEnv]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
             yield JobEnv(services, c, app)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 20) -> None:
-    """Wait until ``await check()`` is true; fails the test after ``seconds``."""
-    async with asyncio.timeout(seconds):
-        while True:
-            if await check():
-                return
-            await asyncio.sleep(0.05)
 
 
 async def ledger_kinds(services: Services, account_id: str) -> list[str]:

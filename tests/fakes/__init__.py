@@ -1,2 +1,0 @@
-"""Fake upstream providers: small real HTTP servers speaking each provider's documented
-protocol (serve them with ``tests.support.servers.serve_app``)."""
