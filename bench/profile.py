@@ -28,6 +28,67 @@ from bench.common import (
 )
 from bench.load import closed_loop, get, post_json, stream_sse
 
+# Layers of the server's time, as RESULTS.md's "Where the time goes" splits it: a sample counts
+# for the deepest frame (nearest the leaf) whose file names one of these, in this order of
+# rules; a stack with none is "asyncio event loop and the rest".
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    (
+        "access log, metrics, rate limiter, JSON",
+        (
+            "observability/logs.py",
+            "prometheus_client/",
+            "/limits/",
+            "domain/ratelimit",
+            "/json/",
+            "structlog/",
+        ),
+    ),
+    ("upstream HTTP client (aiohttp) and SSE parsing", ("aiohttp/", "backends/upstream/")),
+    ("SQLite / PostgreSQL statements (store)", ("hypereal/store/", "asyncpg/")),
+    ("media store (file writes)", ("hypereal/media/", "pathlib.py")),
+    (
+        "our middleware (auth + rate limit, body limit, errors, metrics, route index)",
+        (
+            "hypereal/api/middleware.py",
+            "hypereal/app.py",
+            "hypereal/api/errors.py",
+            "hypereal/api/error_shapes.py",
+            "hypereal/api/routing.py",
+            "hypereal/observability/middleware.py",
+        ),
+    ),
+    ("uvicorn HTTP (parsing, socket writes)", ("uvicorn/", "hypereal/api/http_protocol.py")),
+    (
+        "Starlette / FastAPI (middleware stack, routing, bodies, responses)",
+        (
+            "starlette/",
+            "fastapi/",
+            "pydantic/",
+        ),
+    ),
+    ("our route and domain code", ("hypereal/",)),
+]
+REST = "asyncio event loop and the rest"
+
+
+def layer_of(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        for name, marks in LAYERS:
+            if any(mark in frame for mark in marks):
+                return name
+    return REST
+
+
+def layers(collapsed: Path) -> dict[str, float]:
+    """Share of the samples in each layer (see LAYERS), largest first."""
+    counts: collections.Counter[str] = collections.Counter()
+    for line in collapsed.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if stack:
+            counts[layer_of(stack.split(";"))] += int(count_text)
+    total = sum(counts.values()) or 1
+    return {name: 100 * count / total for name, count in counts.most_common()}
+
 
 def summarize(collapsed: Path, top: int = 25) -> str:
     own: collections.Counter[str] = collections.Counter()
@@ -57,6 +118,8 @@ def summarize(collapsed: Path, top: int = 25) -> str:
             shown += 1
             if shown >= top:
                 break
+    out.append("\n-- layers (each sample in the deepest layer it was in)")
+    out += [f"{share:6.1f}%  {name}" for name, share in layers(collapsed).items()]
     return "\n".join(out)
 
 
