@@ -317,18 +317,6 @@ async def run_turn(
     client disconnects: most answers end sooner and cost no extra task. An answer asked of
     the upstream whole (``turn.request.whole``) is not watched: it is generated whole once
     asked for, and billed so."""
-    if turn.request.whole:
-        try:
-            async with contextlib.aclosing(turn.deltas() if deltas is None else deltas) as items:
-                async for _ in items:
-                    pass
-        except asyncio.CancelledError:
-            await turn.settle()
-            raise
-        except BaseException:
-            await turn.settle(delivered=False)
-            raise
-        return None
     task = asyncio.current_task()
     assert task is not None
     watcher: asyncio.Task[None] | None = None
@@ -345,7 +333,11 @@ async def run_turn(
         nonlocal watcher
         watcher = asyncio.ensure_future(watch())
 
-    timer = asyncio.get_running_loop().call_later(DISCONNECT_WATCH_AFTER, start_watching)
+    timer = (
+        None
+        if turn.request.whole
+        else asyncio.get_running_loop().call_later(DISCONNECT_WATCH_AFTER, start_watching)
+    )
     try:
         async with contextlib.aclosing(turn.deltas() if deltas is None else deltas) as items:
             async for _ in items:
@@ -368,7 +360,8 @@ async def run_turn(
         await turn.settle(delivered=False)
         raise
     finally:
-        timer.cancel()
+        if timer is not None:
+            timer.cancel()
         if watcher is not None and not watcher.done():
             watcher.cancel()
     return None
