@@ -16,11 +16,10 @@ from typing import Any
 import httpx
 import pytest
 
-from hypereal.app import create_app
-from hypereal.domain import keys, ledger
 from hypereal.domain.catalogue import load_catalogue
 from hypereal.services import Services, build_services
 from hypereal.settings import Settings
+from tests.support.app import app_client, bearer, funded_key
 from tests.support.fal_server import FalFake, FalScenario
 from tests.support.hypereal_server import HyperealFake
 from tests.support.sample_media import image_bytes, wav_bytes
@@ -105,18 +104,13 @@ async def client(
     backend = {"type": "hypereal", "api_key": fake.api_key, "base_url": url}
     services = _services(tmp_path, {"hypereal": {**backend, "poll_interval": 0.01}})
     await services.migrate()
-    app = create_app(services.settings, services=services)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
-            yield c, services
+    async with app_client(services) as c:
+        yield c, services
     await services.close()
 
 
 async def headers(services: Services, credits: int = 10_000) -> dict[str, str]:
-    account = await keys.create_account(services.db, "today")
-    await ledger.grant(services.db, account, credits)
-    return {"Authorization": f"Bearer {(await keys.create_key(services.db, account)).secret}"}
+    return bearer((await funded_key(services, credits, "today"))[0])
 
 
 async def finished(client: httpx.AsyncClient, job_id: str, auth: dict[str, str]) -> dict[str, Any]:
@@ -234,27 +228,24 @@ async def test_a_slug_that_does_not_exist_is_a_400(
 async def test_without_a_backend_the_new_slugs_are_unavailable_not_faked(tmp_path: Path) -> None:
     services = _services(tmp_path, {})
     await services.migrate()
-    app = create_app(services.settings, services=services)
     try:
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
-                auth = await headers(services)
-                listed = (await c.get("/v1/models", headers=auth)).json()["data"]
-                by_id = {m["id"]: m for m in listed}
-                for slug in ("gpt-5.5", "gpt-image-2", "ai-avatar-i2v", "meshy6-text-to-3d"):
-                    assert by_id[slug]["available"] is False, by_id[slug]
-                chat = {
-                    "model": "claude-sonnet-4-6",
-                    "messages": [{"role": "user", "content": "x"}],
-                }
-                answer = await c.post("/v1/chat/completions", json=chat, headers=auth)
-                assert answer.status_code == 503
-                assert "hypereal" in answer.json()["error"]["message"]
-                body = {"model": "meshy6-text-to-3d", "input": {"prompt": "a teapot"}}
-                answer = await c.post("/v1/3d/generate", json=body, headers=auth)
-                assert answer.status_code == 503
-                assert "meshy6-text-to-3d" in answer.json()["error"]
+        async with app_client(services) as c:
+            auth = await headers(services)
+            listed = (await c.get("/v1/models", headers=auth)).json()["data"]
+            by_id = {m["id"]: m for m in listed}
+            for slug in ("gpt-5.5", "gpt-image-2", "ai-avatar-i2v", "meshy6-text-to-3d"):
+                assert by_id[slug]["available"] is False, by_id[slug]
+            chat = {
+                "model": "claude-sonnet-4-6",
+                "messages": [{"role": "user", "content": "x"}],
+            }
+            answer = await c.post("/v1/chat/completions", json=chat, headers=auth)
+            assert answer.status_code == 503
+            assert "hypereal" in answer.json()["error"]["message"]
+            body = {"model": "meshy6-text-to-3d", "input": {"prompt": "a teapot"}}
+            answer = await c.post("/v1/3d/generate", json=body, headers=auth)
+            assert answer.status_code == 503
+            assert "meshy6-text-to-3d" in answer.json()["error"]
     finally:
         await services.close()
 
@@ -267,17 +258,14 @@ async def test_the_avatar_through_fal_sends_image_url_and_audio_url(
     backend = {"type": "fal", "api_key": "fal-test-key", "base_url": url, "poll_interval": 0.01}
     services = _services(tmp_path, {"fal": backend})
     await services.migrate()
-    app = create_app(services.settings, services=services)
     try:
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
-                auth = await headers(services)
-                body = {"model": "ai-avatar-i2v", "input": {"image": png_uri(), "audio": wav_uri()}}
-                accepted = await c.post("/v1/videos/generate", json=body, headers=auth)
-                assert accepted.status_code == 202, accepted.text
-                job = await finished(c, accepted.json()["jobId"], auth)
-                assert job["status"] == "completed", job
+        async with app_client(services) as c:
+            auth = await headers(services)
+            body = {"model": "ai-avatar-i2v", "input": {"image": png_uri(), "audio": wav_uri()}}
+            accepted = await c.post("/v1/videos/generate", json=body, headers=auth)
+            assert accepted.status_code == 202, accepted.text
+            job = await finished(c, accepted.json()["jobId"], auth)
+            assert job["status"] == "completed", job
     finally:
         await services.close()
     (submission,) = fake.submissions

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 
 from hypereal.app import create_app
-from hypereal.domain import keys, ledger
+from hypereal.domain import ledger
 from hypereal.services import Services, build_services
 from hypereal.settings import Settings
+from tests.support.app import funded_key
 from tests.support.hypereal_server import HyperealFake
 from tests.support.openai_server import OpenAIFake
 from tests.support.servers import free_port, serve_app
@@ -72,9 +73,7 @@ def live_url(services: Services) -> Iterator[str]:
 
 
 async def sdk(services: Services, live_url: str) -> tuple[Any, str]:
-    account = await keys.create_account(services.db, "options")
-    await ledger.grant(services.db, account, 1000)
-    key = (await keys.create_key(services.db, account)).secret
+    key, account = await funded_key(services, 1000, "options")
     return openai.OpenAI(base_url=f"{live_url}/v1", api_key=key, max_retries=0), account
 
 

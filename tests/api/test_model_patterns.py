@@ -14,10 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from hypereal.app import create_app
-from hypereal.domain import keys, ledger
 from hypereal.services import Services, build_services
 from hypereal.settings import Settings
+from tests.support.app import app_client, bearer, funded_key
 from tests.support.hypereal_server import HyperealFake
 from tests.support.openai_server import OpenAIFake
 from tests.support.sample_media import image_bytes
@@ -82,17 +81,12 @@ async def services(
 
 @pytest.fixture
 async def client(services: Services) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(services.settings, services=services)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
-            yield c
+    async with app_client(services) as c:
+        yield c
 
 
 async def auth(services: Services) -> dict[str, str]:
-    account = await keys.create_account(services.db, "patterns")
-    await ledger.grant(services.db, account, 1000)
-    return {"Authorization": f"Bearer {(await keys.create_key(services.db, account)).secret}"}
+    return bearer((await funded_key(services, 1000, "patterns"))[0])
 
 
 def chat(model: str) -> dict[str, Any]:

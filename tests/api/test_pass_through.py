@@ -14,10 +14,10 @@ from typing import Any
 import httpx
 import pytest
 
-from hypereal.app import create_app
-from hypereal.domain import keys, ledger
+from hypereal.domain import ledger
 from hypereal.services import Services, build_services
 from hypereal.settings import Settings
+from tests.support.app import app_client, bearer, funded_key
 from tests.support.hypereal_server import HyperealFake
 from tests.support.sample_media import image_bytes
 from tests.support.servers import serve_app
@@ -72,18 +72,13 @@ async def services(tmp_path: Path, hosted: HyperealFake) -> AsyncIterator[Servic
 
 @pytest.fixture
 async def client(services: Services) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(services.settings, services=services)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
-            yield c
+    async with app_client(services) as c:
+        yield c
 
 
 async def account(services: Services, credits: int = 1000) -> tuple[str, dict[str, str]]:
-    account_id = await keys.create_account(services.db, "pass-through")
-    await ledger.grant(services.db, account_id, credits)
-    secret = (await keys.create_key(services.db, account_id)).secret
-    return account_id, {"Authorization": f"Bearer {secret}"}
+    secret, account_id = await funded_key(services, credits, "pass-through")
+    return account_id, bearer(secret)
 
 
 async def test_chat_settles_to_the_upstream_bill_times_markup(
