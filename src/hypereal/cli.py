@@ -193,7 +193,7 @@ def webhooks_secret(
     rotate: Annotated[bool, typer.Option(help="Replace the secret with a new one")] = False,
 ) -> None:
     """Print an account's webhook signing secret (created on first use), or rotate it."""
-    from hypereal.webhooks.secrets import webhook_secret
+    from hypereal.domain.webhook_secrets import webhook_secret
 
     if rotate:
 

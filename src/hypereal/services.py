@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from hypereal.backends.registry import BackendRegistry, check_patterns
+from hypereal.backends.registry import BackendRegistry
 from hypereal.domain import keys, ledger
 from hypereal.domain.catalogue import Catalogue, load_catalogue, parse_catalogue
 from hypereal.domain.generation import Pipeline
+from hypereal.domain.model_backends import ModelBackends, check_patterns
 from hypereal.domain.ratelimit import RateLimiter
 from hypereal.media.signing import MediaSigner, load_secret
 from hypereal.media.store import LocalMediaStore, MediaStore, S3MediaStore
@@ -27,7 +28,7 @@ class Services:
     settings: Settings
     db: Database
     catalogue: Catalogue
-    backends: BackendRegistry
+    backends: ModelBackends
     media: MediaStore
     limiter: RateLimiter
 
@@ -87,7 +88,7 @@ def build_services(settings: Settings, *, backend_types: Mapping[str, str] = {})
         settings=settings,
         db=Database(settings.resolved_database_url),
         catalogue=catalogue,
-        backends=registry,
+        backends=ModelBackends(registry),
         media=build_media_store(settings),
         limiter=RateLimiter(settings.resolved_rate_limit_storage, settings.rate_limit_per_hour),
     )

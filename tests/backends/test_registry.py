@@ -8,6 +8,7 @@ from hypereal.backends.base import BackendUnavailable
 from hypereal.backends.options import OPTIONS, BackendConfigError
 from hypereal.backends.registry import BACKEND_TYPES, UPSTREAM_CONCURRENCY, BackendRegistry
 from hypereal.domain.catalogue import Binding, ModelSpec, PriceRule
+from hypereal.domain.model_backends import ModelBackends
 
 
 def video_model(*backends: str, concurrency: int | None = None) -> ModelSpec:
@@ -31,32 +32,33 @@ REGISTRY = BackendRegistry(
         "llama-missing": {"type": "llama_cpp", "model_path": "/nonexistent/model.gguf"},
     }
 )
+BACKENDS = ModelBackends(REGISTRY)
 
 
 def test_an_upstream_backend_runs_many_jobs_of_a_model_at_once() -> None:
-    assert REGISTRY.concurrency(video_model("fal")) == UPSTREAM_CONCURRENCY == 16
+    assert BACKENDS.concurrency(video_model("fal")) == UPSTREAM_CONCURRENCY == 16
 
 
 def test_a_local_backend_runs_one_at_a_time() -> None:
-    assert REGISTRY.concurrency(video_model("local-camera-motion")) == 1
+    assert BACKENDS.concurrency(video_model("local-camera-motion")) == 1
 
 
 def test_the_instance_option_and_then_the_catalogue_win() -> None:
-    assert REGISTRY.concurrency(video_model("fal-small")) == 2
-    assert REGISTRY.concurrency(video_model("fal-small", concurrency=5)) == 5
-    assert REGISTRY.concurrency(video_model("fal", concurrency=1)) == 1
+    assert BACKENDS.concurrency(video_model("fal-small")) == 2
+    assert BACKENDS.concurrency(video_model("fal-small", concurrency=5)) == 5
+    assert BACKENDS.concurrency(video_model("fal", concurrency=1)) == 1
 
 
 def test_the_first_configured_binding_decides_without_building_it() -> None:
-    assert REGISTRY.concurrency(video_model("nowhere", "fal-small", "fal")) == 2
-    assert REGISTRY.concurrency(video_model("nowhere")) == 1  # unavailable: 503 anyway
+    assert BACKENDS.concurrency(video_model("nowhere", "fal-small", "fal")) == 2
+    assert BACKENDS.concurrency(video_model("nowhere")) == 1  # unavailable: 503 anyway
     assert "fal-small" not in REGISTRY._instances  # a configuration question builds nothing
 
 
 def test_a_binding_whose_backend_failed_to_load_is_skipped() -> None:
     with pytest.raises(BackendUnavailable, match="does not exist"):
         REGISTRY.instance("llama-missing")
-    assert REGISTRY.concurrency(video_model("llama-missing", "fal-small")) == 2
+    assert BACKENDS.concurrency(video_model("llama-missing", "fal-small")) == 2
 
 
 @pytest.mark.parametrize(

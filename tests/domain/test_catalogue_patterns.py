@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
-from hypereal.backends.registry import BackendRegistry, check_patterns
+from hypereal.backends.registry import BackendRegistry
 from hypereal.domain import catalogue as catalogue_module
 from hypereal.domain.catalogue import PassThrough, load_catalogue, parse_catalogue
 from hypereal.domain.errors import UnsupportedModel
+from hypereal.domain.model_backends import check_patterns
 from hypereal.services import build_services
 from hypereal.settings import Settings
 

@@ -21,8 +21,8 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from typer.testing import CliRunner
 
 from hypereal.cli import app as cli_app
+from hypereal.domain.webhook_secrets import new_secret
 from hypereal.store.models import Account, WebhookDelivery, utcnow
-from hypereal.webhooks.secrets import new_secret
 from tests.support.infra import ensure_postgres, temporary_postgres_database
 from tests.support.jobs import JobEnv, job_app
 from tests.support.polling import eventually

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from hypereal.api.errors import error_response
 from hypereal.domain import keys
 from hypereal.domain.errors import HyperealError, RateLimited, Unauthorized
+from hypereal.observability.logs import LOG_CALLER
 from hypereal.services import Services
 
 API_PREFIXES = ("/v1/", "/api/v1/")
@@ -66,7 +67,9 @@ class AuthRateLimitMiddleware:
 
         # The ledger (key id, model allow-list, key budget) and the logs read the caller.
         caller = keys.CALLER.set(principal)
+        log_caller = LOG_CALLER.set(principal)
         try:
             await self.app(scope, receive, send_with_limits)
         finally:
+            LOG_CALLER.reset(log_caller)
             keys.CALLER.reset(caller)

@@ -1,16 +1,16 @@
-"""Backend instances from settings, and the binding of catalogue models to them.
+"""Backend instances from settings.
 
 Instances are named (``local-piper``, ``fal``, ...). Each has a ``type`` naming the class
 that implements it; the built-in ``local-*`` instances need no configuration. An instance
-is created on first use; a class that cannot serve here raises BackendUnavailable, and the
-models bound only to unavailable instances answer 503 with that reason.
+is created on first use; a class that cannot serve here raises BackendUnavailable with the
+reason. The registry knows instance names and modalities, not the catalogue: binding models
+to instances is the domain's (``domain/model_backends.py``).
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from hypereal.backends import options
@@ -23,8 +23,6 @@ from hypereal.backends.base import (
     VideoBackend,
 )
 from hypereal.backends.options import BackendOptions
-from hypereal.domain.catalogue import Catalogue, ModelSpec
-from hypereal.domain.errors import ModelUnavailable
 
 # type name -> "module:Class"
 BACKEND_TYPES: dict[str, str] = {
@@ -69,23 +67,9 @@ MODALITY_PROTOCOLS: dict[str, type] = {
     "3d": MeshBackend,
 }
 
-CONFIGURE_HINT = (
-    "Configure one of its backends ({names}) in the server settings; see the README section "
-    "'Backends'."
-)
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """The backend instance serving a model, and the model's id on that backend."""
-
-    backend: Any
-    instance: str
-    upstream_model: str | None
-
 
 class BackendRegistry:
-    """Creates backend instances on demand and resolves models to them."""
+    """Creates backend instances on demand, and answers which serve a modality."""
 
     def __init__(
         self,
@@ -137,28 +121,13 @@ class BackendRegistry:
         self._instances[name] = backend
         return backend
 
-    def resolve(self, spec: ModelSpec) -> Resolved:
-        """The first configured backend that can serve ``spec``.
-
-        Raises ModelUnavailable (503) with the reasons when none can.
-        """
-        protocol = MODALITY_PROTOCOLS[spec.modality]
-        reasons: list[str] = []
-        for binding in spec.bindings:
-            if binding.backend not in self.configs:
-                continue
-            try:
-                backend = self.instance(binding.backend)
-            except BackendUnavailable as exc:
-                reasons.append(str(exc))
-                continue
-            if not self._serves(binding.backend, backend, protocol):
-                reasons.append(f"backend '{binding.backend}' does not serve {spec.modality}")
-                continue
-            return Resolved(backend, binding.backend, binding.upstream_model)
-        names = ", ".join(b.backend for b in spec.bindings) or "none listed"
-        detail = "; ".join(reasons) if reasons else CONFIGURE_HINT.format(names=names)
-        raise ModelUnavailable(f"Model {spec.slug} is not available on this server: {detail}")
+    def serving(self, name: str, modality: str) -> Any:
+        """The instance named ``name`` when it serves ``modality`` (a catalogue modality:
+        ``chat``, ``image``, ...). Raises BackendUnavailable with the reason."""
+        backend = self.instance(name)
+        if not self._serves(name, backend, MODALITY_PROTOCOLS[modality]):
+            raise BackendUnavailable(f"backend '{name}' does not serve {modality}")
+        return backend
 
     def _serves(self, name: str, backend: object, protocol: type) -> bool:
         """``isinstance(backend, protocol)``, remembered per instance: a runtime protocol
@@ -169,30 +138,17 @@ class BackendRegistry:
             serves = self._protocol_checks[key] = isinstance(backend, protocol)
         return serves
 
-    def concurrency(self, spec: ModelSpec) -> int:
-        """How many jobs of ``spec`` may run at once, all workers together: the catalogue's
-        ``concurrency`` when it sets one, else the ``concurrency`` option of the first
-        configured backend of the model not known to be unavailable, else
-        UPSTREAM_CONCURRENCY for an upstream type and 1 for a local one. Read from the
+    def concurrency(self, name: str) -> int | None:
+        """How many jobs of one model instance ``name`` runs at once: its ``concurrency``
+        option, else UPSTREAM_CONCURRENCY for an upstream type and 1 for a local one; None
+        when ``name`` is not configured or is known to be unavailable. Read from the
         checked options: no backend is built to answer."""
-        if spec.concurrency is not None:
-            return spec.concurrency
-        for binding in spec.bindings:
-            checked = self.options.get(binding.backend)
-            if checked is None or binding.backend in self._failures:
-                continue
-            if checked.concurrency is not None:
-                return checked.concurrency
-            return UPSTREAM_CONCURRENCY if checked.type in UPSTREAM_TYPES else 1
-        return 1
-
-    def availability(self, spec: ModelSpec) -> tuple[bool, str | None, str | None]:
-        """(available, serving instance, reason when unavailable) for model listings."""
-        try:
-            resolved = self.resolve(spec)
-        except ModelUnavailable as exc:
-            return False, None, exc.message
-        return True, resolved.instance, None
+        checked = self.options.get(name)
+        if checked is None or name in self._failures:
+            return None
+        if checked.concurrency is not None:
+            return checked.concurrency
+        return UPSTREAM_CONCURRENCY if checked.type in UPSTREAM_TYPES else 1
 
     async def aclose(self) -> None:
         for backend in self._instances.values():
@@ -201,17 +157,3 @@ class BackendRegistry:
                 await close()
         self._instances.clear()
         self._protocol_checks.clear()
-
-
-def check_patterns(catalogue: Catalogue, registry: BackendRegistry) -> None:
-    """Refuse (ValueError) a pass-through pattern whose backend is not a hosted Hypereal
-    instance: only that upstream answers with the ``creditsUsed`` the charge settles to."""
-    for pattern in catalogue.patterns:
-        if pattern.base.pass_through is None:
-            continue
-        config = registry.configs.get(pattern.backend, {})
-        if config.get("type", pattern.backend) != "hypereal":
-            raise ValueError(
-                f"model pattern {pattern.pattern!r}: pass_through needs a backend of type "
-                f"'hypereal' (a hosted Hypereal account); {pattern.backend!r} is not one"
-            )

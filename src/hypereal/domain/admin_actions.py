@@ -8,8 +8,8 @@ from typing import Any
 
 from hypereal.domain import audit, keys, ledger
 from hypereal.domain.keys import Controls, CreatedKey, KeyInfo, Principal
+from hypereal.domain.webhook_secrets import rotate_webhook_secret
 from hypereal.store.db import Database
-from hypereal.webhooks.secrets import rotate_webhook_secret
 
 # keys.Controls field -> its name in the audit log's details (the API's names).
 DETAIL_NAMES = {

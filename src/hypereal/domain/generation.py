@@ -36,7 +36,7 @@ from hypereal.settings import Settings
 from hypereal.store.db import Database
 
 if TYPE_CHECKING:
-    from hypereal.backends.registry import BackendRegistry, Resolved
+    from hypereal.domain.model_backends import ModelBackends, Resolved
 
 log = logging.getLogger("hypereal.generation")
 
@@ -150,7 +150,7 @@ class Pipeline:
 
     db: Database
     media: MediaStore
-    backends: BackendRegistry
+    backends: ModelBackends
     settings: Settings
 
     def resolve(self, spec: ModelSpec) -> Resolved:

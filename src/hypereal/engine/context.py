@@ -7,9 +7,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from hypereal.backends.registry import BackendRegistry
     from hypereal.domain.catalogue import Catalogue
     from hypereal.domain.generation import Pipeline
+    from hypereal.domain.model_backends import ModelBackends
     from hypereal.settings import Settings
     from hypereal.store.db import Database
 
@@ -27,7 +27,7 @@ class JobServices(Protocol):
     def catalogue(self) -> Catalogue: ...
 
     @property
-    def backends(self) -> BackendRegistry: ...
+    def backends(self) -> ModelBackends: ...
 
     @property
     def pipeline(self) -> Pipeline: ...

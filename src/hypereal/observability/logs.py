@@ -12,16 +12,28 @@ import logging
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import orjson
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
-from hypereal.domain import keys
-
 # The current request's (or job's) log context: a dict the middleware creates per request.
 LOG_CONTEXT: ContextVar[dict[str, Any] | None] = ContextVar("hypereal_log_context", default=None)
+
+
+class Caller(Protocol):
+    """What the logs read of the request's caller (the domain's ``Principal``)."""
+
+    @property
+    def key_id(self) -> str: ...
+
+    @property
+    def account_id(self) -> str: ...
+
+
+# The current request's caller, set by the auth middleware with the domain's own.
+LOG_CALLER: ContextVar[Caller | None] = ContextVar("hypereal_log_caller", default=None)
 
 ACCESS_LOGGER = "hypereal.access"
 
@@ -38,7 +50,7 @@ def _merge_context(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     if context:
         for name, value in context.items():
             event.setdefault(name, value)
-    caller = keys.CALLER.get()
+    caller = LOG_CALLER.get()
     if caller is not None:
         event.setdefault("key_id", caller.key_id)
         event.setdefault("account_id", caller.account_id)

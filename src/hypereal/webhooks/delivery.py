@@ -34,13 +34,14 @@ import aiohttp
 from standardwebhooks import Webhook
 
 from hypereal.domain.errors import HyperealError
+from hypereal.domain.webhook_secrets import webhook_secret
 from hypereal.media.fetch import FetchRefused, parse_networks
 from hypereal.media.guarded_session import LazySession, guarded_session
 from hypereal.settings import Settings
 from hypereal.store.db import Database
 from hypereal.store.models import utcnow
 from hypereal.store.writer import Dialect, Ops, Sql, as_datetime, from_json
-from hypereal.webhooks.secrets import signer, webhook_secret
+from hypereal.webhooks.secrets import signer
 
 log = logging.getLogger("hypereal.webhooks")
 

@@ -18,11 +18,11 @@ from hypereal.domain import admin_actions, jobs
 from hypereal.domain.catalogue import ModelSpec
 from hypereal.domain.errors import Conflict, GenerationFailed, HyperealError
 from hypereal.domain.keys import Principal
+from hypereal.domain.webhook_secrets import webhook_secret
 from hypereal.engine.submit import EngineNotRunning, Submission, submit_generation
 from hypereal.media.store import LocalMediaStore
 from hypereal.services import Services
 from hypereal.webhooks.delivery import Delivery, deliveries_for_job
-from hypereal.webhooks.secrets import webhook_secret
 
 router = APIRouter(tags=["jobs"])
 
