@@ -5,29 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from types import TracebackType
 from typing import Any, Literal, overload
-from urllib.parse import quote
 
 import httpx
 
-from hypereal.client import _core
-from hypereal.client._core import (
-    JOB_MODALITIES,
-    ROUTES,
-    MediaInput,
-    Messages,
-    PollPolicy,
-    RetryPolicy,
-    SSEDecoder,
-    WaitState,
-)
-from hypereal.client._errors import APIConnectionError, AuthenticationError, Conflict
+from hypereal.client import _calls, _core
+from hypereal.client._calls import Attempts, Call, ProgressCallback
+from hypereal.client._core import MediaInput, Messages, PollPolicy, WaitState
+from hypereal.client._errors import Conflict
 from hypereal.client._types import (
     Balance,
     ChatResult,
-    Connection,
     ImageResult,
     Job,
     LedgerEntry,
@@ -35,10 +25,8 @@ from hypereal.client._types import (
     RunResult,
 )
 
-ProgressCallback = Callable[[Job], object]
 
-
-class AsyncClient:
+class AsyncClient(_calls.ClientBase):
     """The Hypereal API from async Python; see :class:`hypereal.client.Client`.
 
     >>> async with AsyncClient() as client:
@@ -58,21 +46,10 @@ class AsyncClient:
         poll: PollPolicy | None = None,
         max_connections: int = 100,
     ) -> None:
-        self.base_url = _core.resolve_base_url(base_url)
-        key = _core.resolve_api_key(api_key)
-        if not key:
-            raise AuthenticationError("No API key: pass api_key=... or set HYPEREAL_API_KEY")
-        self.api_key = key
-        self.retry = RetryPolicy(max_retries=max_retries, max_wait=max_retry_wait)
-        self.poll = poll or PollPolicy()
+        super().__init__(base_url, api_key, timeout, max_retries, max_retry_wait, poll)
         self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=_core.default_headers(key),
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=max_connections),
+            **self._http_options(), limits=httpx.Limits(max_connections=max_connections)
         )
-        self._connection = Connection(self.base_url, key, timeout)
-        self._models: dict[str, Model] | None = None
         self._models_lock = asyncio.Lock()
         self.images = AsyncImages(self)
         self.videos = AsyncJobSubmitter(self, "video")
@@ -99,36 +76,14 @@ class AsyncClient:
         """Waits between retries (a test or an application may override it)."""
         await asyncio.sleep(seconds)
 
-    async def _send(
-        self,
-        method: str,
-        path: str,
-        *,
-        json: Any = None,
-        params: Mapping[str, Any] | None = None,
-        headers: Mapping[str, str] | None = None,
-        idempotency_key: str | None = None,
-        stream: bool = False,
-        timeout: Any = httpx.USE_CLIENT_DEFAULT,
-    ) -> httpx.Response:
-        extra = dict(headers or {})
-        if idempotency_key is not None:
-            extra["Idempotency-Key"] = idempotency_key
-        attempt = 0
+    async def _send(self, call: Call) -> httpx.Response:
+        """One call with its retries; returns a 2xx response or raises the typed error."""
+        attempts = Attempts(self.retry, call, self.base_url)
         while True:
-            attempt += 1
-            request = self._http.build_request(
-                method, path, json=json, params=params, headers=extra, timeout=timeout
-            )
             try:
-                response = await self._http.send(request, stream=stream)
+                response = await self._http.send(call.request(self._http), stream=call.stream)
             except httpx.TransportError as exc:
-                delay = self.retry.after_network_error(attempt)
-                if delay is None:
-                    raise APIConnectionError(
-                        f"{method} {self.base_url}{path} failed: {exc or type(exc).__name__}"
-                    ) from exc
-                await self._sleep(delay)
+                await self._sleep(attempts.after_network_error(exc))
                 continue
             if response.status_code < 400:
                 return response
@@ -136,14 +91,10 @@ class AsyncClient:
                 await response.aread()
             finally:
                 await response.aclose()
-            error = _core.error_from_response(response)
-            delay = self.retry.after_error(attempt, error)
-            if delay is None:
-                raise error
-            await self._sleep(delay)
+            await self._sleep(attempts.after_error(response))
 
-    async def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        return _core.parse_json(await self._send(method, path, **kwargs))
+    async def _json(self, call: Call) -> dict[str, Any]:
+        return _core.parse_json(await self._send(call))
 
     @overload
     async def chat(
@@ -183,28 +134,12 @@ class AsyncClient:
         **extra: Any,
     ) -> ChatResult | AsyncChatStream:
         """See :meth:`Client.chat`; a stream is iterated with ``async for``."""
-        body = _core.chat_body(
-            messages,
-            model=model,
-            stream=stream,
-            temperature=temperature,
-            max_tokens=max_tokens,
-            extra=extra,
+        call = _calls.chat_call(
+            messages, model, stream, temperature, max_tokens, idempotency_key, extra
         )
-        key = idempotency_key or _core.new_idempotency_key()
         if not stream:
-            return ChatResult.from_json(
-                await self._json("POST", ROUTES["chat"], json=body, idempotency_key=key)
-            )
-        response = await self._send(
-            "POST",
-            ROUTES["chat"],
-            json=body,
-            idempotency_key=key,
-            headers={"Accept": "text/event-stream"},
-            stream=True,
-        )
-        return AsyncChatStream(response)
+            return ChatResult.from_json(await self._json(call))
+        return AsyncChatStream(await self._send(call))
 
     async def run(
         self,
@@ -219,89 +154,44 @@ class AsyncClient:
         **fields: Any,
     ) -> RunResult:
         """See :meth:`Client.run`."""
-        spec = await self.models.get(model)
-        route = _core.route_for(spec)
-        values = _core.prepare_input({**(input or {}), **fields}, _core.media_params(spec))
-        if spec.modality == "chat":
-            messages, rest = _core.run_chat_arguments(values)
+        values = {**(input or {}), **fields}
+        plan = _calls.plan_run(await self.models.get(model), values, idempotency_key)
+        if plan.chat is not None:
+            messages, rest = plan.chat
             answer: ChatResult = await self.chat(
                 messages, model=model, idempotency_key=idempotency_key, **rest
             )
             return answer
-        if spec.modality in JOB_MODALITIES:
-            return await self._submit(
-                spec.modality,
-                model,
-                values,
-                webhook_url=webhook_url,
-                idempotency_key=idempotency_key,
-                wait=wait,
-                on_progress=on_progress,
-                timeout=timeout,
-            )
-        body = _core.image_body(None, model, values)
-        key = idempotency_key or _core.new_idempotency_key()
-        return ImageResult.from_json(
-            await self._json("POST", route, json=body, idempotency_key=key), self._connection
-        )
-
-    async def _submit(
-        self,
-        modality: str,
-        model: str | None,
-        values: Mapping[str, Any],
-        *,
-        webhook_url: str | None,
-        idempotency_key: str | None,
-        wait: bool,
-        on_progress: ProgressCallback | None,
-        timeout: float | None,
-    ) -> Job:
+        if plan.image is not None:
+            return ImageResult.from_json(await self._json(plan.image), self._connection)
         state = WaitState(self.poll, timeout, on_progress) if wait else None
-        hold = state.hold() if state is not None else None
-        data = await self._json(
-            "POST",
-            ROUTES[modality],
-            json=_core.job_body(model, values, webhook_url),
-            idempotency_key=idempotency_key or _core.new_idempotency_key(),
-            headers=_core.prefer_wait_header(hold),
-            timeout=_core.poll_timeout(hold),
+        submission = _calls.submission(
+            plan.modality, model, plan.values, webhook_url, idempotency_key, state
         )
-        job = Job.from_json(data, self._connection, model=model, type=modality)
-        if state is None:
-            return job
-        if job.done:
-            state.seen(job)
+        return await self._submit(submission, state)
+
+    async def _submit(self, submission: _calls.Submission, state: WaitState | None) -> Job:
+        """Submit a job; wait for it with ``state`` unless that is None."""
+        job = submission.job(await self._json(submission.call), self._connection)
+        if state is None or _calls.ended_at_submit(job, state):
             return job
         return await self.jobs._wait(job.id, state)
 
     async def webhook_secret(self) -> str:
         """The secret this account's webhooks are signed with (for :func:`verify_webhook`)."""
-        return str((await self._json("GET", "/v1/webhooks/secret"))["secret"])
+        return str((await self._json(_calls.WEBHOOK_SECRET))["secret"])
 
     async def balance(self) -> Balance:
-        return Balance.from_json(await self._json("GET", "/v1/credits"))
+        return Balance.from_json(await self._json(_calls.BALANCE))
 
     async def usage(
         self, *, limit: int | None = None, page_size: int = 200
     ) -> AsyncIterator[LedgerEntry]:
         """The caller's ledger, newest first: ``async for entry in client.usage()``."""
-        yielded = 0
-        before: Any = None
-        while True:
-            size = max(1, min(page_size, 200, limit - yielded if limit is not None else 200))
-            params: dict[str, Any] = {"limit": size}
-            if before is not None:
-                params["before"] = before
-            page = await self._json("GET", "/v1/usage", params=params)
-            for item in page.get("data") or ():
-                yield LedgerEntry.from_json(item)
-                yielded += 1
-                if limit is not None and yielded >= limit:
-                    return
-            before = page.get("nextCursor")
-            if not page.get("hasMore") or before is None:
-                return
+        pager = _calls.usage_pager(limit, page_size)
+        while (call := pager.next_call()) is not None:
+            for entry in pager.take(await self._json(call)):
+                yield entry
 
 
 class AsyncChatStream:
@@ -309,7 +199,7 @@ class AsyncChatStream:
 
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
-        self._state = _core.ChatAccumulator()
+        self._reader = _calls.StreamReader()
         self._deltas = self._read()
         self.result: ChatResult | None = None
 
@@ -317,32 +207,25 @@ class AsyncChatStream:
         return self._deltas
 
     async def _read(self) -> AsyncGenerator[str]:
-        decoder = SSEDecoder()
+        reader = self._reader
         try:
             async for line in self._response.aiter_lines():
-                data = decoder.feed(line)
-                if data is None:
-                    continue
-                text = self._state.event(data)
-                if text:
+                if text := reader.feed(line):
                     yield text
-                if self._state.done:
+                if reader.done:
                     break
             else:
-                data = decoder.flush()
-                if data is not None and (text := self._state.event(data)):
+                if text := reader.flush():
                     yield text
         except httpx.HTTPError as exc:
-            raise APIConnectionError(f"The chat stream broke: {exc}") from exc
+            raise _calls.stream_broke(exc) from exc
         finally:
             await self._response.aclose()
-        if not self._state.done and self._state.finish_reason is None:
-            raise APIConnectionError("The chat stream ended before the answer was complete")
-        self.result = ChatResult.from_json(self._state.as_json())
+        self.result = ChatResult.from_json(reader.result())
 
     @property
     def text(self) -> str:
-        return "".join(self._state.parts)
+        return "".join(self._reader.state.parts)
 
     async def until_done(self) -> ChatResult:
         async for _ in self._deltas:
@@ -379,10 +262,9 @@ class AsyncImages:
         idempotency_key: str | None = None,
         **extra: Any,
     ) -> ImageResult:
-        values = dict(
-            size=size, aspect_ratio=aspect_ratio, output_format=output_format, seed=seed, **extra
-        )
-        return await self._post("/v1/images/generate", prompt, model, values, idempotency_key)
+        options = dict(size=size, aspect_ratio=aspect_ratio, output_format=output_format, seed=seed)
+        call = _calls.image_call("image", prompt, model, {**options, **extra}, idempotency_key)
+        return await self._post(call)
 
     async def edit(
         self,
@@ -398,30 +280,15 @@ class AsyncImages:
         idempotency_key: str | None = None,
         **extra: Any,
     ) -> ImageResult:
-        values = dict(
-            image=image,
-            images=images,
-            size=size,
-            aspect_ratio=aspect_ratio,
-            output_format=output_format,
-            seed=seed,
-            **extra,
+        inputs = {"image": image, "images": images}
+        options = dict(size=size, aspect_ratio=aspect_ratio, output_format=output_format, seed=seed)
+        values = {**inputs, **options, **extra}
+        return await self._post(
+            _calls.image_call("image-edit", prompt, model, values, idempotency_key)
         )
-        return await self._post("/v1/images/edit", prompt, model, values, idempotency_key)
 
-    async def _post(
-        self,
-        route: str,
-        prompt: str,
-        model: str | None,
-        values: Mapping[str, Any],
-        idempotency_key: str | None,
-    ) -> ImageResult:
-        body = _core.image_body(prompt, model, {k: v for k, v in values.items() if v is not None})
-        key = idempotency_key or _core.new_idempotency_key()
-        client = self._client
-        data = await client._json("POST", route, json=body, idempotency_key=key)
-        return ImageResult.from_json(data, client._connection)
+    async def _post(self, call: Call) -> ImageResult:
+        return ImageResult.from_json(await self._client._json(call), self._client._connection)
 
 
 class AsyncJobSubmitter:
@@ -443,16 +310,13 @@ class AsyncJobSubmitter:
         idempotency_key: str | None = None,
         **fields: Any,
     ) -> Job:
-        return await self._client._submit(
-            self.modality,
-            model,
-            {**(input or {}), **fields},
-            webhook_url=webhook_url,
-            idempotency_key=idempotency_key,
-            wait=wait,
-            on_progress=on_progress,
-            timeout=timeout,
+        client = self._client
+        state = WaitState(client.poll, timeout, on_progress) if wait else None
+        values = {**(input or {}), **fields}
+        submission = _calls.submission(
+            self.modality, model, values, webhook_url, idempotency_key, state
         )
+        return await client._submit(submission, state)
 
 
 class AsyncJobs:
@@ -462,15 +326,8 @@ class AsyncJobs:
         self._client = client
 
     async def _get(self, job_id: str, hold: float | None = None) -> tuple[Job, bool]:
-        client = self._client
-        response = await client._send(
-            "GET",
-            f"/v1/jobs/{quote(job_id, safe='')}",
-            headers=_core.prefer_wait_header(hold),
-            timeout=_core.poll_timeout(hold),
-        )
-        job = Job.from_json(_core.parse_json(response), client._connection)
-        return job, _core.preference_applied(response)
+        response = await self._client._send(_calls.job_call(job_id, hold))
+        return _calls.read_job(response, self._client._connection)
 
     async def get(self, job_id: str) -> Job:
         return (await self._get(job_id))[0]
@@ -478,37 +335,20 @@ class AsyncJobs:
     async def list(
         self, *, type: str | None = None, limit: int | None = None, page_size: int = 100
     ) -> AsyncIterator[Job]:
-        client = self._client
-        yielded = 0
-        before: str | None = None
-        while True:
-            size = max(1, min(page_size, 100, limit - yielded if limit is not None else 100))
-            params: dict[str, Any] = {"limit": size}
-            if type is not None:
-                params["type"] = type
-            if before is not None:
-                params["before"] = before
-            page = await client._json("GET", "/v1/jobs", params=params)
-            for item in page.get("data") or ():
-                yield Job.from_json(item, client._connection)
-                yielded += 1
-                if limit is not None and yielded >= limit:
-                    return
-            cursor = page.get("nextCursor")
-            if not page.get("hasMore") or not isinstance(cursor, str):
-                return
-            before = cursor
+        pager = _calls.jobs_pager(self._client._connection, type, limit, page_size)
+        while (call := pager.next_call()) is not None:
+            for job in pager.take(await self._client._json(call)):
+                yield job
 
     async def cancel(self, job_id: str) -> Job:
-        client = self._client
         try:
-            data = await client._json("POST", f"/v1/jobs/{quote(job_id, safe='')}/cancel")
+            data = await self._client._json(_calls.cancel_call(job_id))
         except Conflict:
             job = await self.get(job_id)
             if job.status == "canceled":
                 return job
             raise
-        return Job.from_json(data, client._connection)
+        return Job.from_json(data, self._client._connection)
 
     async def wait(
         self,
@@ -537,9 +377,8 @@ class AsyncModels:
         self._client = client
 
     async def list(self) -> builtins.list[Model]:
-        data = await self._client._json("GET", "/v1/models")
-        models = [Model.from_json(item) for item in data.get("data") or ()]
-        self._client._models = {model.slug: model for model in models}
+        models = _calls.read_models(await self._client._json(_calls.MODELS))
+        self._client._models = _calls.by_slug(models)
         return models
 
     async def get(self, slug: str) -> Model:

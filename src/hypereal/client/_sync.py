@@ -4,29 +4,19 @@ from __future__ import annotations
 
 import builtins
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Literal, overload
-from urllib.parse import quote
 
 import httpx
 
-from hypereal.client import _core
-from hypereal.client._core import (
-    JOB_MODALITIES,
-    ROUTES,
-    MediaInput,
-    Messages,
-    PollPolicy,
-    RetryPolicy,
-    SSEDecoder,
-    WaitState,
-)
-from hypereal.client._errors import APIConnectionError, AuthenticationError, Conflict
+from hypereal.client import _calls, _core
+from hypereal.client._calls import Attempts, Call, ProgressCallback
+from hypereal.client._core import MediaInput, Messages, PollPolicy, WaitState
+from hypereal.client._errors import Conflict
 from hypereal.client._types import (
     Balance,
     ChatResult,
-    Connection,
     ImageResult,
     Job,
     LedgerEntry,
@@ -34,10 +24,8 @@ from hypereal.client._types import (
     RunResult,
 )
 
-ProgressCallback = Callable[[Job], object]
 
-
-class Client:
+class Client(_calls.ClientBase):
     """The Hypereal API from Python.
 
     ``Client(base_url=..., api_key=...)``; without them, ``HYPEREAL_BASE_URL`` (default
@@ -61,18 +49,8 @@ class Client:
         max_retry_wait: float = 60.0,
         poll: PollPolicy | None = None,
     ) -> None:
-        self.base_url = _core.resolve_base_url(base_url)
-        key = _core.resolve_api_key(api_key)
-        if not key:
-            raise AuthenticationError("No API key: pass api_key=... or set HYPEREAL_API_KEY")
-        self.api_key = key
-        self.retry = RetryPolicy(max_retries=max_retries, max_wait=max_retry_wait)
-        self.poll = poll or PollPolicy()
-        self._http = httpx.Client(
-            base_url=self.base_url, headers=_core.default_headers(key), timeout=timeout
-        )
-        self._connection = Connection(self.base_url, key, timeout)
-        self._models: dict[str, Model] | None = None
+        super().__init__(base_url, api_key, timeout, max_retries, max_retry_wait, poll)
+        self._http = httpx.Client(**self._http_options())
         self.images = Images(self)
         self.videos = JobSubmitter(self, "video")
         self.audio = JobSubmitter(self, "audio")
@@ -102,37 +80,14 @@ class Client:
         """Waits between retries (a test or an application may override it)."""
         time.sleep(seconds)
 
-    def _send(
-        self,
-        method: str,
-        path: str,
-        *,
-        json: Any = None,
-        params: Mapping[str, Any] | None = None,
-        headers: Mapping[str, str] | None = None,
-        idempotency_key: str | None = None,
-        stream: bool = False,
-        timeout: Any = httpx.USE_CLIENT_DEFAULT,
-    ) -> httpx.Response:
+    def _send(self, call: Call) -> httpx.Response:
         """One call with its retries; returns a 2xx response or raises the typed error."""
-        extra = dict(headers or {})
-        if idempotency_key is not None:
-            extra["Idempotency-Key"] = idempotency_key
-        attempt = 0
+        attempts = Attempts(self.retry, call, self.base_url)
         while True:
-            attempt += 1
-            request = self._http.build_request(
-                method, path, json=json, params=params, headers=extra, timeout=timeout
-            )
             try:
-                response = self._http.send(request, stream=stream)
+                response = self._http.send(call.request(self._http), stream=call.stream)
             except httpx.TransportError as exc:
-                delay = self.retry.after_network_error(attempt)
-                if delay is None:
-                    raise APIConnectionError(
-                        f"{method} {self.base_url}{path} failed: {exc or type(exc).__name__}"
-                    ) from exc
-                self._sleep(delay)
+                self._sleep(attempts.after_network_error(exc))
                 continue
             if response.status_code < 400:
                 return response
@@ -140,14 +95,10 @@ class Client:
                 response.read()
             finally:
                 response.close()
-            error = _core.error_from_response(response)
-            delay = self.retry.after_error(attempt, error)
-            if delay is None:
-                raise error
-            self._sleep(delay)
+            self._sleep(attempts.after_error(response))
 
-    def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        return _core.parse_json(self._send(method, path, **kwargs))
+    def _json(self, call: Call) -> dict[str, Any]:
+        return _core.parse_json(self._send(call))
 
     # -------------------------------------------------------------------------- calls
 
@@ -191,28 +142,12 @@ class Client:
         """A chat answer. ``messages``: a string (one user message) or ``{"role",
         "content"}`` dicts. With ``stream=True``, a :class:`ChatStream`: iterate it for the
         text deltas; its ``result`` then holds the usage and credits."""
-        body = _core.chat_body(
-            messages,
-            model=model,
-            stream=stream,
-            temperature=temperature,
-            max_tokens=max_tokens,
-            extra=extra,
+        call = _calls.chat_call(
+            messages, model, stream, temperature, max_tokens, idempotency_key, extra
         )
-        key = idempotency_key or _core.new_idempotency_key()
         if not stream:
-            return ChatResult.from_json(
-                self._json("POST", ROUTES["chat"], json=body, idempotency_key=key)
-            )
-        response = self._send(
-            "POST",
-            ROUTES["chat"],
-            json=body,
-            idempotency_key=key,
-            headers={"Accept": "text/event-stream"},
-            stream=True,
-        )
-        return ChatStream(response)
+            return ChatResult.from_json(self._json(call))
+        return ChatStream(self._send(call))
 
     def run(
         self,
@@ -231,89 +166,43 @@ class Client:
         waited for unless ``wait=False``, ``on_progress(job)`` called as it advances), an
         :class:`ImageResult` or a :class:`ChatResult`. Paths and bytes in ``input`` (and
         strings naming files, for the model's file parameters) are sent as data URIs."""
-        spec = self.models.get(model)
-        route = _core.route_for(spec)
-        values = _core.prepare_input({**(input or {}), **fields}, _core.media_params(spec))
-        if spec.modality == "chat":
-            messages, rest = _core.run_chat_arguments(values)
+        values = {**(input or {}), **fields}
+        plan = _calls.plan_run(self.models.get(model), values, idempotency_key)
+        if plan.chat is not None:
+            messages, rest = plan.chat
             answer: ChatResult = self.chat(
                 messages, model=model, idempotency_key=idempotency_key, **rest
             )
             return answer
-        if spec.modality in JOB_MODALITIES:
-            return self._submit(
-                spec.modality,
-                model,
-                values,
-                webhook_url=webhook_url,
-                idempotency_key=idempotency_key,
-                wait=wait,
-                on_progress=on_progress,
-                timeout=timeout,
-            )
-        body = _core.image_body(None, model, values)
-        key = idempotency_key or _core.new_idempotency_key()
-        return ImageResult.from_json(
-            self._json("POST", route, json=body, idempotency_key=key), self._connection
-        )
-
-    def _submit(
-        self,
-        modality: str,
-        model: str | None,
-        values: Mapping[str, Any],
-        *,
-        webhook_url: str | None,
-        idempotency_key: str | None,
-        wait: bool,
-        on_progress: ProgressCallback | None,
-        timeout: float | None,
-    ) -> Job:
+        if plan.image is not None:
+            return ImageResult.from_json(self._json(plan.image), self._connection)
         state = WaitState(self.poll, timeout, on_progress) if wait else None
-        hold = state.hold() if state is not None else None
-        data = self._json(
-            "POST",
-            ROUTES[modality],
-            json=_core.job_body(model, values, webhook_url),
-            idempotency_key=idempotency_key or _core.new_idempotency_key(),
-            headers=_core.prefer_wait_header(hold),
-            timeout=_core.poll_timeout(hold),
+        submission = _calls.submission(
+            plan.modality, model, plan.values, webhook_url, idempotency_key, state
         )
-        job = Job.from_json(data, self._connection, model=model, type=modality)
-        if state is None:
-            return job
-        if job.done:  # answered synchronously
-            state.seen(job)
+        return self._submit(submission, state)
+
+    def _submit(self, submission: _calls.Submission, state: WaitState | None) -> Job:
+        """Submit a job; wait for it with ``state`` unless that is None."""
+        job = submission.job(self._json(submission.call), self._connection)
+        if state is None or _calls.ended_at_submit(job, state):
             return job
         return self.jobs._wait(job.id, state)
 
     def webhook_secret(self) -> str:
         """The secret this account's webhooks are signed with (for :func:`verify_webhook`)."""
-        return str((self._json("GET", "/v1/webhooks/secret"))["secret"])
+        return str(self._json(_calls.WEBHOOK_SECRET)["secret"])
 
     def balance(self) -> Balance:
         """The caller's credits."""
-        return Balance.from_json(self._json("GET", "/v1/credits"))
+        return Balance.from_json(self._json(_calls.BALANCE))
 
     def usage(self, *, limit: int | None = None, page_size: int = 200) -> Iterator[LedgerEntry]:
         """The caller's ledger, newest first (pages fetched as the iteration goes on);
         ``limit`` stops after that many entries."""
-        yielded = 0
-        before: Any = None
-        while True:
-            size = max(1, min(page_size, 200, limit - yielded if limit is not None else 200))
-            params: dict[str, Any] = {"limit": size}
-            if before is not None:
-                params["before"] = before
-            page = self._json("GET", "/v1/usage", params=params)
-            for item in page.get("data") or ():
-                yield LedgerEntry.from_json(item)
-                yielded += 1
-                if limit is not None and yielded >= limit:
-                    return
-            before = page.get("nextCursor")
-            if not page.get("hasMore") or before is None:
-                return
+        pager = _calls.usage_pager(limit, page_size)
+        while (call := pager.next_call()) is not None:
+            yield from pager.take(self._json(call))
 
 
 class ChatStream:
@@ -324,7 +213,7 @@ class ChatStream:
 
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
-        self._state = _core.ChatAccumulator()
+        self._reader = _calls.StreamReader()
         self._deltas = self._read()
         self.result: ChatResult | None = None
 
@@ -332,33 +221,26 @@ class ChatStream:
         return self._deltas
 
     def _read(self) -> Generator[str]:
-        decoder = SSEDecoder()
+        reader = self._reader
         try:
             for line in self._response.iter_lines():
-                data = decoder.feed(line)
-                if data is None:
-                    continue
-                text = self._state.event(data)
-                if text:
+                if text := reader.feed(line):
                     yield text
-                if self._state.done:
+                if reader.done:
                     break
             else:
-                data = decoder.flush()
-                if data is not None and (text := self._state.event(data)):
+                if text := reader.flush():
                     yield text
         except httpx.HTTPError as exc:
-            raise APIConnectionError(f"The chat stream broke: {exc}") from exc
+            raise _calls.stream_broke(exc) from exc
         finally:
             self._response.close()
-        if not self._state.done and self._state.finish_reason is None:
-            raise APIConnectionError("The chat stream ended before the answer was complete")
-        self.result = ChatResult.from_json(self._state.as_json())
+        self.result = ChatResult.from_json(reader.result())
 
     @property
     def text(self) -> str:
         """The text received so far."""
-        return "".join(self._state.parts)
+        return "".join(self._reader.state.parts)
 
     def until_done(self) -> ChatResult:
         """Read the rest of the stream; the whole answer."""
@@ -397,10 +279,9 @@ class Images:
         **extra: Any,
     ) -> ImageResult:
         """Generate an image (``model`` defaults to the server's default image model)."""
-        values = dict(
-            size=size, aspect_ratio=aspect_ratio, output_format=output_format, seed=seed, **extra
-        )
-        return self._post("/v1/images/generate", prompt, model, values, idempotency_key)
+        options = dict(size=size, aspect_ratio=aspect_ratio, output_format=output_format, seed=seed)
+        call = _calls.image_call("image", prompt, model, {**options, **extra}, idempotency_key)
+        return self._post(call)
 
     def edit(
         self,
@@ -417,31 +298,13 @@ class Images:
         **extra: Any,
     ) -> ImageResult:
         """Edit ``image`` (or ``images``): URLs, data URIs, paths or bytes."""
-        values = dict(
-            image=image,
-            images=images,
-            size=size,
-            aspect_ratio=aspect_ratio,
-            output_format=output_format,
-            seed=seed,
-            **extra,
-        )
-        return self._post("/v1/images/edit", prompt, model, values, idempotency_key)
+        inputs = {"image": image, "images": images}
+        options = dict(size=size, aspect_ratio=aspect_ratio, output_format=output_format, seed=seed)
+        values = {**inputs, **options, **extra}
+        return self._post(_calls.image_call("image-edit", prompt, model, values, idempotency_key))
 
-    def _post(
-        self,
-        route: str,
-        prompt: str,
-        model: str | None,
-        values: Mapping[str, Any],
-        idempotency_key: str | None,
-    ) -> ImageResult:
-        body = _core.image_body(prompt, model, {k: v for k, v in values.items() if v is not None})
-        key = idempotency_key or _core.new_idempotency_key()
-        client = self._client
-        return ImageResult.from_json(
-            client._json("POST", route, json=body, idempotency_key=key), client._connection
-        )
+    def _post(self, call: Call) -> ImageResult:
+        return ImageResult.from_json(self._client._json(call), self._client._connection)
 
 
 class JobSubmitter:
@@ -465,16 +328,13 @@ class JobSubmitter:
     ) -> Job:
         """Submit a job (``input`` and/or keyword fields, files as paths or bytes) and
         return it as submitted, or finished with ``wait=True``."""
-        return self._client._submit(
-            self.modality,
-            model,
-            {**(input or {}), **fields},
-            webhook_url=webhook_url,
-            idempotency_key=idempotency_key,
-            wait=wait,
-            on_progress=on_progress,
-            timeout=timeout,
+        client = self._client
+        state = WaitState(client.poll, timeout, on_progress) if wait else None
+        values = {**(input or {}), **fields}
+        submission = _calls.submission(
+            self.modality, model, values, webhook_url, idempotency_key, state
         )
+        return client._submit(submission, state)
 
 
 class Jobs:
@@ -484,15 +344,8 @@ class Jobs:
         self._client = client
 
     def _get(self, job_id: str, hold: float | None = None) -> tuple[Job, bool]:
-        client = self._client
-        response = client._send(
-            "GET",
-            f"/v1/jobs/{quote(job_id, safe='')}",
-            headers=_core.prefer_wait_header(hold),
-            timeout=_core.poll_timeout(hold),
-        )
-        job = Job.from_json(_core.parse_json(response), client._connection)
-        return job, _core.preference_applied(response)
+        response = self._client._send(_calls.job_call(job_id, hold))
+        return _calls.read_job(response, self._client._connection)
 
     def get(self, job_id: str) -> Job:
         """A job's current state."""
@@ -503,39 +356,21 @@ class Jobs:
     ) -> Iterator[Job]:
         """The caller's jobs, newest first, fetched ``page_size`` at a time as the iteration
         goes on; ``type``: ``video``, ``audio`` or ``3d``; ``limit`` stops after that many."""
-        client = self._client
-        yielded = 0
-        before: str | None = None
-        while True:
-            size = max(1, min(page_size, 100, limit - yielded if limit is not None else 100))
-            params: dict[str, Any] = {"limit": size}
-            if type is not None:
-                params["type"] = type
-            if before is not None:
-                params["before"] = before
-            page = client._json("GET", "/v1/jobs", params=params)
-            for item in page.get("data") or ():
-                yield Job.from_json(item, client._connection)
-                yielded += 1
-                if limit is not None and yielded >= limit:
-                    return
-            cursor = page.get("nextCursor")
-            if not page.get("hasMore") or not isinstance(cursor, str):
-                return
-            before = cursor
+        pager = _calls.jobs_pager(self._client._connection, type, limit, page_size)
+        while (call := pager.next_call()) is not None:
+            yield from pager.take(self._client._json(call))
 
     def cancel(self, job_id: str) -> Job:
         """Cancel a queued or running job (refunded). Conflict once it has finished;
         cancelling a job that is already canceled returns it."""
-        client = self._client
         try:
-            data = client._json("POST", f"/v1/jobs/{quote(job_id, safe='')}/cancel")
+            data = self._client._json(_calls.cancel_call(job_id))
         except Conflict:
             job = self.get(job_id)
             if job.status == "canceled":  # e.g. our first try's answer was lost
                 return job
             raise
-        return Job.from_json(data, client._connection)
+        return Job.from_json(data, self._client._connection)
 
     def wait(
         self,
@@ -569,9 +404,8 @@ class Models:
 
     def list(self) -> builtins.list[Model]:
         """Every model (fetched again on each call)."""
-        data = self._client._json("GET", "/v1/models")
-        models = [Model.from_json(item) for item in data.get("data") or ()]
-        self._client._models = {model.slug: model for model in models}
+        models = _calls.read_models(self._client._json(_calls.MODELS))
+        self._client._models = _calls.by_slug(models)
         return models
 
     def get(self, slug: str) -> Model:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -53,6 +53,7 @@ ApiKeyOption = Annotated[
         "--api-key", envvar="HYPEREAL_API_KEY", help="API key (ck_...)", show_default=False
     ),
 ]
+JobIdArgument = Annotated[str, typer.Argument(help="Job id (job_...)")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON (for scripts)")]
 TimeoutOption = Annotated[
     float | None, typer.Option("--timeout", help="Seconds to wait for the job (default: no limit)")
@@ -491,41 +492,48 @@ def jobs_list(
         _print_table(table)
 
 
-@jobs_app.command("get")
-def jobs_get(
-    job_id: Annotated[str, typer.Argument(help="Job id (job_...)")],
-    as_json: JsonOption = False,
-    base_url: BaseUrlOption = None,
-    api_key: ApiKeyOption = None,
-) -> None:
-    """A job's status, progress, cost and output."""
-    with _client(base_url, api_key) as client, _handled():
-        job = client.jobs.get(job_id)
-        if as_json:
-            _print_json(dict(job.raw))
-        else:
-            _print_job(job)
+def _job_command(
+    act: Callable[[Client, str], Job], show: Callable[[Job], object], doc: str
+) -> Callable[..., None]:
+    """A ``jobs`` command that does ``act`` to one job and prints the job it returns: its
+    JSON with ``--json``, else ``show(job)``; ``doc`` is its help."""
+
+    def command(
+        job_id: JobIdArgument,
+        as_json: JsonOption = False,
+        base_url: BaseUrlOption = None,
+        api_key: ApiKeyOption = None,
+    ) -> None:
+        with _client(base_url, api_key) as client, _handled():
+            job = act(client, job_id)
+            if as_json:
+                _print_json(dict(job.raw))
+            else:
+                show(job)
+
+    command.__doc__ = doc
+    return command
 
 
-@jobs_app.command("cancel")
-def jobs_cancel(
-    job_id: Annotated[str, typer.Argument(help="Job id (job_...)")],
-    as_json: JsonOption = False,
-    base_url: BaseUrlOption = None,
-    api_key: ApiKeyOption = None,
-) -> None:
-    """Cancel a queued or running job; its credits are refunded."""
-    with _client(base_url, api_key) as client, _handled():
-        job = client.jobs.cancel(job_id)
-        if as_json:
-            _print_json(dict(job.raw))
-        else:
-            out.print(f"canceled {job.id}", markup=False)
+jobs_app.command("get")(
+    _job_command(
+        lambda client, job_id: client.jobs.get(job_id),
+        _print_job,
+        "A job's status, progress, cost and output.",
+    )
+)
+jobs_app.command("cancel")(
+    _job_command(
+        lambda client, job_id: client.jobs.cancel(job_id),
+        lambda job: out.print(f"canceled {job.id}", markup=False),
+        "Cancel a queued or running job; its credits are refunded.",
+    )
+)
 
 
 @jobs_app.command("wait")
 def jobs_wait(
-    job_id: Annotated[str, typer.Argument(help="Job id (job_...)")],
+    job_id: JobIdArgument,
     output: OutputOption = None,
     timeout: TimeoutOption = None,
     as_json: JsonOption = False,
