@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import struct
 import threading
 import uuid
-import wave
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, HTTPException, Request, Response
 from PIL import Image
+
+from hypereal.backends.noop import tone_wav
 
 MIME_BY_KIND = {
     "png": "image/png",
@@ -52,17 +52,7 @@ def mp4_bytes() -> bytes:
 
 def wav_bytes(seconds: float = 0.05, rate: int = 8000) -> bytes:
     """A mono 16-bit PCM WAV of a 440 Hz tone."""
-    frames = b"".join(
-        struct.pack("<h", int(8000 * math.sin(2 * math.pi * 440 * n / rate)))
-        for n in range(int(seconds * rate))
-    )
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(frames)
-    return buffer.getvalue()
+    return tone_wav(seconds, rate, 440.0)
 
 
 def glb_bytes() -> bytes:

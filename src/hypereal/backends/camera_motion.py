@@ -62,7 +62,8 @@ from hypereal.backends.base import (
     MediaBlob,
     ProgressCallback,
 )
-from hypereal.backends.image_codec import DEFAULT_MAX_INPUT_PIXELS, decode_image, pixel_cap_option
+from hypereal.backends.extras import require_local_extra
+from hypereal.backends.image_codec import decode_image, input_pixel_cap
 
 try:
     import av
@@ -410,14 +411,8 @@ class CameraMotionVideo:
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         """Check PyAV/numpy and the options; raises BackendUnavailable when unusable."""
         options = options or {}
-        if _MISSING is not None:
-            raise BackendUnavailable(
-                f"CameraMotionVideo needs PyAV and numpy ({_MISSING} is missing); install "
-                "the local extra: pip install 'hypereal[local]'"
-            )
-        self.max_input_pixels = pixel_cap_option(
-            options, "max_input_pixels", DEFAULT_MAX_INPUT_PIXELS
-        )
+        require_local_extra("CameraMotionVideo", "PyAV and numpy", _MISSING)
+        self.max_input_pixels = input_pixel_cap(options)
         self.max_duration = _int_option(options, "max_duration", 60, 1, 600)
         self.crf = _int_option(options, "crf", 20, 0, 51)
         self.preset = str(options.get("preset", "veryfast"))

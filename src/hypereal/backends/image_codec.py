@@ -30,6 +30,7 @@ __all__ = [
     "encode_image",
     "flatten",
     "has_alpha",
+    "input_pixel_cap",
     "normalise_format",
     "pixel_cap_option",
 ]
@@ -82,3 +83,8 @@ def pixel_cap_option(options: Mapping[str, Any], name: str, default: int) -> int
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise BackendUnavailable(f"option {name!r} must be a positive integer, got {value!r}")
     return value
+
+
+def input_pixel_cap(options: Mapping[str, Any]) -> int:
+    """The ``max_input_pixels`` option: the largest input image a backend decodes."""
+    return pixel_cap_option(options, "max_input_pixels", DEFAULT_MAX_INPUT_PIXELS)

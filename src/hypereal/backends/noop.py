@@ -31,59 +31,53 @@ from hypereal.backends.base import (
 NOOP_TYPES = {"noop": "hypereal.backends.noop:NoopBackend"}
 NOOP_INSTANCES: dict[str, dict[str, Any]] = {"noop": {"type": "noop"}}
 
+
+def _noop_model(
+    modality: str, label: str, params: list[dict[str, Any]], timeout_seconds: int = 600
+) -> dict[str, Any]:
+    """The catalogue entry of ``noop-<modality>``, served by the noop instance."""
+    return {
+        "slug": f"noop-{modality}",
+        "name": f"No-op {label} (bench/test only)",
+        "modality": modality,
+        "concurrency": 16,
+        "timeout_seconds": timeout_seconds,
+        "price": {"credits": 1},
+        "params": params,
+        "bindings": [{"backend": "noop"}],
+    }
+
+
 NOOP_CATALOGUE: dict[str, Any] = {
     "models": [
-        {
-            "slug": "noop-video",
-            "name": "No-op video (bench/test only)",
-            "modality": "video",
-            "concurrency": 16,
-            "timeout_seconds": 600,
-            "price": {"credits": 1},
-            "params": [
+        _noop_model(
+            "video",
+            "video",
+            [
                 {"name": "prompt", "type": "string", "max_length": 4000},
                 {"name": "image", "type": "media"},
                 {"name": "duration", "type": "integer", "default": 5, "minimum": 1, "maximum": 60},
             ],
-            "bindings": [{"backend": "noop"}],
-        },
-        {
-            "slug": "noop-audio",
-            "name": "No-op audio (bench/test only)",
-            "modality": "audio",
-            "concurrency": 16,
-            "timeout_seconds": 600,
-            "price": {"credits": 1},
-            "params": [
+        ),
+        _noop_model(
+            "audio",
+            "audio",
+            [
                 {"name": "text", "type": "string", "max_length": 5000},
                 {"name": "audio", "type": "media"},
                 {"name": "format", "type": "string", "default": "wav", "choices": ["wav"]},
             ],
-            "bindings": [{"backend": "noop"}],
-        },
-        {
-            "slug": "noop-3d",
-            "name": "No-op 3D (bench/test only)",
-            "modality": "3d",
-            "concurrency": 16,
-            "timeout_seconds": 600,
-            "price": {"credits": 1},
-            "params": [{"name": "image", "type": "media"}],
-            "bindings": [{"backend": "noop"}],
-        },
-        {
-            "slug": "noop-image",
-            "name": "No-op image (bench/test only)",
-            "modality": "image",
-            "concurrency": 16,
-            "timeout_seconds": 60,
-            "price": {"credits": 1},
-            "params": [
+        ),
+        _noop_model("3d", "3D", [{"name": "image", "type": "media"}]),
+        _noop_model(
+            "image",
+            "image",
+            [
                 {"name": "prompt", "type": "string", "required": True},
                 {"name": "size", "type": "string", "default": "8*8"},
             ],
-            "bindings": [{"backend": "noop"}],
-        },
+            timeout_seconds=60,
+        ),
     ]
 }
 

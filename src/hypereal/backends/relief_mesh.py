@@ -45,7 +45,8 @@ from hypereal.backends.base import (
     MediaBlob,
     ProgressCallback,
 )
-from hypereal.backends.image_codec import DEFAULT_MAX_INPUT_PIXELS, decode_image, pixel_cap_option
+from hypereal.backends.extras import require_local_extra
+from hypereal.backends.image_codec import decode_image, input_pixel_cap, pixel_cap_option
 
 try:
     import numpy as np
@@ -214,14 +215,8 @@ class ReliefMesh:
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         """Check trimesh/numpy and the options; raises BackendUnavailable when unusable."""
         options = options or {}
-        if _MISSING is not None:
-            raise BackendUnavailable(
-                f"ReliefMesh needs trimesh and numpy ({_MISSING} is missing); install the "
-                "local extra: pip install 'hypereal[local]'"
-            )
-        self.max_input_pixels = pixel_cap_option(
-            options, "max_input_pixels", DEFAULT_MAX_INPUT_PIXELS
-        )
+        require_local_extra("ReliefMesh", "trimesh and numpy", _MISSING)
+        self.max_input_pixels = input_pixel_cap(options)
         self.max_resolution = pixel_cap_option(options, "max_resolution", 512)
         self.texture_max_side = pixel_cap_option(options, "texture_max_side", 2048)
         smoothing = options.get("smoothing", 1.0)

@@ -7,7 +7,7 @@ row, so the balance never goes below zero under any concurrency, on SQLite and P
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, cast
 
@@ -37,20 +37,11 @@ class Entry:
     model: str | None = None
 
 
+_ENTRY_FIELDS = tuple(field.name for field in fields(Entry))
+
+
 def _entry(row: LedgerEntry) -> Entry:
-    return Entry(
-        id=row.id,
-        account_id=row.account_id,
-        kind=row.kind,
-        amount=row.amount,
-        balance_after=row.balance_after,
-        reference=row.reference,
-        description=row.description,
-        refund_of=row.refund_of,
-        created_at=row.created_at,
-        key_id=row.key_id,
-        model=row.model,
-    )
+    return Entry(**{name: getattr(row, name) for name in _ENTRY_FIELDS})
 
 
 _BALANCE = "SELECT balance FROM accounts WHERE id = :account"
@@ -81,7 +72,7 @@ _accounts = cast(Table, Account.__table__)
 # debit or a settlement on every chat turn is a few microseconds of SQL in a group commit.
 _INSERT_ENTRY = (
     "INSERT INTO ledger_entries (account_id, kind, amount, balance_after, reference, "
-    "description, refund_of, created_at, key_id, model) VALUES (:account, :kind, :amount, "
+    "description, refund_of, created_at, key_id, model) VALUES (:account_id, :kind, :amount, "
     ":balance_after, :reference, :description, :refund_of, :created_at, :key_id, :model) "
     "RETURNING id"
 )
@@ -108,22 +99,7 @@ def _append(
     key_id: str | None = None,
     model: str | None = None,
 ) -> Ops[Entry]:
-    created_at = utcnow()
-    row = yield Sql.one(
-        _INSERT_ENTRY,
-        account=account_id,
-        kind=kind,
-        amount=amount,
-        balance_after=balance_after,
-        reference=reference,
-        description=description,
-        refund_of=refund_of,
-        created_at=created_at,
-        key_id=key_id,
-        model=model,
-    )
-    return Entry(
-        id=int(row[0]),
+    values: dict[str, Any] = dict(
         account_id=account_id,
         kind=kind,
         amount=amount,
@@ -131,10 +107,12 @@ def _append(
         reference=reference,
         description=description,
         refund_of=refund_of,
-        created_at=created_at,
+        created_at=utcnow(),
         key_id=key_id,
         model=model,
     )
+    row = yield Sql.one(_INSERT_ENTRY, **values)
+    return Entry(id=int(row[0]), **values)
 
 
 def grant_op(_: Dialect, account_id: str, amount: int, description: str) -> Ops[Entry]:

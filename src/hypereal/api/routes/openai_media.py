@@ -237,10 +237,14 @@ def _output_key_op(_: Dialect, job_id: str) -> Ops[str | None]:
     return row["output_key"] if row is not None else None
 
 
-async def _finished(
-    request: Request, services: Services, job: jobs.JobView, spec: ModelSpec
+async def _run_audio(
+    request: Request, services: Services, account_id: str, spec: ModelSpec, fields: dict[str, Any]
 ) -> jobs.JobView:
-    """Wait for the job; its error when it fails, a 504 naming the job when it runs on."""
+    """Submit an audio job of ``spec`` and wait for it; its error when it fails, a 504
+    naming the job when it runs on."""
+    job = await submit_generation(
+        services, running_engine(request), account_id, "audio", Submission(spec.slug, fields, None)
+    )
     window = min(MEDIA_WAIT_SECONDS, max(spec.sync_seconds, float(spec.timeout_seconds)))
     job = await wait_for_job(request, services, job, window)
     if job.state == "completed":
@@ -313,14 +317,7 @@ async def speech(
     fields = _speech_fields(services, spec, body)
 
     async def produce() -> Response:
-        job = await submit_generation(
-            services,
-            running_engine(request),
-            principal.account_id,
-            "audio",
-            Submission(spec.slug, fields, None),
-        )
-        job = await _finished(request, services, job, spec)
+        job = await _run_audio(request, services, principal.account_id, spec, fields)
         key = await services.db.read(_output_key_op, job.id)
         data = await services.media.get(key) if key else None
         if data is None:
@@ -422,14 +419,7 @@ async def transcriptions(
         fields["language"] = language
 
     async def produce() -> Response:
-        job = await submit_generation(
-            services,
-            running_engine(request),
-            principal.account_id,
-            "audio",
-            Submission(spec.slug, fields, None),
-        )
-        job = await _finished(request, services, job, spec)
+        job = await _run_audio(request, services, principal.account_id, spec, fields)
         result = dict(job.result or {})
         if "text" not in result:
             raise GenerationFailed(f"{spec.slug} returned no transcript")

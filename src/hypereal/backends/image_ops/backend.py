@@ -9,10 +9,10 @@ import anyio.to_thread
 
 from hypereal.backends.base import ImageRequest, MediaBlob
 from hypereal.backends.image_codec import (
-    DEFAULT_MAX_INPUT_PIXELS,
     DEFAULT_MAX_OUTPUT_PIXELS,
     decode_image,
     encode_image,
+    input_pixel_cap,
     pixel_cap_option,
 )
 from hypereal.backends.image_ops.instructions import plan_request
@@ -32,9 +32,7 @@ class ImageOperations:
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         """Read the options; raises BackendUnavailable when one is malformed."""
         options = options or {}
-        self.max_input_pixels = pixel_cap_option(
-            options, "max_input_pixels", DEFAULT_MAX_INPUT_PIXELS
-        )
+        self.max_input_pixels = input_pixel_cap(options)
         self.max_output_pixels = pixel_cap_option(
             options, "max_output_pixels", DEFAULT_MAX_OUTPUT_PIXELS
         )

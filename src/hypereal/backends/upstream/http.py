@@ -35,6 +35,7 @@ import logging
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from time import perf_counter
@@ -154,6 +155,23 @@ def json_object(answer: UpstreamAnswer, provider: str) -> dict[str, Any]:
     return body
 
 
+@dataclass(frozen=True)
+class _Call:
+    """One API call as :meth:`UpstreamHttp.stream` takes it (a download leaves out the
+    credentials and follows no redirect itself)."""
+
+    method: str
+    url: str
+    json: Any = None
+    params: Mapping[str, str] | None = None
+    form: Mapping[str, str] | None = None
+    files: Files = ()
+    headers: Mapping[str, str] | None = None
+    timeout: float | None = None
+    credentials: bool = True
+    allow_redirects: bool = True
+
+
 class UpstreamHttp:
     """One upstream's HTTP client (see the module doc): API calls with credentials, streamed
     answers, output downloads, every failure a :class:`BackendError`. The session is made on
@@ -239,14 +257,7 @@ class UpstreamHttp:
         started = perf_counter()
         try:
             response = await self._send(
-                method,
-                url,
-                json=json,
-                params=params,
-                form=form,
-                files=files,
-                headers=headers,
-                timeout=timeout,
+                _Call(method, url, json, params, form, files, headers, timeout)
             )
         except (aiohttp.ClientError, FetchRefused, TimeoutError) as exc:
             metrics.upstream_error(self.provider, "transport")
@@ -266,48 +277,35 @@ class UpstreamHttp:
             else:
                 response.close()
 
-    async def _send(
-        self,
-        method: str,
-        url: str,
-        *,
-        json: Any = None,
-        params: Mapping[str, str] | None = None,
-        form: Mapping[str, str] | None = None,
-        files: Files = (),
-        headers: Mapping[str, str] | None = None,
-        timeout: float | None = None,
-        credentials: bool = True,
-        allow_redirects: bool = True,
-    ) -> aiohttp.ClientResponse:
+    async def _send(self, call: _Call) -> aiohttp.ClientResponse:
         """The first answer not to be retried, its body unread (retry policy: module doc)."""
-        post = method.upper() == "POST"
+        post = call.method.upper() == "POST"
         statuses = POST_RETRY_CODES if post else TRANSIENT_CODES
         errors = _UNSENT_ERRORS if post else _TRANSIENT_ERRORS
-        if not credentials:
+        if not call.credentials:
             sent: Mapping[str, str] = {}
         else:
-            sent = self._json_headers if json is not None else self._headers
-        if headers:
-            sent = {**sent, **headers}
-        payload = orjson.dumps(json) if json is not None else None
+            sent = self._json_headers if call.json is not None else self._headers
+        if call.headers:
+            sent = {**sent, **call.headers}
+        payload = orjson.dumps(call.json) if call.json is not None else None
         session = self._session.get()
-        limits = _timeouts(timeout) if timeout is not None else session.timeout
+        limits = _timeouts(call.timeout) if call.timeout is not None else session.timeout
         attempt = 0
         while True:
             data: Any = payload
-            if form is not None or files:
-                data = aiohttp.FormData(dict(form or {}))  # a FormData is sent once
-                for name, (filename, content, content_type) in files:
+            if call.form is not None or call.files:
+                data = aiohttp.FormData(dict(call.form or {}))  # a FormData is sent once
+                for name, (filename, content, content_type) in call.files:
                     data.add_field(name, content, filename=filename, content_type=content_type)
             try:
                 response = await session.request(
-                    method,
-                    url,
+                    call.method,
+                    call.url,
                     headers=sent,
                     data=data,
-                    params=params,
-                    allow_redirects=allow_redirects,
+                    params=call.params,
+                    allow_redirects=call.allow_redirects,
                     timeout=limits,
                 )
             except errors:
@@ -406,7 +404,7 @@ class UpstreamHttp:
 
     async def _fetch(self, url: str, limit: int) -> tuple[bytes, str | None]:
         for _ in range(MAX_REDIRECTS + 1):
-            response = await self._send("GET", url, credentials=False, allow_redirects=False)
+            response = await self._send(_Call("GET", url, credentials=False, allow_redirects=False))
             async with response:
                 location = response.headers.get("Location")
                 if response.status in _REDIRECTS and location:
