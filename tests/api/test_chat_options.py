@@ -1,7 +1,8 @@
 """OpenAI chat fields that change how the model generates (``stop``, ``seed``,
 ``response_format``) reach an OpenAI-compatible upstream as sent, driven by the official
-``openai`` SDK over real HTTP; a backend that cannot honour one (hosted Hypereal) and the
-fields no backend here takes (``tools``, ``n``) are a 400 naming the field, before any charge."""
+``openai`` SDK over real HTTP; a backend that cannot honour one (hosted Hypereal: ``seed``,
+``tools``, ``n``...) is a 400 naming the field, before any charge (``tools`` and ``n`` on an
+OpenAI-compatible upstream: ``test_chat_tools.py``)."""
 
 from __future__ import annotations
 
@@ -121,8 +122,9 @@ async def test_fields_the_backend_cannot_honour_are_a_400_naming_them(
             "response_format",
             {"model": "gemini-3.1-pro", "response_format": {"type": "json_object"}},
         ),
-        ("tools", {"model": "oa-gpt-5.5", "tools": [tool]}),
-        ("n", {"model": "oa-gpt-5.5", "n": 2}),
+        ("tools", {"model": "gpt-5.5", "tools": [tool]}),
+        ("tool_choice", {"model": "gpt-5.5", "tool_choice": "required"}),
+        ("n", {"model": "gpt-5.5", "n": 2}),
         ("stop", {"model": "oa-gpt-5.5", "stop": ["a", "b", "c", "d", "e"]}),
         ("response_format", {"model": "oa-gpt-5.5", "response_format": {"type": "xml"}}),
     ]

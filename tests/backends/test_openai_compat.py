@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
+import math
 import time
 import wave
 from collections.abc import AsyncIterator, Iterator
@@ -29,8 +31,11 @@ from hypereal.backends.base import (
     ImageRequest,
     JobRequest,
     MediaBlob,
+    ToolCall,
 )
 from hypereal.backends.openai_compat import OpenAICompatible, estimate_prompt_tokens
+from hypereal.domain.chat import merge_tool_calls
+from tests.support.openai_server import WEATHER_TOOL as TOOL
 from tests.support.openai_server import OpenAIFake
 from tests.support.sample_media import image_bytes
 from tests.support.servers import free_port, serve_app
@@ -660,3 +665,94 @@ async def test_sse_events_parse_any_line_end_split_anywhere(end: bytes, size: in
     parts = [text[i : i + size] for i in range(0, len(text), size)]
     events = [event async for event in sse_events(_Chunks(parts))]  # type: ignore[arg-type]
     assert events == [(None, "one"), ("error", "two\nthree"), (None, "café"), (None, "last")]
+
+
+# ----------------------------------------------------------------- tools and n
+
+ASK = (ChatMessage("user", "Weather in Paris?"),)
+CALL = ToolCall(index=0, id="call_1", name="get_weather", arguments='{"city": "Paris"}')
+
+
+def ask(
+    messages: tuple[ChatMessage, ...] = ASK, whole: bool = False, **options: Any
+) -> ChatRequest:
+    """A request with OpenAI ``options`` (``tools``, ``n``...), as the route passes them."""
+    return ChatRequest(messages, 0.5, 100, "fake-model", whole=whole, options=options or None)
+
+
+@pytest.mark.parametrize("whole", [False, True])
+async def test_a_tool_call_arrives_streamed_in_pieces_or_whole(
+    backend: OpenAICompatible, whole: bool
+) -> None:
+    deltas = await collect(backend, ask(whole=whole, tools=[TOOL]))
+    pieces = [piece for delta in deltas for piece in delta.tool_calls]
+    if whole:
+        assert len(pieces) == 1
+    else:  # the piece with the id and name, then the arguments 4 characters at a time
+        assert [piece.arguments for piece in pieces] == ["", '{"ci', 'ty":', ' "Pa', 'ris"', "}"]
+        assert all(piece.id is None and piece.name is None for piece in pieces[1:])
+    (call,) = merge_tool_calls(pieces)
+    assert (call.name, call.arguments) == ("get_weather", '{"city": "Paris"}')
+    assert call.id is not None and call.id.startswith("call_0_")
+    assert not any(delta.text for delta in deltas)
+    assert deltas[-1].finish_reason == "tool_calls"
+    assert deltas[-1].completion_tokens == 6  # the fake's count: one per piece
+
+
+@pytest.mark.parametrize("whole", [False, True])
+async def test_each_of_n_choices_has_its_index_and_its_finish(
+    backend: OpenAICompatible, fake: OpenAIFake, whole: bool
+) -> None:
+    deltas = await collect(backend, ask(whole=whole, n=2))
+    texts = ["".join(d.text for d in deltas if d.choice == index) for index in (0, 1)]
+    assert texts == ["Hello, world!", "Hello, world! again"]
+    finishes = [(d.choice, d.finish_reason) for d in deltas if d.finish_reason]
+    assert finishes == [(0, "stop"), (1, "stop")]
+    assert deltas[-1].completion_tokens == 9  # both choices: 4 + 5 tokens
+    assert fake.requests[-1].body["n"] == 2
+
+
+async def test_calls_and_tool_answers_go_upstream_in_openai_shape(
+    backend: OpenAICompatible, fake: OpenAIFake
+) -> None:
+    messages = (
+        *ASK,
+        ChatMessage("assistant", "", tool_calls=(CALL,)),
+        ChatMessage("tool", "Sunny, 24 C", tool_call_id="call_1"),
+    )
+    deltas = await collect(backend, ask(messages, tools=[TOOL], tool_choice="auto"))
+    assert "".join(d.text for d in deltas) == "Hello, world!"  # the answer after the tool's
+    sent = fake.requests[-1].body
+    assert sent["messages"][1:] == [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 24 C"},
+    ]
+    assert (sent["tools"], sent["tool_choice"]) == ([TOOL], "auto")
+
+
+async def test_the_prompt_estimate_counts_tools_and_calls(backend: OpenAICompatible) -> None:
+    def tokens(value: object) -> int:  # compact JSON's UTF-8 bytes / 3, rounded up
+        return math.ceil(len(json.dumps(value, separators=(",", ":")).encode()) / 3)
+
+    plain = await backend.count_prompt_tokens(ask())
+    with_tools = await backend.count_prompt_tokens(ask(tools=[TOOL] * 3))
+    assert with_tools - plain == 3 * (tokens(TOOL) + 4)  # + 4 a definition
+    calling = (*ASK, ChatMessage("assistant", "", tool_calls=(CALL,)))
+    answered = (*calling, ChatMessage("tool", "Sunny", tool_call_id="call_1"))
+    per_message = 4
+    assert estimate_prompt_tokens(calling) - estimate_prompt_tokens(ASK) == (
+        tokens(CALL.public()) + 4 + per_message
+    )
+    assert estimate_prompt_tokens(answered) - estimate_prompt_tokens(calling) == (
+        math.ceil(len("Sunny") / 3) + math.ceil(len("call_1") / 3) + per_message
+    )

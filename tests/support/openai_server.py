@@ -7,7 +7,12 @@ Endpoints (under ``/v1``, so the client's base URL is ``{url}/v1``; all but ``/f
   objects (a role chunk, one chunk per token, a ``finish_reason`` chunk, with
   ``stream_options.include_usage`` a usage chunk with empty ``choices``, then ``[DONE]``);
   without it one ``chat.completion`` object. ``max_tokens`` (or ``max_completion_tokens``)
-  truncates the answer with ``finish_reason: "length"``.
+  truncates the answer with ``finish_reason: "length"``. With ``n`` it answers that many
+  choices (choice ``i`` adds ``i`` tokens " again"; streamed, their chunks interleave). With
+  ``tools`` (and a ``tool_choice`` other than ``none``), unless the last message is a ``tool``
+  answer, each choice calls a tool instead (the one ``tool_choice`` names, else the first)
+  with ``tool_arguments``: streamed as OpenAI does, a piece with the id and name, then the
+  arguments in fragments of 4 characters, ``finish_reason: "tool_calls"``.
 - ``POST /v1/images/generations`` (JSON) and ``POST /v1/images/edits`` (multipart ``image`` or
   ``image[]`` files): ``{"created", "data": [{"b64_json"} | {"url"}]}``; ``response_format``
   picks, absent means ``b64_json`` (as GPT image models answer). Images are real PNG/JPEG/WEBP.
@@ -26,7 +31,8 @@ Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``. Us
     assert fake.tokens_sent == 2       # token chunks the server actually wrote
 
 Tokens are counted as one per whitespace-separated word of the message contents (prompt) and
-one per streamed token (completion), so tests can predict usage.
+one per streamed token or tool-call piece (completion, all choices together), so tests can
+predict usage.
 """
 
 from __future__ import annotations
@@ -87,6 +93,15 @@ _FAILURES: dict[str, tuple[int, str, str | None, str]] = {
     ),
 }
 DEFAULT_TOKENS = ("Hello", ",", " world", "!")
+# A tool definition for tests of tool calls (the fake calls whichever tool it is given).
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
 # One MPEG-1 Layer III frame header (128 kbit/s, 44.1 kHz) padded to its 417-byte length.
 MP3_FRAME = b"\xff\xfb\x90\x64" + b"\x00" * 413
 
@@ -131,7 +146,11 @@ class StreamStats:
 
 def prompt_tokens(messages: list[dict[str, Any]]) -> int:
     """The fakes' prompt token count: whitespace-separated words of every content."""
-    return sum(len(str(m.get("content", "")).split()) for m in messages)
+    return sum(len(str(m.get("content") or "").split()) for m in messages)
+
+
+# One streamed piece of an answer: a token, or a delta object (tool-call pieces).
+Piece = str | dict[str, Any]
 
 
 async def chat_chunks(
@@ -146,12 +165,17 @@ async def chat_chunks(
     cut_after: int | None = None,
     finish_extra: dict[str, Any] | None = None,
     keepalive: bool = False,
+    choices: list[tuple[list[Piece], str]] | None = None,
 ) -> AsyncIterator[bytes]:
     """An OpenAI ``chat.completion.chunk`` SSE stream of ``answer``: a role chunk, one chunk
     per token (``token_delay`` apart), the ``finish`` chunk (with ``finish_extra`` fields), a
     usage chunk with empty ``choices`` when ``usage_chunk`` is given, then ``[DONE]``. With
     ``error_after`` the stream instead ends after that many tokens with an ``error`` chunk;
-    with ``cut_after`` it just ends there, as when the server dies mid-answer."""
+    with ``cut_after`` it just ends there, as when the server dies mid-answer. ``choices``
+    (``(pieces, finish)`` of each choice) replaces ``answer`` and ``finish``: the choices'
+    chunks interleave, one piece of each in turn."""
+    pieces: list[Piece] = list(answer)
+    scripts = choices if choices is not None else [(pieces, finish)]
     chunk_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
     def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
@@ -168,26 +192,33 @@ async def chat_chunks(
             chunk.setdefault("usage", None)  # with include_usage, other chunks carry null
         return f"data: {json.dumps(chunk)}\n\n".encode()
 
-    def choice(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def choice(
+        delta: dict[str, Any], finish_reason: str | None = None, index: int = 0
+    ) -> dict[str, Any]:
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
     stats.started += 1
     try:
         if keepalive:
             yield b": keep-alive\n\n"
-        yield event([choice({"role": "assistant", "content": ""})])
-        for index, token in enumerate(answer):
-            if index == error_after:
+        for index in range(len(scripts)):
+            yield event([choice({"role": "assistant", "content": ""}, index=index)])
+        for sent, (index, piece) in enumerate(_interleaved(scripts)):
+            if sent == error_after:
                 error = {"message": _FAILURES["server_error"][3], "type": "server_error"}
                 yield f"data: {json.dumps({'error': {**error, 'param': None}})}\n\n".encode()
                 return
-            if index == cut_after:
+            if sent == cut_after:
                 return
             if token_delay:
                 await asyncio.sleep(token_delay)
-            yield event([choice({"content": token})])
+            delta = {"content": piece} if isinstance(piece, str) else piece
+            yield event([choice(delta, index=index)])
             stats.tokens_sent += 1  # resumed: the chunk above was handed to the socket
-        yield event([choice({}, finish)], **(finish_extra or {}))
+        for index, (_, finish_reason) in enumerate(scripts):
+            last = index == len(scripts) - 1
+            extra = (finish_extra or {}) if last else {}
+            yield event([choice({}, finish_reason, index)], **extra)
         if usage_chunk is not None:
             yield event([], usage=usage_chunk)
         yield b"data: [DONE]\n\n"
@@ -195,6 +226,17 @@ async def chat_chunks(
     except (asyncio.CancelledError, GeneratorExit):
         stats.aborted += 1
         raise
+
+
+def _interleaved(scripts: list[tuple[list[Piece], str]]) -> list[tuple[int, Piece]]:
+    """``(choice, piece)`` of every choice's pieces, one of each choice in turn."""
+    longest = max((len(pieces) for pieces, _ in scripts), default=0)
+    return [
+        (index, pieces[step])
+        for step in range(longest)
+        for index, (pieces, _) in enumerate(scripts)
+        if step < len(pieces)
+    ]
 
 
 @dataclass
@@ -213,6 +255,7 @@ class OpenAIFake:
     slow_seconds: float = 5.0  # delay before a ``slow`` request answers
     tokenize_style: Literal["vllm", "llama_cpp"] = "vllm"
     keepalive_comments: bool = True  # interleave ``: keep-alive`` SSE comments (as OpenRouter)
+    tool_arguments: str = '{"city": "Paris"}'  # what a tool call answers (see the module doc)
 
     requests: list[RecordedRequest] = field(default_factory=list)
     stats: StreamStats = field(default_factory=StreamStats)
@@ -278,23 +321,22 @@ class OpenAIFake:
         mid_stream = self.failure
         if (denied := await self._gate(request)) is not None:
             return denied
-        limit = body.get("max_completion_tokens") or body.get("max_tokens")
-        answer = list(self.tokens)[: limit or None]
-        finish = "length" if limit is not None and limit < len(self.tokens) else "stop"
+        scripts = [self._script(body, index) for index in range(int(body.get("n") or 1))]
         usage = {
             "prompt_tokens": prompt_tokens(body.get("messages") or []),
-            "completion_tokens": len(answer),
+            "completion_tokens": sum(len(pieces) for pieces, _ in scripts),
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         model = str(body.get("model") or "fake-model")
         if not body.get("stream"):
-            return JSONResponse(_completion(model, "".join(answer), finish, usage))
+            return JSONResponse(_completion(model, scripts, usage))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         events = chat_chunks(
             self.stats,
             model=model,
-            answer=answer,
-            finish=finish,
+            answer=[],
+            finish="stop",
+            choices=scripts,
             usage_chunk=usage if include_usage else None,
             token_delay=self.token_delay,
             error_after=self.error_after_tokens if mid_stream == "error_mid_stream" else None,
@@ -302,6 +344,18 @@ class OpenAIFake:
             keepalive=self.keepalive_comments,
         )
         return StreamingResponse(events, media_type="text/event-stream")
+
+    def _script(self, body: dict[str, Any], index: int) -> tuple[list[Piece], str]:
+        """Choice ``index``'s pieces and finish reason (see the module doc)."""
+        tool = _tool_called(body)
+        if tool is not None:
+            return _tool_call_pieces(
+                tool, self.tool_arguments, f"call_{index}_{uuid.uuid4().hex[:8]}"
+            )
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        tokens = [*self.tokens, *[" again"] * index]
+        answer: list[Piece] = list(tokens[: limit or None])
+        return answer, "length" if limit is not None and limit < len(tokens) else "stop"
 
     # --------------------------------------------------------------------- images
 
@@ -378,19 +432,58 @@ def _error_args(failure: str) -> tuple[int, str, str, str | None]:
     return status, message, type_, code
 
 
-def _completion(model: str, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
+def _tool_called(body: dict[str, Any]) -> str | None:
+    """The name of the tool the answer calls, or None when it answers text."""
+    tools, choice = body.get("tools"), body.get("tool_choice", "auto")
+    messages = body.get("messages") or [{}]
+    if not tools or choice == "none" or messages[-1].get("role") == "tool":
+        return None
+    if isinstance(choice, dict):
+        return str(choice["function"]["name"])
+    return str(tools[0]["function"]["name"])
+
+
+def _tool_call_pieces(name: str, arguments: str, call_id: str) -> tuple[list[Piece], str]:
+    """A streamed call of ``name``: the piece with the id and name, then the arguments in
+    fragments of 4 characters."""
+    head = {"index": 0, "id": call_id, "type": "function"}
+    pieces: list[Piece] = [
+        {"tool_calls": [{**head, "function": {"name": name, "arguments": ""}}]},
+        *(
+            {"tool_calls": [{"index": 0, "function": {"arguments": arguments[at : at + 4]}}]}
+            for at in range(0, len(arguments), 4)
+        ),
+    ]
+    return pieces, "tool_calls"
+
+
+def _message(pieces: list[Piece]) -> dict[str, Any]:
+    """A choice's ``message`` in a whole completion: its text, or its calls merged."""
+    text = "".join(piece for piece in pieces if isinstance(piece, str))
+    calls: list[dict[str, Any]] = []
+    for piece in pieces:
+        for call in piece["tool_calls"] if isinstance(piece, dict) else ():
+            if "id" in call:
+                calls.append({**call, "function": dict(call["function"])})
+                del calls[-1]["index"]
+            else:
+                calls[-1]["function"]["arguments"] += call["function"]["arguments"]
+    if calls:
+        return {"role": "assistant", "content": None, "tool_calls": calls}
+    return {"role": "assistant", "content": text}
+
+
+def _completion(
+    model: str, scripts: list[tuple[list[Piece], str]], usage: dict[str, int]
+) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish,
-            }
+            {"index": index, "message": _message(pieces), "logprobs": None, "finish_reason": finish}
+            for index, (pieces, finish) in enumerate(scripts)
         ],
         "usage": usage,
     }

@@ -30,6 +30,7 @@ __all__ = [
     "MediaBlob",
     "MeshBackend",
     "ProgressCallback",
+    "ToolCall",
     "VideoBackend",
     "WebhookReceiver",
     "WebhookRejected",
@@ -54,9 +55,45 @@ class BackendError(Exception):
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call the model asked for (an item of OpenAI's ``tool_calls``), or a piece
+    of one while it streams: ``index`` says which call of the answer a piece belongs to; the
+    first piece usually has the ``id`` and ``name``, the others more ``arguments`` text."""
+
+    index: int = 0
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""  # JSON text as the model writes it, in fragments while streaming
+
+    def public(self) -> dict[str, Any]:
+        """OpenAI's shape of a whole call: ``{"id", "type", "function": {"name",
+        "arguments"}}``."""
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+    def piece(self) -> dict[str, Any]:
+        """OpenAI's shape of a streamed piece (``delta.tool_calls[i]``): ``index``, and of
+        ``id``, ``type`` and ``function.name`` only what this piece carries."""
+        function: dict[str, Any] = {"arguments": self.arguments}
+        if self.name is not None:
+            function = {"name": self.name, **function}
+        head: dict[str, Any] = {"index": self.index}
+        if self.id is not None:
+            head.update(id=self.id, type="function")
+        return {**head, "function": function}
+
+
+@dataclass(frozen=True)
 class ChatMessage:
-    role: str  # "system" | "user" | "assistant"
+    role: str  # "system" | "user" | "assistant" | "tool"
     content: str
+    # An assistant message's calls (its content may be empty), and for a ``tool`` message the
+    # call it answers.
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,21 +110,30 @@ class ChatRequest:
     # Set by a caller that settles to the upstream's own bill (a pass-through model): the
     # backend records there what the upstream charged, ``credits_used``, when it says.
     upstream_bill: dict[str, Any] | None = field(default=None, compare=False)
-    # OpenAI fields the client set that only change how the upstream generates (``stop``,
-    # ``seed``, ``response_format``), validated; given only to a backend whose
-    # ``chat_options`` names them (the route answers 400 for the others).
+    # OpenAI fields the client set that change how the upstream generates (``stop``, ``seed``,
+    # ``response_format``, ``tools``, ``tool_choice``, ``n``), validated; given only to a
+    # backend whose ``chat_options`` names them (the route answers 400 for the others).
     options: Mapping[str, Any] | None = None
+
+    @property
+    def choices(self) -> int:
+        """How many answers are asked for (OpenAI's ``n``)."""
+        return int((self.options or {}).get("n", 1))
 
 
 @dataclass(frozen=True)
 class ChatDelta:
     """One piece of a streamed answer. The last delta carries ``finish_reason`` and, when the
-    backend knows them, the exact token counts."""
+    backend knows them, the exact token counts (of all choices together). With ``n`` > 1,
+    ``choice`` says which answer a delta belongs to, and each choice ends with a delta
+    carrying its ``finish_reason``; the counts come on the very last one."""
 
     text: str = ""
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    choice: int = 0
+    tool_calls: tuple[ToolCall, ...] = ()  # pieces of the function calls asked for
 
 
 @runtime_checkable
@@ -103,7 +149,9 @@ class ChatBackend(Protocol):
     a streaming backend stops when the client leaves and bills the part it generated.
 
     Optional: ``chat_options: frozenset[str]``, the OpenAI fields of ``ChatRequest.options``
-    the backend passes on to its model (``stop``, ``seed``, ``response_format``)."""
+    the backend passes on to its model (``stop``, ``seed``, ``response_format``, ``tools`` and
+    ``tool_choice``, ``n``). Only a backend naming ``tools`` is given messages with tool calls
+    and ``tool`` messages."""
 
     async def count_prompt_tokens(self, request: ChatRequest) -> int:
         """Tokens the prompt takes with the model's own tokenizer and chat template."""

@@ -4,9 +4,12 @@ Speaks the OpenAI REST protocol as vLLM, the llama.cpp server, Ollama, OpenRoute
 serve it, with ``base_url`` ending in the API root (``.../v1``):
 
 - ``POST /chat/completions`` with ``stream: true`` and ``stream_options.include_usage``: an SSE
-  stream of ``chat.completion.chunk`` objects (``choices[0].delta.content``, ``finish_reason``),
-  a last chunk with empty ``choices`` and ``usage``, then ``data: [DONE]``. A failure after the
-  stream started arrives as a chunk with an ``error`` object.
+  stream of ``chat.completion.chunk`` objects (``choices[i].delta.content`` and
+  ``delta.tool_calls`` pieces, ``finish_reason``), a last chunk with empty ``choices`` and
+  ``usage``, then ``data: [DONE]``. A failure after the stream started arrives as a chunk with
+  an ``error`` object. The client's ``stop``, ``seed``, ``response_format``, ``tools``,
+  ``tool_choice`` and ``n`` are passed on as given; messages carry ``tool_calls`` and
+  ``tool`` answers in OpenAI's shape.
 - ``POST /images/generations`` (JSON) or ``POST /images/edits`` (multipart, one ``image`` part, or
   ``image[]`` parts for several) answer ``{"data": [{"b64_json"} | {"url"}]}``.
 - ``POST /audio/speech`` ``{model, input, voice, response_format}`` answers the audio bytes.
@@ -54,6 +57,7 @@ import binascii
 import logging
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urljoin
 
@@ -68,11 +72,7 @@ from hypereal.backends.base import (
     MediaBlob,
     ProgressCallback,
 )
-from hypereal.backends.upstream.chat import (
-    chat_deltas,
-    estimate_prompt_tokens,
-    template_allowance,
-)
+from hypereal.backends.upstream.chat import chat_deltas, estimate_prompt_tokens, openai_message
 from hypereal.backends.upstream.http import UpstreamHttp, json_object
 from hypereal.backends.upstream.media import sniff_media_type
 from hypereal.backends.upstream.options import HttpOptions, option_str
@@ -95,7 +95,7 @@ class OpenAICompatible:
     # A non-streamed client request is answered from one non-streamed upstream completion.
     answers_whole = True
     # OpenAI fields a client may set that are passed on as they are (ChatRequest.options).
-    chat_options = frozenset({"stop", "seed", "response_format"})
+    chat_options = frozenset({"stop", "seed", "response_format", "tools", "tool_choice", "n"})
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         base_url = option_str(options, "base_url", BACKEND)
@@ -167,17 +167,19 @@ class OpenAICompatible:
                 return await self._tokenize(request)
             except BackendError as exc:
                 logger.warning("Token counting via %s failed: %s", self._tokenize_url, exc.message)
-        return estimate_prompt_tokens(request.messages)
+        return estimate_prompt_tokens(request.messages, _tools(request))
 
     async def _tokenize(self, request: ChatRequest) -> int:
         assert self._tokenize_url is not None
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
         body: dict[str, Any] = {
-            "messages": messages,
+            "messages": [openai_message(m) for m in request.messages],
             "add_generation_prompt": True,
             "content": "\n".join(m.content for m in request.messages),
             "add_special": True,
         }
+        tools = _tools(request)
+        if tools:
+            body["tools"] = tools
         model = request.upstream_model or self._model
         if model:
             body["model"] = model
@@ -187,7 +189,11 @@ class OpenAICompatible:
             return count
         tokens = answer.get("tokens")
         if isinstance(tokens, list):
-            return len(tokens) + template_allowance(len(request.messages))
+            # llama.cpp's count is of the texts alone: the calls and tools are estimated.
+            beyond_text = estimate_prompt_tokens(
+                [replace(m, content="") for m in request.messages], tools
+            )
+            return len(tokens) + beyond_text
         raise BackendError("the tokenize endpoint answered neither `count` nor `tokens`")
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[ChatDelta]:
@@ -204,7 +210,7 @@ class OpenAICompatible:
         """
         body: dict[str, Any] = {
             "model": self._model_id(request.upstream_model),
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "messages": [openai_message(m) for m in request.messages],
             "temperature": request.temperature,
             self._max_tokens_param: request.max_tokens,
         }
@@ -313,6 +319,11 @@ class OpenAICompatible:
 
 
 # ------------------------------------------------------------------------ helpers
+
+
+def _tools(request: ChatRequest) -> list[dict[str, Any]]:
+    """The function definitions the client gave (``tools``), if any."""
+    return list((request.options or {}).get("tools") or ())
 
 
 def _image_size(request: ImageRequest) -> str | None:

@@ -6,54 +6,77 @@ The API formats the deltas (JSON or SSE); everything billable happens here.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
 
-from hypereal.backends.base import BackendError, ChatBackend, ChatDelta, ChatMessage, ChatRequest
+from hypereal.backends.base import (
+    BackendError,
+    ChatBackend,
+    ChatDelta,
+    ChatMessage,
+    ChatRequest,
+    ToolCall,
+)
 from hypereal.domain import keys, ledger
 from hypereal.domain.catalogue import ModelSpec, check_text
+from hypereal.domain.chat_options import message_tool_calls, tool_call_id
 from hypereal.domain.errors import BadRequest, GenerationFailed, InsufficientCredits, UpstreamError
 from hypereal.domain.generation import Charge, client_error
 from hypereal.domain.ids import new_id
 from hypereal.domain.pricing import chat_price
 from hypereal.store.db import Database
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 DEFAULT_CONTEXT_TOKENS = 32768
 
 
 def parse_messages(raw: object) -> list[ChatMessage]:
-    """Validate the ``messages`` field. Raises BadRequest naming the offending item."""
+    """Validate the ``messages`` field: OpenAI's roles, text content (a string or text
+    parts), an assistant's ``tool_calls`` (its content then may be null), a ``tool``
+    message's ``tool_call_id``. Raises BadRequest naming the offending item."""
     if raw is None:
         raise BadRequest("Missing required field 'messages'")
     if not isinstance(raw, list) or not raw:
         raise BadRequest("Invalid value for 'messages': must be a non-empty array")
-    messages = []
-    for index, item in enumerate(raw):
-        where = f"messages[{index}]"
-        if not isinstance(item, dict):
-            raise BadRequest(f"Invalid value for '{where}': must be an object")
-        role, content = item.get("role"), item.get("content")
-        if role not in ROLES:
-            raise BadRequest(f"Invalid value for '{where}.role': must be one of {', '.join(ROLES)}")
-        if isinstance(content, list):  # OpenAI content parts: text ones only
-            parts = [
-                p.get("text") if isinstance(p, dict) and p.get("type", "text") == "text" else None
-                for p in content
-            ]
-            if not all(isinstance(p, str) for p in parts):
-                raise BadRequest(
-                    f"Invalid value for '{where}.content': only text parts are supported"
-                )
-            content = "".join(str(p) for p in parts)
-        if not isinstance(content, str):
-            raise BadRequest(f"Invalid value for '{where}.content': must be a string")
-        check_text(content, f"{where}.content")
-        messages.append(ChatMessage(role=role, content=content))
-    return messages
+    return [_message(item, f"messages[{index}]") for index, item in enumerate(raw)]
+
+
+def _message(item: object, where: str) -> ChatMessage:
+    if not isinstance(item, dict):
+        raise BadRequest(f"Invalid value for '{where}': must be an object")
+    role, content = item.get("role"), item.get("content")
+    if role not in ROLES:
+        raise BadRequest(f"Invalid value for '{where}.role': must be one of {', '.join(ROLES)}")
+    where_content = f"{where}.content"
+    if role == "tool":
+        call_id = tool_call_id(item.get("tool_call_id"), f"{where}.tool_call_id")
+        return ChatMessage(
+            role=role, content=_content(content, where_content), tool_call_id=call_id
+        )
+    calls = item.get("tool_calls") if role == "assistant" else None
+    if calls is None:
+        return ChatMessage(role=role, content=_content(content, where_content))
+    tool_calls = message_tool_calls(calls, f"{where}.tool_calls")
+    text = "" if content is None else _content(content, where_content)
+    return ChatMessage(role=role, content=text, tool_calls=tool_calls)
+
+
+def _content(content: object, where: str) -> str:
+    """A message's text: a string, or OpenAI content parts (text ones only) joined."""
+    if isinstance(content, list):
+        parts = [
+            p.get("text") if isinstance(p, dict) and p.get("type", "text") == "text" else None
+            for p in content
+        ]
+        if not all(isinstance(p, str) for p in parts):
+            raise BadRequest(f"Invalid value for '{where}': only text parts are supported")
+        content = "".join(str(p) for p in parts)
+    if not isinstance(content, str):
+        raise BadRequest(f"Invalid value for '{where}': must be a string")
+    return check_text(content, where)
 
 
 def context_limit(spec: ModelSpec, backend: ChatBackend) -> int:
@@ -94,45 +117,48 @@ async def _check_minimum(
         raise InsufficientCredits(required=minimum, available=available)
 
 
-STOP_SEQUENCES = 4  # OpenAI's limit
-
-
-def check_option(name: str, value: Any) -> Any:
-    """An OpenAI chat field passed on to an upstream (``stop``, ``seed``, ``response_format``),
-    checked: BadRequest (400) naming the field when it is malformed."""
-    if name == "stop":
-        stops = [value] if isinstance(value, str) else value
-        if (
-            not isinstance(stops, list)
-            or not 1 <= len(stops) <= STOP_SEQUENCES
-            or not all(isinstance(stop, str) and stop for stop in stops)
-        ):
-            raise BadRequest(
-                f"Invalid value for 'stop': a string or a list of 1 to {STOP_SEQUENCES} strings"
+def merge_tool_calls(pieces: Iterable[ToolCall]) -> list[ToolCall]:
+    """The whole calls of an answer from its streamed pieces, merged by ``index`` (in index
+    order): the first ``id`` and ``name`` a call's pieces carry, its ``arguments`` fragments
+    joined in order. Pieces that are whole calls (a non-streamed answer) pass unchanged."""
+    calls: dict[int, ToolCall] = {}
+    for piece in pieces:
+        call = calls.get(piece.index)
+        calls[piece.index] = (
+            piece
+            if call is None
+            else replace(
+                call,
+                id=call.id or piece.id,
+                name=call.name or piece.name,
+                arguments=call.arguments + piece.arguments,
             )
-        for stop in stops:
-            check_text(stop, "stop")
-        return value
-    if name == "seed":
-        if isinstance(value, bool) or not isinstance(value, int) or abs(value) >= 2**63:
-            raise BadRequest("Invalid value for 'seed': must be an integer")
-        return value
-    if name == "response_format":
-        kind = value.get("type") if isinstance(value, dict) else None
-        if kind == "json_object":
-            return {"type": "json_object"}
-        if kind == "json_schema" and isinstance(value.get("json_schema"), dict):
-            return value
-        raise BadRequest(
-            "Invalid value for 'response_format': type json_object, or json_schema with a "
-            "json_schema object"
         )
-    raise BadRequest(f"Invalid value for '{name}': not passed on to any chat backend")
+    return [calls[index] for index in sorted(calls)]
+
+
+@dataclass
+class Choice:
+    """One answer of a turn (OpenAI's ``choices[i]``): its text, the pieces of the tool
+    calls it asked for, and how it ended."""
+
+    text: list[str] = field(default_factory=list)
+    tool_pieces: list[ToolCall] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def content(self) -> str:
+        return "".join(self.text)
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        return merge_tool_calls(self.tool_pieces)
 
 
 @dataclass
 class ChatTurn:
-    """A metered chat turn. Use :meth:`open`, iterate :meth:`deltas`, then :meth:`settle`."""
+    """A metered chat turn. Use :meth:`open`, iterate :meth:`deltas`, then :meth:`settle`.
+    ``choices`` holds the ``n`` answers asked for (one, usually)."""
 
     spec: ModelSpec
     backend: ChatBackend
@@ -140,9 +166,8 @@ class ChatTurn:
     prompt_tokens: int
     charge: Charge
     id: str
-    text: list[str] = field(default_factory=list)
+    choices: list[Choice]
     completion_tokens: int = 0
-    finish_reason: str | None = None
 
     @classmethod
     async def open(
@@ -160,7 +185,8 @@ class ChatTurn:
         options: Mapping[str, Any] | None = None,
     ) -> ChatTurn:
         """Count the prompt, enforce the context limit (:func:`context_limit`) and reserve the
-        maximum cost (``max_tokens``, cut to the room the context leaves, as completion).
+        maximum cost (``max_tokens``, cut to the room the context leaves, as completion, for
+        each of the ``n`` choices ``options`` may ask for).
 
         ``whole``: the client takes the answer in one piece (``ChatRequest.whole``).
 
@@ -193,7 +219,7 @@ class ChatTurn:
         if room != max_tokens:
             request = replace(request, max_tokens=room)
         turn_id = "chatcmpl-" + new_id("c")[2:]
-        reserved = chat_price(spec, len(request.messages), prompt_tokens, room)
+        reserved = chat_price(spec, len(request.messages), prompt_tokens, room * request.choices)
         charge = await Charge.reserve(
             db, account_id, reserved, reference=turn_id, label=f"chat {spec.slug}", model=spec.slug
         )
@@ -204,23 +230,32 @@ class ChatTurn:
             prompt_tokens=prompt_tokens,
             charge=charge,
             id=turn_id,
+            choices=[Choice() for _ in range(request.choices)],
         )
 
     async def deltas(self) -> AsyncGenerator[ChatDelta]:
-        """The backend's deltas, counted as they pass. Closing this iterator closes the
-        backend's stream, which stops generation."""
+        """The backend's deltas, counted as they pass (a token per text delta and per
+        tool-call piece, until the backend's own count comes). Closing this iterator closes
+        the backend's stream, which stops generation. A delta of a choice that was not asked
+        for is an UpstreamError."""
         stream = self.backend.stream(self.request)
         try:
             async for delta in stream:
+                if delta.choice >= len(self.choices):
+                    raise UpstreamError("The upstream answered more choices than were asked for")
+                choice = self.choices[delta.choice]
                 if delta.text:
-                    self.text.append(delta.text)
+                    choice.text.append(delta.text)
                     self.completion_tokens += 1
+                if delta.tool_calls:
+                    choice.tool_pieces.extend(delta.tool_calls)
+                    self.completion_tokens += len(delta.tool_calls)
                 if delta.completion_tokens is not None:
                     self.completion_tokens = delta.completion_tokens
                 if delta.prompt_tokens is not None:
                     self.prompt_tokens = delta.prompt_tokens
                 if delta.finish_reason is not None:
-                    self.finish_reason = delta.finish_reason
+                    choice.finish_reason = delta.finish_reason
                 yield delta
         except BackendError as exc:
             raise client_error(exc, failure=UpstreamError) from exc
@@ -229,7 +264,13 @@ class ChatTurn:
 
     @property
     def content(self) -> str:
-        return "".join(self.text)
+        """The first choice's text."""
+        return self.choices[0].content
+
+    @property
+    def finish_reason(self) -> str | None:
+        """How the first choice ended (None while it runs)."""
+        return self.choices[0].finish_reason
 
     async def settle(self, *, delivered: bool = True) -> int:
         """Charge what was generated (all of the reservation at most), refund the rest.
@@ -239,7 +280,8 @@ class ChatTurn:
         Idempotent: the first call decides. Returns the credits used. Shielded: it completes
         even when the caller is being cancelled (a client gone, a stream torn down).
         """
-        if not delivered or (self.completion_tokens == 0 and self.finish_reason is None):
+        ended = any(choice.finish_reason is not None for choice in self.choices)
+        if not delivered or (self.completion_tokens == 0 and not ended):
             actual = 0  # nothing was generated or nothing reached the client: nothing is owed
         elif self.spec.pass_through is not None:  # the upstream's bill x markup
             bill = self.request.upstream_bill or {}
@@ -269,4 +311,11 @@ class ChatTurn:
         }
 
 
-__all__ = ["ChatTurn", "GenerationFailed", "context_limit", "parse_messages"]
+__all__ = [
+    "ChatTurn",
+    "Choice",
+    "GenerationFailed",
+    "context_limit",
+    "merge_tool_calls",
+    "parse_messages",
+]

@@ -13,7 +13,8 @@ import json
 import logging
 import time
 from abc import ABCMeta, abstractmethod
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -24,9 +25,11 @@ from starlette.types import Receive, Scope, Send
 
 from hypereal.api.deps import PrincipalDep, ServicesDep
 from hypereal.api.idempotency import idempotent
-from hypereal.backends.base import ChatDelta
-from hypereal.domain.chat import ChatTurn, check_option, parse_messages
-from hypereal.domain.errors import BadRequest, HyperealError
+from hypereal.backends.base import ChatDelta, ChatMessage
+from hypereal.domain.chat import ChatTurn, Choice, parse_messages
+from hypereal.domain.chat_options import chat_options
+from hypereal.domain.errors import HyperealError
+from hypereal.domain.keys import Principal
 from hypereal.services import Services
 
 router = APIRouter(tags=["chat"])
@@ -50,7 +53,7 @@ class ChatBody(BaseModel):
     temperature: float = Field(default=0.8, ge=0.0, le=2.0, strict=True)
     max_tokens: int = Field(default=4096, ge=1, le=32768, strict=True)
     stream: bool | None = Field(default=None, strict=True)
-    # OpenAI fields passed on to a backend that can honour them, else a 400 (see _options).
+    # OpenAI fields passed on to a backend that can honour them, else a 400 (chat_options).
     tools: Any = None
     tool_choice: Any = None
     stop: Any = None
@@ -59,66 +62,49 @@ class ChatBody(BaseModel):
     response_format: Any = None
 
 
-def _options(body: ChatBody, slug: str, backend: object) -> dict[str, Any] | None:
-    """The OpenAI fields the client set, checked, for a backend whose ``chat_options`` names
-    them; a field the serving backend cannot honour is a 400 saying so, never ignored."""
-    if (
-        body.stop is None
-        and body.seed is None
-        and body.response_format is None
-        and body.tools is None
-        and body.tool_choice is None
-        and body.n is None
-    ):
-        return None  # the usual request: nothing more to look at
-    honoured: frozenset[str] = getattr(backend, "chat_options", frozenset())
-    response_format = body.response_format
-    given = {
-        "tools": body.tools not in (None, []),
-        "tool_choice": body.tool_choice not in (None, "none", "auto"),
-        "n": body.n not in (None, 1),
-        "stop": body.stop not in (None, [], ""),
-        "seed": body.seed is not None,
-        "response_format": response_format is not None
-        and not (isinstance(response_format, dict) and response_format.get("type") == "text"),
-    }
-    options: dict[str, Any] = {}
-    for name, is_set in given.items():
-        if not is_set:
-            continue
-        if name not in honoured:
-            raise BadRequest(
-                f"Invalid value for '{name}': the backend serving {slug} cannot honour it"
-            )
-        options[name] = check_option(name, getattr(body, name))
-    return options or None
+OPTION_FIELDS = ("tools", "tool_choice", "stop", "seed", "n", "response_format")
 
 
-def _chunk(turn: ChatTurn, created: int, choice: dict[str, Any], **extra: Any) -> bytes:
+def _chunk(
+    turn: ChatTurn, created: int, choice: dict[str, Any], index: int = 0, **extra: Any
+) -> bytes:
     payload = {
         "id": turn.id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": turn.spec.slug,
-        "choices": [{"index": 0, **choice}],
+        "choices": [{"index": index, **choice}],
         **extra,
     }
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
 
-class _ContentChunks:
-    """``chat.completion.chunk`` events of one stream carrying a content delta, with the part
-    every chunk shares (id, object, created, model) rendered once: per chunk only the delta is
-    encoded. The bytes are those :func:`_chunk` writes for the same chunk."""
+class _DeltaChunks:
+    """``chat.completion.chunk`` events of one stream carrying a delta (content, tool-call
+    pieces), with the part every chunk of a choice shares (id, object, created, model, index)
+    rendered once: per chunk only the delta is encoded. The bytes are those :func:`_chunk`
+    writes for the same chunk. The first delta of each choice names the role."""
 
     def __init__(self, turn: ChatTurn, created: int) -> None:
-        head = _chunk(turn, created, {"delta": None, "finish_reason": None})
-        self._head, _, tail = head.partition(b'"delta": null')
-        self._tail = tail
+        self._turn = turn
+        self._created = created
+        self._frames: dict[int, tuple[bytes, bytes]] = {}  # choice -> (head, tail)
 
-    def __call__(self, delta: dict[str, str]) -> bytes:
-        encoded = json.dumps(delta, ensure_ascii=False).encode()
-        return self._head + b'"delta": ' + encoded + self._tail
+    def __call__(self, item: ChatDelta) -> bytes:
+        frame = self._frames.get(item.choice)
+        delta: dict[str, Any] = {}
+        if frame is None:
+            head = _chunk(
+                self._turn, self._created, {"delta": None, "finish_reason": None}, item.choice
+            )
+            before, _, after = head.partition(b'"delta": null')
+            frame = self._frames[item.choice] = (before + b'"delta": ', after)
+            delta["role"] = "assistant"
+        if item.text:
+            delta["content"] = item.text
+        if item.tool_calls:
+            delta["tool_calls"] = [call.piece() for call in item.tool_calls]
+        return frame[0] + json.dumps(delta, ensure_ascii=False).encode() + frame[1]
 
 
 class Feed:
@@ -234,29 +220,21 @@ class _ChatStream(TurnStream):
     async def _sse(self) -> AsyncGenerator[bytes]:
         turn, feed = self._turn, self._feed
         created = int(time.time())
-        content_chunk = _ContentChunks(turn, created)
-        first = True
+        delta_chunk = _DeltaChunks(turn, created)
         waiting: list[bytes] = []  # events not written yet
         try:
             async with contextlib.aclosing(self._items()) as items:
                 async for item in items:
                     if item is None:
                         waiting.append(b": keep-alive\n\n")
-                    elif item.text:
-                        content = (
-                            {"role": "assistant", "content": item.text}
-                            if first
-                            else {"content": item.text}
-                        )
-                        first = False
-                        waiting.append(content_chunk(content))
+                    elif item.text or item.tool_calls:
+                        waiting.append(delta_chunk(item))
                     if waiting and not feed.ready():
                         events = b"".join(waiting)
                         waiting.clear()
                         yield events
             credits = await turn.settle()
-            final = {"delta": {}, "finish_reason": turn.finish_reason or "stop"}
-            waiting.append(_chunk(turn, created, final, usage=turn.usage(), creditsUsed=credits))
+            waiting.extend(_final_chunks(turn, created, credits))
             waiting.append(b"data: [DONE]\n\n")
             yield b"".join(waiting)
         except HyperealError as exc:
@@ -269,6 +247,22 @@ class _ChatStream(TurnStream):
         finally:
             await feed.stop()
             await turn.settle()
+
+
+def _final_chunks(turn: ChatTurn, created: int, credits: int) -> list[bytes]:
+    """The ``finish_reason`` chunk of each choice, the last one with the turn's usage and
+    ``creditsUsed``."""
+    last = len(turn.choices) - 1
+    return [
+        _chunk(
+            turn,
+            created,
+            {"delta": {}, "finish_reason": choice.finish_reason or "stop"},
+            index,
+            **({"usage": turn.usage(), "creditsUsed": credits} if index == last else {}),
+        )
+        for index, choice in enumerate(turn.choices)
+    ]
 
 
 def _error_event(message: str, status: int, credits: int) -> bytes:
@@ -378,17 +372,69 @@ async def _complete(turn: ChatTurn, request: Request) -> Response:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": turn.spec.slug,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": turn.content},
-                    "finish_reason": turn.finish_reason or "stop",
-                }
-            ],
+            "choices": [_answer(index, choice) for index, choice in enumerate(turn.choices)],
             "usage": turn.usage(),
             "creditsUsed": credits,
         }
     )
+
+
+def _answer(index: int, choice: Choice) -> dict[str, Any]:
+    """One choice of a whole answer: its text (null when it only calls tools) and calls."""
+    calls = choice.tool_calls
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": choice.content or (None if calls else ""),
+    }
+    if calls:
+        message["tool_calls"] = [call.public() for call in calls]
+    return {"index": index, "message": message, "finish_reason": choice.finish_reason or "stop"}
+
+
+@dataclass(frozen=True)
+class TurnAsk:
+    """A chat turn as a route asks for it, parsed from the route's own request shape.
+    ``fields``: the OpenAI fields the client set, for :func:`chat_options`; ``whole``: the
+    client takes the answer in one piece (``ChatRequest.whole``)."""
+
+    model: str | None
+    messages: list[ChatMessage]
+    temperature: float
+    max_tokens: int
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    whole: bool = False
+
+
+async def serve_turn(
+    request: Request,
+    principal: Principal,
+    services: Services,
+    ask: TurnAsk,
+    deliver: Callable[[ChatTurn], Awaitable[Response]],
+) -> Response:
+    """The route-independent part of a chat request: the model and its backend, the options
+    it can honour (a 400 before anything is charged), then, idempotently, the turn opened
+    (reserved) and handed to ``deliver``, which answers in the route's format."""
+    spec = services.catalogue.get(ask.model, "chat")
+    resolved = services.backends.resolve(spec)
+    options = chat_options(ask.fields, spec.slug, resolved.backend, ask.messages)
+
+    async def produce() -> Response:
+        turn = await ChatTurn.open(
+            services.db,
+            principal.account_id,
+            spec,
+            resolved.backend,
+            ask.messages,
+            ask.temperature,
+            ask.max_tokens,
+            resolved.upstream_model,
+            whole=ask.whole,
+            options=options,
+        )
+        return await deliver(turn)
+
+    return await idempotent(request, principal, services, produce)
 
 
 async def _chat(
@@ -399,29 +445,18 @@ async def _chat(
     stream_default: bool,
 ) -> Response:
     messages = parse_messages(body.messages)
-    spec = services.catalogue.get(body.model, "chat")
-    resolved = services.backends.resolve(spec)
-    options = _options(body, spec.slug, resolved.backend)
     stream = body.stream if body.stream is not None else stream_default
+    fields = {
+        name: getattr(body, name) for name in OPTION_FIELDS if getattr(body, name) is not None
+    }
+    ask = TurnAsk(body.model, messages, body.temperature, body.max_tokens, fields, not stream)
 
-    async def produce() -> Response:
-        turn = await ChatTurn.open(
-            services.db,
-            principal.account_id,
-            spec,
-            resolved.backend,
-            messages,
-            body.temperature,
-            body.max_tokens,
-            resolved.upstream_model,
-            whole=not stream,
-            options=options,
-        )
+    async def deliver(turn: ChatTurn) -> Response:
         if stream:
             return await open_stream(turn, services.settings.chat_keepalive_seconds, _ChatStream)
         return await _complete(turn, request)
 
-    return await idempotent(request, principal, services, produce)
+    return await serve_turn(request, principal, services, ask, deliver)
 
 
 @router.post("/spicy-chat")

@@ -22,8 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hypereal.api.deps import PrincipalDep, ServicesDep
 from hypereal.api.error_shapes import anthropic_error_type
-from hypereal.api.idempotency import idempotent
-from hypereal.api.routes.chat import Feed, TurnStream, open_stream, run_turn
+from hypereal.api.routes.chat import (
+    Feed,
+    TurnAsk,
+    TurnStream,
+    open_stream,
+    run_turn,
+    serve_turn,
+)
 from hypereal.backends.base import ChatDelta, ChatMessage
 from hypereal.domain.chat import ChatTurn, parse_messages
 from hypereal.domain.errors import BadRequest, HyperealError
@@ -273,20 +279,9 @@ async def create_message(
     """Anthropic-compatible Messages API (``stream`` defaults to false); the key may come as
     ``x-api-key`` or as ``Authorization: Bearer``."""
     messages, sequences = parse_body(body)
-    spec = services.catalogue.get(body.model, "chat")
-    resolved = services.backends.resolve(spec)
+    ask = TurnAsk(body.model, messages, body.temperature, body.max_tokens)
 
-    async def produce() -> Response:
-        turn = await ChatTurn.open(
-            services.db,
-            principal.account_id,
-            spec,
-            resolved.backend,
-            messages,
-            body.temperature,
-            body.max_tokens,
-            resolved.upstream_model,
-        )
+    async def deliver(turn: ChatTurn) -> Response:
         stop = StopAt(sequences)
         if not body.stream:
             return await _complete(turn, request, stop)
@@ -297,4 +292,4 @@ async def create_message(
         keepalive = services.settings.chat_keepalive_seconds
         return await open_stream(turn, keepalive, make, stop.deltas(turn.deltas()))
 
-    return await idempotent(request, principal, services, produce)
+    return await serve_turn(request, principal, services, ask, deliver)

@@ -7,12 +7,13 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any
 
 import anyio
 import orjson
 
-from hypereal.backends.base import BackendError, ChatDelta, ChatMessage
+from hypereal.backends.base import BackendError, ChatDelta, ChatMessage, ToolCall
 from hypereal.backends.upstream.http import StreamedAnswer, capitalized, json_object
 
 # Prompt estimate without a tokenizer: BPE vocabularies average ~4 characters per token on
@@ -75,7 +76,7 @@ async def chat_deltas(
         for whole in _completion_deltas(whole_answer, provider):
             yield whole
         return
-    finish_reason: str | None = None
+    finish_reasons: dict[int, str] = {}
     usage: Mapping[str, Any] = {}
     done = False
     async with aclosing(sse_events(response)) as events:
@@ -92,29 +93,76 @@ async def chat_deltas(
                 usage = chunk["usage"]
             if bill is not None:
                 record_credits(bill, chunk)
-            choices = chunk.get("choices") or []
-            choice = choices[0] if isinstance(choices, list) and choices else {}
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            text = delta.get("content") if isinstance(delta, dict) else None
-            if isinstance(text, str) and text:
-                yield ChatDelta(text=text)
-            if isinstance(choice, dict) and choice.get("finish_reason"):
-                finish_reason = str(choice["finish_reason"])
-                if finish_reason == "error":  # OpenRouter's mark of a failed generation
-                    raise BackendError(
-                        f"{capitalized(provider)} failed mid-stream: {_error_text(chunk)}"
-                    )
+            for index, choice in _choices(chunk):
+                delta = _piece(index, choice.get("delta"))
+                if delta is not None:
+                    yield delta
+                if choice.get("finish_reason"):
+                    finish_reasons[index] = str(choice["finish_reason"])
+                    if finish_reasons[index] == "error":  # OpenRouter's mark of a failure
+                        raise BackendError(
+                            f"{capitalized(provider)} failed mid-stream: {_error_text(chunk)}"
+                        )
         if done:
             # Read the body to its end (the chunked terminator follows [DONE]): a connection
             # whose body was left unread is closed instead of kept for the next call.
             with anyio.move_on_after(_DRAIN_SECONDS):
                 async for _ in events:
                     pass
-    if not done and finish_reason is None:
+    if not done and not finish_reasons:
         raise BackendError(
             f"{capitalized(provider)} closed the stream before the answer was complete"
         )
-    yield _final_delta(finish_reason, usage)
+    for delta in _final_deltas(finish_reasons, usage):
+        yield delta
+
+
+def _choices(body: Mapping[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """``(index, choice)`` of each well-formed choice of a chunk or completion."""
+    choices = body.get("choices")
+    if not isinstance(choices, list):
+        return []
+    return [
+        (_index(choice.get("index"), position), choice)
+        for position, choice in enumerate(choices)
+        if isinstance(choice, dict)
+    ]
+
+
+def _index(value: object, default: int) -> int:
+    count = _count(value)
+    return count if count is not None and count >= 0 else default
+
+
+def _piece(index: int, message: object) -> ChatDelta | None:
+    """The text and tool-call pieces of a stream's ``delta`` (or a completion's ``message``)
+    of choice ``index`` as one ChatDelta; None when it has neither."""
+    if not isinstance(message, dict):
+        return None
+    text = message.get("content")
+    text = text if isinstance(text, str) else ""
+    calls = message.get("tool_calls")
+    pieces = tuple(
+        _tool_call(call, position)
+        for position, call in enumerate(calls if isinstance(calls, list) else [])
+        if isinstance(call, dict)
+    )
+    if not text and not pieces:
+        return None
+    return ChatDelta(text=text, choice=index, tool_calls=pieces)
+
+
+def _tool_call(call: Mapping[str, Any], position: int) -> ToolCall:
+    """One item of ``tool_calls``: a whole call or a streamed piece of one."""
+    function = call.get("function")
+    function = function if isinstance(function, dict) else {}
+    call_id, name, arguments = call.get("id"), function.get("name"), function.get("arguments")
+    return ToolCall(
+        index=_index(call.get("index"), position),
+        id=call_id if isinstance(call_id, str) and call_id else None,
+        name=name if isinstance(name, str) and name else None,
+        arguments=arguments if isinstance(arguments, str) else "",
+    )
 
 
 # How long the rest of a finished stream may take to arrive before the connection is dropped.
@@ -122,23 +170,33 @@ _DRAIN_SECONDS = 1.0
 
 
 def _completion_deltas(body: Mapping[str, Any], provider: str) -> list[ChatDelta]:
-    choices = body.get("choices")
-    choice = choices[0] if isinstance(choices, list) and choices else None
-    message = choice.get("message") if isinstance(choice, dict) else None
-    if not isinstance(choice, dict) or not isinstance(message, dict):
+    choices = _choices(body)
+    if not choices or not all(isinstance(choice.get("message"), dict) for _, choice in choices):
         raise BackendError(f"{capitalized(provider)} answered without a message")
-    text = message.get("content")
     usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
-    deltas = [ChatDelta(text=text)] if isinstance(text, str) and text else []
-    return [*deltas, _final_delta(choice.get("finish_reason"), usage or {})]
+    deltas = [_piece(index, choice["message"]) for index, choice in choices]
+    finish_reasons = {index: choice.get("finish_reason") for index, choice in choices}
+    return [
+        *(delta for delta in deltas if delta is not None),
+        *_final_deltas(finish_reasons, usage or {}),
+    ]
 
 
-def _final_delta(finish_reason: object, usage: Mapping[str, Any]) -> ChatDelta:
-    return ChatDelta(
-        finish_reason=str(finish_reason) if finish_reason else "stop",
+def _final_deltas(
+    finish_reasons: Mapping[int, object], usage: Mapping[str, Any]
+) -> list[ChatDelta]:
+    """The closing delta of each choice (choice 0 at least), in order; the last one carries
+    the usage counts."""
+    closing = [
+        ChatDelta(choice=index, finish_reason=str(finish_reasons[index] or "stop"))
+        for index in sorted(finish_reasons)
+    ] or [ChatDelta(finish_reason="stop")]
+    closing[-1] = replace(
+        closing[-1],
         prompt_tokens=_count(usage.get("prompt_tokens")),
         completion_tokens=_count(usage.get("completion_tokens")),
     )
+    return closing
 
 
 def _chunk(data: str, provider: str) -> dict[str, Any]:
@@ -172,11 +230,46 @@ def _count(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def estimate_prompt_tokens(messages: Sequence[ChatMessage]) -> int:
+def openai_message(message: ChatMessage) -> dict[str, Any]:
+    """A message in OpenAI's request shape: an assistant's ``tool_calls`` (its content null
+    when it has none), a ``tool`` message's ``tool_call_id``."""
+    if message.role == "tool":
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}
+    if message.tool_calls:
+        return {
+            "role": message.role,
+            "content": message.content or None,
+            "tool_calls": [call.public() for call in message.tool_calls],
+        }
+    return {"role": message.role, "content": message.content}
+
+
+def estimate_prompt_tokens(
+    messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, Any]] = ()
+) -> int:
     """Conservative prompt size without a tokenizer: UTF-8 bytes / 3 per message, rounded up,
-    plus the chat template allowance (4 per message, 3 for the reply)."""
-    text = sum(math.ceil(len(m.content.encode()) / _BYTES_PER_TOKEN) for m in messages)
-    return text + template_allowance(len(messages))
+    plus the chat template allowance (4 per message, 3 for the reply); the tool calls and
+    tool-call ids of the messages and the ``tools`` definitions count by their JSON's bytes
+    too, 4 more per call and per definition."""
+    text = sum(_text_tokens(m.content) + _tool_tokens(m) for m in messages)
+    defined = sum(_text_tokens(_json(tool)) + _TOKENS_PER_MESSAGE for tool in tools)
+    return text + defined + template_allowance(len(messages))
+
+
+def _tool_tokens(message: ChatMessage) -> int:
+    """The estimate of what a message adds to its content: its calls and the id it answers."""
+    calls = sum(
+        _text_tokens(_json(call.public())) + _TOKENS_PER_MESSAGE for call in message.tool_calls
+    )
+    return calls + _text_tokens(message.tool_call_id or "")
+
+
+def _text_tokens(text: str) -> int:
+    return math.ceil(len(text.encode()) / _BYTES_PER_TOKEN)
+
+
+def _json(value: object) -> str:
+    return orjson.dumps(value).decode()
 
 
 def template_allowance(message_count: int) -> int:
