@@ -14,17 +14,10 @@ Options (``backends.<name>`` with ``type = "fal"``):
     The fal key.
 ``base_url``
     Queue endpoint, default ``https://queue.fal.run``.
-``poll_interval`` / ``timeout`` / ``request_timeout``
-    Seconds between status polls (1), for the whole job (1800) and for one HTTP call (60).
-``retries`` / ``retry_backoff``
-    Retries of transient HTTP failures (4) and the exponential backoff factor (0.5 s).
-``max_download_bytes``
-    Largest output file accepted (512 MiB); the whole download must end within ``timeout``.
-``headers`` / ``max_connections`` / ``allowed_private_networks``
-    Extra API headers, connections kept (1000), non-public networks (CIDRs) redirects and
-    output files may reach (the ``base_url`` origin always may); see ``backends/upstream``.
+``poll_interval``, ``timeout``, ``request_timeout``, ``retries``, ``retry_backoff``,
+``max_download_bytes``, ``headers``, ``max_connections``, ``allowed_private_networks``,
 ``input_map``
-    Renames of the fields we send, ``{ours: theirs}``; ``null`` drops a field.
+    The options of every queue provider (``backends/upstream/queue.py``).
 ``output_key``
     Output field holding the media when it is not one of the usual ones listed below.
 
@@ -53,7 +46,8 @@ from hypereal.backends.base import (
 from hypereal.backends.upstream.http import UpstreamHttp
 from hypereal.backends.upstream.jobs import CANCEL_TIMEOUT, JobStatus, ProgressReporter, run_job
 from hypereal.backends.upstream.media import to_data_uri
-from hypereal.backends.upstream.options import QueueOptions, apply_input_map
+from hypereal.backends.upstream.options import apply_input_map
+from hypereal.backends.upstream.queue import QueueProvider, image_arguments
 
 PROVIDER = "fal.ai"
 DEFAULT_BASE_URL = "https://queue.fal.run"
@@ -83,37 +77,26 @@ class _Output:
     content_type: str | None
 
 
-class FalQueue:
+class FalQueue(QueueProvider):
     """ImageBackend, VideoBackend, AudioBackend and MeshBackend over fal.ai's queue."""
 
+    PROVIDER = PROVIDER
+    DEFAULT_BASE_URL = DEFAULT_BASE_URL
+    API_KEY_HINT = "your FAL_KEY"
+    AUTH_SCHEME = "Key"
+
     def __init__(self, options: Mapping[str, Any]) -> None:
-        parsed = QueueOptions.parse(
-            options,
-            backend=PROVIDER,
-            default_base_url=DEFAULT_BASE_URL,
-            api_key_hint="your FAL_KEY",
-        )
-        self._jobs, self._input_map, http = parsed.jobs, parsed.input_map, parsed.http
+        super().__init__(options)
         output_key = options.get("output_key")
         if output_key is not None and not isinstance(output_key, str):
             raise BackendUnavailable("The fal.ai backend option `output_key` must be a string.")
         self._output_key = output_key
-        self._http = UpstreamHttp(PROVIDER, http, auth=f"Key {http.api_key}")
-
-    async def aclose(self) -> None:
-        """Close the HTTP connection pool."""
-        await self._http.aclose()
 
     # ------------------------------------------------------------------ modalities
 
     async def generate_images(self, request: ImageRequest) -> list[MediaBlob]:
         """Run an image model; returns every image it produced. Raises BackendError."""
-        arguments: dict[str, Any] = {"prompt": request.prompt}
-        if request.width and request.height:
-            arguments["image_size"] = {"width": request.width, "height": request.height}
-        if request.aspect_ratio:
-            arguments["aspect_ratio"] = request.aspect_ratio
-        arguments["output_format"] = request.output_format
+        arguments = image_arguments(request, lambda w, h: {"image_size": {"width": w, "height": h}})
         if request.images:
             uris = [to_data_uri(image) for image in request.images]
             arguments["image_url"] = uris[0]
@@ -122,18 +105,6 @@ class FalQueue:
         result = await self._run(_model_id(request.upstream_model), arguments, None)
         outputs = self._outputs(result, "images")
         return [await self._http.download(out.url, out.content_type) for out in outputs]
-
-    async def generate_video(self, request: JobRequest, progress: ProgressCallback) -> JobResult:
-        """Run a video model. Raises BackendError."""
-        return await self._job(request, progress, "video")
-
-    async def generate_audio(self, request: JobRequest, progress: ProgressCallback) -> JobResult:
-        """Run a speech/audio model. Raises BackendError."""
-        return await self._job(request, progress, "audio")
-
-    async def generate_mesh(self, request: JobRequest, progress: ProgressCallback) -> JobResult:
-        """Run an image-to-3D model. Raises BackendError."""
-        return await self._job(request, progress, "mesh")
 
     # -------------------------------------------------------------------- protocol
 

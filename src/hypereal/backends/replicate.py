@@ -14,17 +14,10 @@ Options (``backends.<name>`` with ``type = "replicate"``):
     The Replicate API token.
 ``base_url``
     API root, default ``https://api.replicate.com/v1``.
-``poll_interval`` / ``timeout`` / ``request_timeout``
-    Seconds between polls (1), for the whole prediction (1800) and for one HTTP call (60).
-``retries`` / ``retry_backoff``
-    Retries of transient HTTP failures (4) and the exponential backoff factor (0.5 s).
-``max_download_bytes``
-    Largest output file accepted (512 MiB); the whole download must end within ``timeout``.
-``headers`` / ``max_connections`` / ``allowed_private_networks``
-    Extra API headers, connections kept (1000), non-public networks (CIDRs) redirects and
-    output files may reach (the ``base_url`` origin always may); see ``backends/upstream``.
+``poll_interval``, ``timeout``, ``request_timeout``, ``retries``, ``retry_backoff``,
+``max_download_bytes``, ``headers``, ``max_connections``, ``allowed_private_networks``,
 ``input_map``
-    Renames of the fields we send, ``{ours: theirs}``; ``null`` drops a field.
+    The options of every queue provider (``backends/upstream/queue.py``).
 ``prefer_wait``
     Seconds image predictions ask Replicate to hold the create call open (``Prefer: wait``,
     default 10, 0 turns it off); an image that is not ready by then is polled like a job.
@@ -67,10 +60,10 @@ from hypereal.backends.base import (
     ProgressCallback,
     WebhookRejected,
 )
-from hypereal.backends.upstream.http import UpstreamHttp
 from hypereal.backends.upstream.jobs import CANCEL_TIMEOUT, JobStatus, ProgressReporter, run_job
 from hypereal.backends.upstream.media import to_data_uri
-from hypereal.backends.upstream.options import QueueOptions, apply_input_map
+from hypereal.backends.upstream.options import apply_input_map
+from hypereal.backends.upstream.queue import QueueProvider, image_arguments
 
 PROVIDER = "Replicate"
 DEFAULT_BASE_URL = "https://api.replicate.com/v1"
@@ -97,18 +90,17 @@ class _Prediction:
         return str(self.body.get("status") or "")
 
 
-class ReplicatePredictions:
+class ReplicatePredictions(QueueProvider):
     """ImageBackend, VideoBackend, AudioBackend and MeshBackend over Replicate predictions, and
     a WebhookReceiver for its pushes when ``webhook_secret`` is set."""
 
+    PROVIDER = PROVIDER
+    DEFAULT_BASE_URL = DEFAULT_BASE_URL
+    API_KEY_HINT = "your REPLICATE_API_TOKEN"
+    AUTH_SCHEME = "Bearer"
+
     def __init__(self, options: Mapping[str, Any]) -> None:
-        parsed = QueueOptions.parse(
-            options,
-            backend=PROVIDER,
-            default_base_url=DEFAULT_BASE_URL,
-            api_key_hint="your REPLICATE_API_TOKEN",
-        )
-        self._jobs, self._input_map, http = parsed.jobs, parsed.input_map, parsed.http
+        super().__init__(options)
         prefer_wait = options.get("prefer_wait", 10)
         # Replicate accepts Prefer: wait=1..60; 0 means async mode (no header).
         if (
@@ -125,22 +117,12 @@ class ReplicatePredictions:
         # Prediction id -> set when its verified webhook arrives (ends that poll's wait).
         self._nudges: dict[str, asyncio.Event] = {}
         self._early: dict[str, None] = {}
-        self._http = UpstreamHttp(PROVIDER, http, auth=f"Bearer {http.api_key}")
-
-    async def aclose(self) -> None:
-        """Close the HTTP connection pool."""
-        await self._http.aclose()
 
     # ------------------------------------------------------------------ modalities
 
     async def generate_images(self, request: ImageRequest) -> list[MediaBlob]:
         """Run an image model; returns every image it produced. Raises BackendError."""
-        arguments: dict[str, Any] = {"prompt": request.prompt}
-        if request.width and request.height:
-            arguments["width"], arguments["height"] = request.width, request.height
-        if request.aspect_ratio:
-            arguments["aspect_ratio"] = request.aspect_ratio
-        arguments["output_format"] = request.output_format
+        arguments = image_arguments(request, lambda w, h: {"width": w, "height": h})
         uris = [to_data_uri(image) for image in request.images]
         if len(uris) == 1:
             arguments["image"] = uris[0]
@@ -150,21 +132,10 @@ class ReplicatePredictions:
         prediction = await self._run(request.upstream_model, arguments, None, self._prefer_wait)
         return [await self._http.download(url) for url in _output_urls(prediction.body)]
 
-    async def generate_video(self, request: JobRequest, progress: ProgressCallback) -> JobResult:
-        """Run a video model. Raises BackendError."""
-        return await self._job(request, progress)
-
-    async def generate_audio(self, request: JobRequest, progress: ProgressCallback) -> JobResult:
-        """Run a speech/audio model. Raises BackendError."""
-        return await self._job(request, progress)
-
-    async def generate_mesh(self, request: JobRequest, progress: ProgressCallback) -> JobResult:
-        """Run an image-to-3D model. Raises BackendError."""
-        return await self._job(request, progress)
-
     # -------------------------------------------------------------------- protocol
 
-    async def _job(self, request: JobRequest, progress: ProgressCallback) -> JobResult:
+    async def _job(self, request: JobRequest, progress: ProgressCallback, kind: str) -> JobResult:
+        """Run one prediction; its first output is the job's (whatever ``kind``)."""
         arguments = dict(request.input)
         for field, blob in request.media.items():
             arguments[field] = to_data_uri(blob)

@@ -387,24 +387,7 @@ async def refund_in(
         .values(balance=_accounts.c.balance + value)
         .returning(_accounts.c.balance)
     )
-    created_at = utcnow()
-    entry_id = await conn.scalar(
-        insert(_ledger)
-        .values(
-            account_id=original.account_id,
-            kind="refund",
-            amount=value,
-            balance_after=int(new_balance or 0),
-            reference=original.reference,
-            description=description,
-            refund_of=debit_entry_id,
-            created_at=created_at,
-        )
-        .returning(_ledger.c.id)
-    )
-    assert entry_id is not None
-    return Entry(
-        id=int(entry_id),
+    values: dict[str, Any] = dict(
         account_id=original.account_id,
         kind="refund",
         amount=value,
@@ -412,8 +395,11 @@ async def refund_in(
         reference=original.reference,
         description=description,
         refund_of=debit_entry_id,
-        created_at=created_at,
+        created_at=utcnow(),
     )
+    entry_id = await conn.scalar(insert(_ledger).values(**values).returning(_ledger.c.id))
+    assert entry_id is not None
+    return Entry(id=int(entry_id), **values)
 
 
 async def entries(
