@@ -8,8 +8,12 @@ import sys
 from pathlib import Path
 
 
-def hypereal(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def hypereal(
+    data_dir: Path, *args: str, config: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HYPEREAL_DATA_DIR": str(data_dir), "COLUMNS": "200"}
+    if config is not None:
+        env["HYPEREAL_CONFIG"] = str(config)
     return subprocess.run(
         [sys.executable, "-m", "hypereal.cli", *args],
         capture_output=True,
@@ -39,6 +43,39 @@ def test_keys_credits_and_models_commands(tmp_path: Path) -> None:
     assert "sora-2-i2v" in models.stdout and "nano-banana-t2i" in models.stdout
     missing = hypereal(tmp_path, "credits", "balance", "acct_missing")
     assert missing.returncode == 1 and "Account not found" in missing.stdout
+
+
+PATTERNS_TOML = """
+[backends.openrouter]
+type = "openai"
+base_url = "http://127.0.0.1:9/v1"
+
+[backends.hosted]
+type = "hypereal"
+api_key = "hk-test"
+
+[[model_patterns]]
+pattern = "claude-*"
+backend = "openrouter"
+price = { base_credits = 3, input_usd_per_million = 1.0, output_usd_per_million = 1.0 }
+
+[[model_patterns]]
+pattern = "*"
+backend = "hosted"
+pass_through = { max_credits = 500, markup = 1.5 }
+"""
+
+
+def test_models_list_shows_the_patterns_as_such(tmp_path: Path) -> None:
+    config = tmp_path / "hypereal.toml"
+    config.write_text(PATTERNS_TOML)
+    result = hypereal(tmp_path, "models", "list", config=config)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[1]: line for line in result.stdout.splitlines() if "(pattern)" in line}
+    assert set(rows) == {"claude-*", "*"}
+    assert "chat" in rows["claude-*"] and "3 + tokens" in rows["claude-*"]
+    assert "yes (openrouter)" in rows["claude-*"]
+    assert "upstream's x 1.5 (max 500)" in rows["*"] and "yes (hosted)" in rows["*"]
 
 
 def test_keys_list_shows_whole_key_ids(tmp_path: Path) -> None:

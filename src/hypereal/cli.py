@@ -384,14 +384,20 @@ def credits_balance(account_id: str) -> None:
 
 @models_app.command("list")
 def models_list() -> None:
-    """Every model with its modality, price and whether a backend serves it here."""
+    """Every model with its modality, price and whether a backend serves it here; then the
+    wildcard patterns (``claude-*``), listed as such, as ``/v1/models`` lists them."""
 
     async def _list(services: Services) -> list[tuple[str, str, str, str]]:
+        catalogue = services.catalogue
+        entries = [(spec.slug, spec) for spec in catalogue.models.values()] + [
+            (f"{pattern.pattern} (pattern)", pattern.spec_for(pattern.pattern))
+            for pattern in catalogue.patterns
+        ]
         rows = []
-        for spec in services.catalogue.models.values():
+        for name, spec in entries:
             available, backend, _ = services.backends.availability(spec)
             state = f"yes ({backend})" if available else "no"
-            rows.append((spec.slug, spec.modality, _price_text(spec), state))
+            rows.append((name, spec.modality, _price_text(spec), state))
         return rows
 
     table = Table()
@@ -408,6 +414,9 @@ def _price_text(spec: object) -> str:
     from hypereal.domain.catalogue import ModelSpec
 
     assert isinstance(spec, ModelSpec)
+    if spec.pass_through is not None:
+        terms = spec.pass_through
+        return f"upstream's x {terms.markup} (max {terms.max_credits})"
     rule = spec.price
     if rule.kind == "fixed":
         return str(rule.credits)
