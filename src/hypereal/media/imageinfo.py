@@ -5,7 +5,7 @@ decodes it: its dimensions come from its header alone (``media/images.header_siz
 from __future__ import annotations
 
 from hypereal.media.blob import MediaBlob
-from hypereal.media.images import ImageRejected, header_size
+from hypereal.media.images import ImageRejected, check_size, header_size
 
 
 def check_image_header(blob: MediaBlob, field: str, max_pixels: int) -> None:
@@ -17,11 +17,4 @@ def check_image_header(blob: MediaBlob, field: str, max_pixels: int) -> None:
     size = header_size(blob.data)
     if size is None:
         raise ImageRejected(f"Invalid value for '{field}': not a readable image")
-    width, height = size
-    if width < 1 or height < 1:
-        raise ImageRejected(f"Invalid value for '{field}': the image is empty ({width}x{height})")
-    if width * height > max_pixels:
-        raise ImageRejected(
-            f"Invalid value for '{field}': the image is {width}x{height} = "
-            f"{width * height:,} pixels, over this server's limit of {max_pixels:,}"
-        )
+    check_size(*size, max_pixels, f"Invalid value for '{field}': the image is")

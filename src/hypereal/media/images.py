@@ -24,6 +24,7 @@ __all__ = [
     "INPUT_FORMATS",
     "ImageRejected",
     "check_pixels",
+    "check_size",
     "decode_image",
     "encode_image",
     "flatten",
@@ -77,15 +78,21 @@ def normalise_format(value: str | None) -> str:
     return fmt
 
 
-def check_pixels(width: int, height: int, max_pixels: int, what: str) -> None:
-    """Refuse a planned image of ``width`` x ``height`` above ``max_pixels`` before it is made."""
+def check_size(width: int, height: int, max_pixels: int, subject: str) -> None:
+    """Refuse (ImageRejected) an image of ``width`` x ``height`` that is empty or above
+    ``max_pixels``; the message goes on from ``subject`` (``"the image is"``)."""
     if width < 1 or height < 1:
-        raise ImageRejected(f"{what} would be empty ({width}x{height})")
+        raise ImageRejected(f"{subject} empty ({width}x{height})")
     if width * height > max_pixels:
         raise ImageRejected(
-            f"{what} would be {width}x{height} = {width * height:,} pixels, over this server's "
+            f"{subject} {width}x{height} = {width * height:,} pixels, over this server's "
             f"limit of {max_pixels:,}"
         )
+
+
+def check_pixels(width: int, height: int, max_pixels: int, what: str) -> None:
+    """Refuse a planned image of ``width`` x ``height`` above ``max_pixels`` before it is made."""
+    check_size(width, height, max_pixels, f"{what} would be")
 
 
 def _to_working_mode(img: Image.Image) -> Image.Image:
