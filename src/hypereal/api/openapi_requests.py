@@ -155,6 +155,16 @@ def _image_branch(spec: ModelSpec, default: str | None) -> dict[str, Any]:
     return branch
 
 
+def _messages(roles: list[str], content: dict[str, Any]) -> dict[str, Any]:
+    """A ``messages`` array: at least one ``{role, content}``."""
+    item = {
+        "type": "object",
+        "properties": {"role": {"type": "string", "enum": roles}, "content": content},
+        "required": ["role", "content"],
+    }
+    return {"type": "array", "minItems": 1, "items": item}
+
+
 def _chat_schemas(catalogue: Catalogue) -> dict[str, dict[str, Any]]:
     slugs = [spec.slug for spec in catalogue.of_modality("chat")]
     content = {"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}]}
@@ -167,18 +177,7 @@ def _chat_schemas(catalogue: Catalogue) -> dict[str, dict[str, Any]]:
         "type": "object",
         "properties": {
             "model": chat_model,
-            "messages": {
-                "type": "array",
-                "minItems": 1,
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "role": {"type": "string", "enum": ["system", "user", "assistant"]},
-                        "content": content,
-                    },
-                    "required": ["role", "content"],
-                },
-            },
+            "messages": _messages(["system", "user", "assistant"], content),
             "temperature": {"type": "number", "minimum": 0, "maximum": 2, "default": 0.8},
             "max_tokens": {"type": "integer", "minimum": 1, "maximum": 32768, "default": 4096},
             "stream": {"type": ["boolean", "null"], "description": "Server-sent events"},
@@ -196,18 +195,7 @@ def _chat_schemas(catalogue: Catalogue) -> dict[str, dict[str, Any]]:
         "properties": {
             "model": model,
             "max_tokens": {"type": "integer", "minimum": 1},
-            "messages": {
-                "type": "array",
-                "minItems": 1,
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "role": {"type": "string", "enum": ["user", "assistant"]},
-                        "content": blocks,
-                    },
-                    "required": ["role", "content"],
-                },
-            },
+            "messages": _messages(["user", "assistant"], blocks),
             "system": nullable(blocks),
             "temperature": {"type": "number", "minimum": 0, "maximum": 1},
             "stop_sequences": {
