@@ -68,6 +68,18 @@ class ConstraintViolation(Exception):
     """A unique or foreign-key constraint refused a write (either database)."""
 
 
+def as_violation(
+    exc: BaseException, driver_violation: type[BaseException] | tuple[type[BaseException], ...]
+) -> BaseException:
+    """``exc`` as a ConstraintViolation (caused by it) when it is the driver's
+    ``driver_violation``; any other error as it is."""
+    if isinstance(exc, driver_violation):
+        violation = ConstraintViolation(str(exc))
+        violation.__cause__ = exc
+        return violation
+    return exc
+
+
 class WriterClosed(RuntimeError):
     pass
 

@@ -9,12 +9,12 @@ from collections.abc import Callable
 from typing import Any
 
 from hypereal.store.ops import (
-    ConstraintViolation,
     Ops,
     Sql,
     T,
     WriterClosed,
     _resolve,
+    as_violation,
     log,
 )
 
@@ -73,11 +73,7 @@ async def _drive_async(conn: Any, operation: Callable[[], Ops[T]]) -> T:
 def _pg_error(exc: BaseException) -> BaseException:
     import asyncpg
 
-    if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
-        violation = ConstraintViolation(str(exc))
-        violation.__cause__ = exc
-        return violation
-    return exc
+    return as_violation(exc, asyncpg.IntegrityConstraintViolationError)
 
 
 def asyncpg_dsn(url: str) -> str:

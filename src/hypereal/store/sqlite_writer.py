@@ -11,13 +11,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from hypereal.store.ops import (
-    ConstraintViolation,
     Ops,
     Sql,
     T,
     WriterClosed,
     _Pending,
     _resolve,
+    as_violation,
     log,
 )
 
@@ -253,9 +253,5 @@ class SqliteWriter:
                 pass
 
 
-def _sqlite_error(exc: Exception) -> Exception:
-    if isinstance(exc, sqlite3.IntegrityError):
-        violation = ConstraintViolation(str(exc))
-        violation.__cause__ = exc
-        return violation
-    return exc
+def _sqlite_error(exc: Exception) -> BaseException:
+    return as_violation(exc, sqlite3.IntegrityError)
