@@ -60,6 +60,13 @@ async function runJob(route, body, onUpdate, isLive) {
   return watchJob(submitted.jobId, onUpdate, { isLive });
 }
 
+// An audio job, its status shown in `status`; throws unless it completed.
+async function runAudio(body, status, isLive) {
+  const job = await runJob("/audio/generate", body, (j) => replace(status, statusBadge(j.status)), isLive);
+  if (job.status !== "completed") throw new Error(job.error || `Job ${job.status}`);
+  return job;
+}
+
 function jobFailure(job) {
   return errorBox(new Error(`Job ${job.status}: ${job.error || "no output"}`));
 }
@@ -75,6 +82,32 @@ let refreshBalance = () => Promise.resolve();
 function done(button) {
   busy(button, false);
   refreshBalance().catch(() => {});
+}
+
+// A card form whose submit clears `status` and the `clear` nodes, then runs `work` with
+// `submit` busy; an error shows in `status` (replacing it, or after it with `appendError`).
+function cardForm({ submit, status, clear = [], appendError = false }, work, ...children) {
+  return h(
+    "form",
+    {
+      class: "card",
+      onsubmit: async (event) => {
+        event.preventDefault();
+        replace(status);
+        for (const node of clear) replace(node);
+        busy(submit, true);
+        try {
+          await work();
+        } catch (err) {
+          if (appendError) status.append(errorBox(err));
+          else replace(status, errorBox(err));
+        } finally {
+          done(submit);
+        }
+      },
+    },
+    ...children,
+  );
 }
 
 function chatPanel(catalogue, live) {
@@ -160,29 +193,17 @@ function imageForm(catalogue, { id, title, modalities, preferred, withImage, def
   const result = h("div", { class: "preview", id: `${id}-result` });
   const status = h("div", {});
   const submit = submitButton(`${id}-submit`, title, served);
-  return h(
-    "form",
-    {
-      class: "card",
-      onsubmit: async (event) => {
-        event.preventDefault();
-        replace(status);
-        busy(submit, true);
-        try {
-          const body = { model: select.value, prompt: prompt.value };
-          if (withImage) {
-            if (!file.files[0]) throw new Error("Choose an image first.");
-            body.image = await dataUri(file.files[0]);
-          }
-          const answer = await api(route, { method: "POST", body });
-          replace(result, answer.data.map((d) => h("img", { src: d.url, alt: "result", class: "result-image" })));
-          replace(status, costLine(answer.creditsUsed));
-        } catch (err) {
-          replace(status, errorBox(err));
-        } finally {
-          done(submit);
-        }
-      },
+  return cardForm(
+    { submit, status },
+    async () => {
+      const body = { model: select.value, prompt: prompt.value };
+      if (withImage) {
+        if (!file.files[0]) throw new Error("Choose an image first.");
+        body.image = await dataUri(file.files[0]);
+      }
+      const answer = await api(route, { method: "POST", body });
+      replace(result, answer.data.map((d) => h("img", { src: d.url, alt: "result", class: "result-image" })));
+      replace(status, costLine(answer.creditsUsed));
     },
     h("h2", {}, title),
     note,
@@ -210,26 +231,12 @@ function ttsPanel(catalogue, live) {
   const result = h("div", { id: "tts-result" });
   const status = h("div", {});
   const submit = submitButton("tts-submit", "Speak", served);
-  return h(
-    "form",
-    {
-      class: "card",
-      onsubmit: async (event) => {
-        event.preventDefault();
-        replace(status);
-        replace(result);
-        busy(submit, true);
-        try {
-          const job = await runJob("/audio/generate", { model: select.value, input: { text: text.value } }, (j) => replace(status, statusBadge(j.status)), live);
-          if (job.status !== "completed") throw new Error(job.error || `Job ${job.status}`);
-          replace(result, h("audio", { id: "tts-audio", src: job.outputUrl, controls: true, preload: "auto" }));
-          replace(status, costLine(job.creditsUsed));
-        } catch (err) {
-          replace(status, errorBox(err));
-        } finally {
-          done(submit);
-        }
-      },
+  return cardForm(
+    { submit, status, clear: [result] },
+    async () => {
+      const job = await runAudio({ model: select.value, input: { text: text.value } }, status, live);
+      replace(result, h("audio", { id: "tts-audio", src: job.outputUrl, controls: true, preload: "auto" }));
+      replace(status, costLine(job.creditsUsed));
     },
     h("h2", {}, "Text to speech"),
     note,
@@ -247,37 +254,23 @@ function sttPanel(catalogue, live) {
   const result = h("div", { id: "stt-result" });
   const status = h("div", {});
   const submit = submitButton("stt-submit", "Transcribe", served);
-  return h(
-    "form",
-    {
-      class: "card",
-      onsubmit: async (event) => {
-        event.preventDefault();
-        replace(status);
-        replace(result);
-        busy(submit, true);
-        try {
-          if (!file.files[0]) throw new Error("Choose an audio file first.");
-          const audio = await dataUri(file.files[0]);
-          const job = await runJob("/audio/generate", { model: select.value, input: { audio } }, (j) => replace(status, statusBadge(j.status)), live);
-          if (job.status !== "completed") throw new Error(job.error || `Job ${job.status}`);
-          const words = job.result?.words || [];
-          replace(
-            result,
-            h("blockquote", { id: "stt-text" }, job.result?.text || "(no speech recognised)"),
-            table(words, [
-              ["Word", (w) => w.word],
-              ["Start (s)", (w) => Number(w.start).toFixed(2)],
-              ["End (s)", (w) => Number(w.end).toFixed(2)],
-            ], { empty: "No word timings." }),
-          );
-          replace(status, costLine(job.creditsUsed));
-        } catch (err) {
-          replace(status, errorBox(err));
-        } finally {
-          done(submit);
-        }
-      },
+  return cardForm(
+    { submit, status, clear: [result] },
+    async () => {
+      if (!file.files[0]) throw new Error("Choose an audio file first.");
+      const audio = await dataUri(file.files[0]);
+      const job = await runAudio({ model: select.value, input: { audio } }, status, live);
+      const words = job.result?.words || [];
+      replace(
+        result,
+        h("blockquote", { id: "stt-text" }, job.result?.text || "(no speech recognised)"),
+        table(words, [
+          ["Word", (w) => w.word],
+          ["Start (s)", (w) => Number(w.start).toFixed(2)],
+          ["End (s)", (w) => Number(w.end).toFixed(2)],
+        ], { empty: "No word timings." }),
+      );
+      replace(status, costLine(job.creditsUsed));
     },
     h("h2", {}, "Speech to text"),
     note,
@@ -298,33 +291,19 @@ function jobPanel(catalogue, live, { id, title, modality, preferred, route, extr
   const result = h("div", { id: `${id}-result`, class: "preview" });
   const status = h("div", {});
   const submit = submitButton(`${id}-submit`, "Start", served);
-  return h(
-    "form",
-    {
-      class: "card",
-      onsubmit: async (event) => {
-        event.preventDefault();
-        replace(status);
-        replace(result);
-        replace(progress);
-        busy(submit, true);
-        try {
-          if (!file.files[0]) throw new Error("Choose an image first.");
-          const input = { image: await dataUri(file.files[0]) };
-          for (const [name, node] of Object.entries(extra)) if (node.value !== "") input[name] = node.type === "number" ? Number(node.value) : node.value;
-          const job = await runJob(route, { model: select.value, input }, (j) => {
-            const done = j.status === "completed";
-            replace(progress, progressBar(done ? 1 : j.progress, done ? "completed" : j.stage || j.status), h("small", { class: "muted" }, `Job ${j.jobId}`));
-            replace(status, costLine(j.creditsUsed));
-          }, live);
-          if (job.status !== "completed") return replace(status, jobFailure(job), costLine(job.creditsUsed));
-          replace(result, await show(job.outputUrl));
-        } catch (err) {
-          status.append(errorBox(err));
-        } finally {
-          done(submit);
-        }
-      },
+  return cardForm(
+    { submit, status, clear: [result, progress], appendError: true },
+    async () => {
+      if (!file.files[0]) throw new Error("Choose an image first.");
+      const input = { image: await dataUri(file.files[0]) };
+      for (const [name, node] of Object.entries(extra)) if (node.value !== "") input[name] = node.type === "number" ? Number(node.value) : node.value;
+      const job = await runJob(route, { model: select.value, input }, (j) => {
+        const done = j.status === "completed";
+        replace(progress, progressBar(done ? 1 : j.progress, done ? "completed" : j.stage || j.status), h("small", { class: "muted" }, `Job ${j.jobId}`));
+        replace(status, costLine(j.creditsUsed));
+      }, live);
+      if (job.status !== "completed") return replace(status, jobFailure(job), costLine(job.creditsUsed));
+      replace(result, await show(job.outputUrl));
     },
     h("h2", {}, title),
     note,
