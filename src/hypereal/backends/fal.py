@@ -44,7 +44,12 @@ from hypereal.backends.base import (
     ProgressCallback,
 )
 from hypereal.backends.upstream.http import UpstreamHttp
-from hypereal.backends.upstream.jobs import CANCEL_TIMEOUT, JobStatus, ProgressReporter, run_job
+from hypereal.backends.upstream.jobs import (
+    CANCEL_TIMEOUT,
+    JobStatus,
+    ProgressReporter,
+    run_provider_job,
+)
 from hypereal.backends.upstream.media import to_data_uri
 from hypereal.backends.upstream.options import apply_input_map
 from hypereal.backends.upstream.queue import QueueProvider, image_arguments
@@ -130,14 +135,7 @@ class FalQueue(QueueProvider):
             apply_input_map(arguments, self._input_map),
             logs=reporter is not None,
         )
-        return await run_job(
-            job,
-            provider=PROVIDER,
-            timeout=self._jobs.timeout,
-            poll_interval=self._jobs.poll_interval,
-            submit_grace=self._http.options.request_timeout,
-            reporter=reporter,
-        )
+        return await run_provider_job(job, self._http, self._jobs, reporter)
 
     def _outputs(self, result: Mapping[str, Any], kind: str) -> list[_Output]:
         keys = (self._output_key,) if self._output_key else _OUTPUT_KEYS[kind]

@@ -63,7 +63,7 @@ from hypereal.backends.base import (
 )
 from hypereal.backends.upstream.chat import chat_deltas, estimate_prompt_tokens, record_credits
 from hypereal.backends.upstream.http import UpstreamHttp
-from hypereal.backends.upstream.jobs import JobStatus, ProgressReporter, run_job
+from hypereal.backends.upstream.jobs import JobStatus, ProgressReporter, run_provider_job
 from hypereal.backends.upstream.media import to_data_uri
 from hypereal.backends.upstream.options import HttpOptions, JobOptions, option_str
 
@@ -190,14 +190,7 @@ class HyperealHosted:
         media = {name: to_data_uri(blob) for name, blob in request.media.items()}
         job = _HostedJob(self._http, path, job_type, model, {**request.input, **media})
         reporter = ProgressReporter(progress)
-        output_url = await run_job(
-            job,
-            provider=PROVIDER,
-            timeout=self._jobs.timeout,
-            poll_interval=self._jobs.poll_interval,
-            submit_grace=self._http.options.request_timeout,
-            reporter=reporter,
-        )
+        output_url = await run_provider_job(job, self._http, self._jobs, reporter)
         output = await self._http.download(output_url)
         await reporter.done()
         if request.upstream_bill is not None:

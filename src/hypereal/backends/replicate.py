@@ -60,7 +60,12 @@ from hypereal.backends.base import (
     ProgressCallback,
     WebhookRejected,
 )
-from hypereal.backends.upstream.jobs import CANCEL_TIMEOUT, JobStatus, ProgressReporter, run_job
+from hypereal.backends.upstream.jobs import (
+    CANCEL_TIMEOUT,
+    JobStatus,
+    ProgressReporter,
+    run_provider_job,
+)
 from hypereal.backends.upstream.media import to_data_uri
 from hypereal.backends.upstream.options import apply_input_map
 from hypereal.backends.upstream.queue import QueueProvider, image_arguments
@@ -162,13 +167,8 @@ class ReplicatePredictions(QueueProvider):
             self, upstream_model, apply_input_map(arguments, self._input_map), wait
         )
         try:
-            prediction = await run_job(
-                job,
-                provider=PROVIDER,
-                timeout=self._jobs.timeout,
-                poll_interval=self._jobs.poll_interval,
-                submit_grace=self._http.options.request_timeout + wait,
-                reporter=reporter,
+            prediction = await run_provider_job(
+                job, self._http, self._jobs, reporter, extra_grace=wait
             )
         finally:
             if job.prediction_id is not None:

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
 from hypereal.backends.base import BackendError, ProgressCallback
-from hypereal.backends.upstream.http import capitalized
+from hypereal.backends.upstream.http import UpstreamHttp, capitalized
+from hypereal.backends.upstream.options import JobOptions
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,26 @@ async def run_job(
     if reporter:
         await reporter.fetching()
     return await job.result(handle)
+
+
+async def run_provider_job(
+    job: UpstreamJob[H, R],
+    http: UpstreamHttp,
+    options: JobOptions,
+    reporter: ProgressReporter | None,
+    *,
+    extra_grace: float = 0.0,
+) -> R:
+    """:func:`run_job` with a provider's job options, naming the provider as its HTTP client
+    does; a submission may take one call's timeout plus ``extra_grace`` seconds."""
+    return await run_job(
+        job,
+        provider=http.provider,
+        timeout=options.timeout,
+        poll_interval=options.poll_interval,
+        submit_grace=http.options.request_timeout + extra_grace,
+        reporter=reporter,
+    )
 
 
 def _quiet_cancel(
