@@ -10,6 +10,7 @@ error message: every request fails with it).
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import math
@@ -89,6 +90,7 @@ def _box(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", 8 + len(payload)) + kind + payload
 
 
+@functools.cache
 def tiny_mp4() -> bytes:
     """An ISO BMFF file with ``ftyp``, a ``moov`` holding an empty ``mvhd``, and ``mdat``."""
     ftyp = _box(b"ftyp", b"isom" + struct.pack(">I", 512) + b"isomiso2mp41")
@@ -105,8 +107,12 @@ def tiny_mp4() -> bytes:
     return ftyp + _box(b"moov", mvhd) + _box(b"mdat", b"")
 
 
+@functools.cache
 def tone_wav(seconds: float = 0.25, rate: int = 8000, hz: float = 440.0) -> bytes:
-    """A mono 16-bit PCM WAV of a sine tone."""
+    """A mono 16-bit PCM WAV of a sine tone.
+
+    The no-op files are made once per process and arguments (``functools.cache``): they
+    never change, and a no-op generation should cost the platform, not a sine loop."""
     frames = b"".join(
         struct.pack("<h", int(8000 * math.sin(2 * math.pi * hz * i / rate)))
         for i in range(int(seconds * rate))
@@ -120,6 +126,7 @@ def tone_wav(seconds: float = 0.25, rate: int = 8000, hz: float = 440.0) -> byte
     return buffer.getvalue()
 
 
+@functools.cache
 def empty_glb() -> bytes:
     """A binary glTF 2.0 file with one empty scene."""
     document = {"asset": {"version": "2.0", "generator": "hypereal noop"}, "scenes": [{}]}
@@ -129,6 +136,7 @@ def empty_glb() -> bytes:
     return struct.pack("<4sII", b"glTF", 2, 12 + len(body)) + body
 
 
+@functools.cache
 def tiny_png(width: int = 8, height: int = 8) -> bytes:
     """A grey RGB PNG."""
 
