@@ -4,6 +4,8 @@ storage through the same interface against a real S3 protocol server (moto) on l
 from __future__ import annotations
 
 import io
+import shutil
+from pathlib import Path
 
 import httpx
 import pytest
@@ -50,6 +52,25 @@ async def test_local_store_refuses_paths_outside_its_root(
     assert services.media.path_for("image/2026/12/x.png") == (
         services.media.root.resolve() / "image/2026/12/x.png"
     )
+
+
+async def test_local_store_writes_whole_files_and_remakes_a_removed_folder(
+    tmp_path: Path,
+) -> None:
+    store = LocalMediaStore(tmp_path / "media", "http://media.test")
+    big = bytes(range(256)) * 2048  # 512 KiB: written from a worker thread
+    await store.put("image/2026/12/a.png", b"first", "image/png")
+    await store.put("image/2026/12/b.bin", big, "application/octet-stream")
+    folder = tmp_path / "media" / "image" / "2026" / "12"
+    assert (folder / "a.png").read_bytes() == b"first"
+    assert (folder / "b.bin").read_bytes() == big
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png", "b.bin"]  # no .part left
+    await store.put("image/2026/12/a.png", b"second", "image/png")  # replaced whole
+    assert (folder / "a.png").read_bytes() == b"second"
+    shutil.rmtree(tmp_path / "media")  # an operator clears the media folder
+    url = await store.put("image/2026/12/c.png", b"third", "image/png")
+    assert url == "http://media.test/files/image/2026/12/c.png"
+    assert (folder / "c.png").read_bytes() == b"third"
 
 
 async def test_s3_store_round_trips_through_an_s3_protocol_server() -> None:

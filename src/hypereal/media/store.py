@@ -4,6 +4,7 @@ S3-compatible bucket. Both hand out absolute URLs."""
 from __future__ import annotations
 
 import asyncio
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,6 +46,7 @@ class LocalMediaStore:
         self.root = root
         self._resolved_root = root.resolve()
         self.base_url = base_url.rstrip("/")
+        self._folders: set[Path] = set()  # folders known to exist (made by a write)
 
     def path_for(self, key: str) -> Path | None:
         """The file for ``key``, or None when the key is not a plain relative path under the
@@ -63,17 +65,34 @@ class LocalMediaStore:
         if path is None:
             raise ValueError(f"invalid media key {key!r}")
 
-        def _write() -> None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(path.suffix + ".part")
-            partial.write_bytes(data)
-            partial.replace(path)  # readers never see half a file
-
         if len(data) <= INLINE_WRITE_BYTES:
-            _write()
+            self._write(path, data)
         else:
-            await asyncio.to_thread(_write)
+            await asyncio.to_thread(self._write, path, data)
         return self.url_for(key)
+
+    def _write(self, path: Path, data: bytes) -> None:
+        """Write ``data`` to ``path`` through a ``.part`` file renamed over it, so readers
+        never see half a file. The folder is made on its first write only (a folder removed
+        since is made again), with plain ``os`` calls: this runs once per stored file."""
+        folder = path.parent
+        if folder not in self._folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._folders.add(folder)
+        partial = f"{path}.part"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        try:
+            fd = os.open(partial, flags, 0o644)
+        except FileNotFoundError:  # the folder was removed since
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(partial, flags, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.replace(partial, path)
 
     async def get(self, key: str) -> bytes | None:
         path = self.path_for(key)
