@@ -23,9 +23,11 @@ from bench.common import (
     Goal,
     Result,
     at_least,
+    cpu_seconds,
     env_int,
     hypereal_server,
     postgres_available,
+    process_tree,
     scenario_args,
     server_env,
     temporary_pg_database,
@@ -86,7 +88,10 @@ def run_database(result: Result, label: str, env: dict[str, str], work: Path, qu
                 {"authorization": f"Bearer {key}"},
             )
             sent = expected + max(10, expected // 5)
+            pids = process_tree(server.proc.pid)
+            cpu_before = cpu_seconds(pids)
             run = asyncio.run(closed_loop(call, concurrency=concurrency, total=sent, seconds=300))
+            cpu_us = (cpu_seconds(pids) - cpu_before) / sent * 1e6
             statuses = run.statuses()
             ok = statuses.get(200, 0)
             total, entries, final = asyncio.run(ledger_sum(server.url, key))
@@ -120,7 +125,8 @@ def run_database(result: Result, label: str, env: dict[str, str], work: Path, qu
                 notes=(
                     f"{ok} ok = floor({balance}/{COST}) = {expected}"
                     f"{'' if ok == expected else ' MISMATCH'}; "
-                    f"{statuses.get(402, 0)} x 402; {sums} ({entries} entries)"
+                    f"{statuses.get(402, 0)} x 402; {sums} ({entries} entries); server CPU per "
+                    f"request (debits and 402s): {cpu_us:.0f} us"
                 ),
                 goal=goal,
             )

@@ -32,10 +32,12 @@ from bench.common import (
     Goal,
     Result,
     at_least,
+    cpu_seconds,
     env_int,
     free_port,
     hypereal_server,
     process,
+    process_tree,
     scenario_args,
     server_env,
     wait_http,
@@ -156,12 +158,16 @@ def main() -> None:
                     {"model": "noop-audio", "input": {"text": "hi"}, "webhook_url": f"{base}/hook"},
                     headers,
                 )
+                pids = process_tree(server.proc.pid)
+                cpu_before = cpu_seconds(pids)
                 start = time.time()
                 submitted = asyncio.run(
                     closed_loop(call, concurrency=16, total=total, seconds=timeout)
                 )
                 accepted = sum(1 for s in submitted.samples if s.status == 202)
                 stats = asyncio.run(wait_delivered(f"{base}/stats", accepted, timeout))
+                # The job, its webhook and the retries; the wait's 1 s grace costs nothing.
+                cpu_us = (cpu_seconds(pids) - cpu_before) / max(accepted, 1) * 1e6
         poll = float(os.environ.get("BENCH_ENGINE_POLL", "0.05"))
         port = free_port()
         receiver_args = [PY, "-m", "bench.receiver", "--port", str(port), "--secret", secret]
@@ -192,7 +198,8 @@ def main() -> None:
         notes=(
             f"delivered {delivered}/{total}, duplicates {stats['duplicates']}, invalid "
             f"signatures {stats['invalid_signatures']}; {stats['received']} POSTs, "
-            f"{stats['injected_500']} injected 500s; {span:.1f} s"
+            f"{stats['injected_500']} injected 500s; {span:.1f} s; server CPU per job with its "
+            f"webhook: {cpu_us:.0f} us"
         ),
         goal=goals(rate, stats),
     )
