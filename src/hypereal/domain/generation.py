@@ -140,6 +140,13 @@ class StoredMedia:
     content_type: str
 
 
+def has_inputs(spec: ModelSpec, params: Mapping[str, Any]) -> bool:
+    """Whether ``params`` name any media for :meth:`Pipeline.fetch_inputs` to fetch."""
+    return any(
+        param.type in MEDIA_TYPES and params.get(param.name) is not None for param in spec.params
+    )
+
+
 def _expected_kind(field: str) -> str | None:
     return next((kind for kind in ("image", "audio", "video") if kind in field), None)
 

@@ -19,7 +19,7 @@ from hypereal.backends.base import BackendError, ImageRequest, MediaBlob
 from hypereal.domain import jobs, keys, ledger
 from hypereal.domain.catalogue import ModelSpec, validate_params
 from hypereal.domain.errors import BadRequest, InsufficientCredits
-from hypereal.domain.generation import Pipeline, client_error
+from hypereal.domain.generation import Pipeline, client_error, has_inputs
 from hypereal.domain.ids import new_id
 from hypereal.domain.pricing import price
 from hypereal.media.images import (
@@ -121,11 +121,13 @@ async def generate(
     size = request_size(params, values)
     resolved = pipeline.resolve(spec)
     credits = price(spec, params)
-    # The balance before any fetch: a short one is a 402 before work or network traffic (the
-    # reservation below re-checks atomically).
-    available = await ledger.balance(pipeline.db, account_id)
-    if available < credits:
-        raise InsufficientCredits(required=credits, available=available)
+    if has_inputs(spec, params):
+        # The balance before any fetch: a short one is a 402 before network traffic (the
+        # reservation below re-checks atomically, and alone answers the 402 when nothing
+        # is fetched).
+        available = await ledger.balance(pipeline.db, account_id)
+        if available < credits:
+            raise InsufficientCredits(required=credits, available=available)
     sources = await pipeline.fetch_inputs(spec, params)
     # Only an output_format the request (or the model's catalogue default) names is forced.
     named_format = params.get("output_format")
