@@ -213,6 +213,20 @@ async def test_402_when_the_balance_is_short(
     assert response.json() == {"error": "Insufficient credits", "required": 2, "available": 1}
 
 
+async def test_402_without_inputs_comes_from_the_reservation_and_calls_no_backend(
+    client: httpx.AsyncClient, image_services: Services, fal: tuple[FalFake, str]
+) -> None:
+    headers, account = await user(image_services, 4)
+    submitted = len(fal[0].submissions)
+    response = await client.post(
+        "/v1/images/generate", headers=headers, json={"prompt": "x", "model": "flux-1-schnell"}
+    )
+    assert response.status_code == 402
+    assert response.json() == {"error": "Insufficient credits", "required": 5, "available": 4}
+    assert len(fal[0].submissions) == submitted  # the upstream was never asked
+    assert await ledger.balance(image_services.db, account) == 4
+
+
 async def test_model_without_backend_is_503_and_charges_nothing(
     client: httpx.AsyncClient, image_services: Services
 ) -> None:
