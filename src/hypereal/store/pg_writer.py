@@ -82,6 +82,14 @@ def asyncpg_dsn(url: str) -> str:
     return "postgresql" + sep + rest if "+" in scheme else url
 
 
+async def _keep_session(connection: Any) -> None:
+    """The pool's reset of a released connection: nothing more than asyncpg's own step
+    before it (which rolls back a transaction left open). Our statements leave no session
+    state (no SET, LISTEN, cursor or session-level advisory lock; the job claim's advisory
+    lock is per transaction), so the default reset query (``RESET ALL``, ``UNLISTEN *`` ...)
+    would only add a round trip to every read."""
+
+
 class PgStore:
     """asyncpg pool and writer task for one event loop (see the module doc)."""
 
@@ -108,6 +116,7 @@ class PgStore:
                         min_size=1,
                         max_size=self.pool_size,
                         max_inactive_connection_lifetime=300,
+                        reset=_keep_session,
                     )
         return self._pool
 
