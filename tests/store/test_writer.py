@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from hypereal.domain import keys, ledger
 from hypereal.domain.errors import InsufficientCredits
 from hypereal.store.db import Database
 from hypereal.store.migrate import upgrade_to_head
+from hypereal.store.models import Account
+from hypereal.store.ops import Dialect, Ops, Sql
 from hypereal.store.writer import connect_sqlite
 
 
@@ -88,7 +92,6 @@ async def test_the_wal_is_checkpointed_after_loop_thread_commits(
 async def test_a_snapshot_read_sees_one_state_of_the_database(db: Database, tmp_path: Path) -> None:
     """A write committed by another connection between an operation's two statements is
     seen by a plain read's second statement, never by a snapshot read's."""
-    from hypereal.store.writer import Dialect, Ops, Sql
 
     account = await keys.create_account(db, "snapshot")
     other = connect_sqlite(str(tmp_path / "w.db"))
@@ -107,3 +110,24 @@ async def test_a_snapshot_read_sees_one_state_of_the_database(db: Database, tmp_
     assert plain[1] == plain[0] + 1  # the plain read saw the write in between
     assert snapshot[0] == snapshot[1] == plain[1]  # the snapshot read did not
     assert await ledger.balance(db, account) == plain[1] + 1
+
+
+async def test_datetimes_written_by_the_writer_read_back_through_sqlalchemy(db: Database) -> None:
+    account = await keys.create_account(db, "times")
+    paris = timezone(timedelta(hours=1))
+    when = datetime(2026, 3, 4, 5, 6, 7, 89, tzinfo=paris)  # 04:06:07.000089 UTC
+
+    def stamp(dialect: Dialect) -> Ops[int]:
+        changed: int = yield Sql.run(
+            "UPDATE accounts SET created_at = :at WHERE id = :id", at=when, id=account
+        )
+        return changed
+
+    assert await db.write(stamp) == 1
+    async with db.session() as session:
+        stored = (await session.execute(select(Account.created_at).filter_by(id=account))).scalar()
+    assert stored == datetime(2026, 3, 4, 4, 6, 7, 89)  # naive UTC, microseconds kept
+    raw = await db.read(
+        lambda _: (yield Sql.one("SELECT created_at FROM accounts WHERE id = :id", id=account))
+    )
+    assert raw[0] == "2026-03-04 04:06:07.000089"  # SQLAlchemy's own SQLite format

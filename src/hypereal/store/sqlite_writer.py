@@ -22,25 +22,22 @@ from hypereal.store.ops import (
 )
 
 
-def _sqlite_value(value: Any) -> Any:
-    # The format SQLAlchemy's SQLite DateTime writes (naive UTC), so both read each other's.
-    if isinstance(value, datetime):
-        if value.tzinfo is not None:
-            value = value.astimezone(UTC).replace(tzinfo=None)
-        # "YYYY-MM-DD HH:MM:SS.ffffff", microseconds always written: a third of strftime's cost.
-        return value.isoformat(" ", "microseconds")
-    return value
+def _sqlite_datetime(value: datetime) -> str:
+    """A datetime parameter as SQLAlchemy's SQLite DateTime writes it (naive UTC,
+    "YYYY-MM-DD HH:MM:SS.ffffff", microseconds always written), so both read each other's."""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value.isoformat(" ", "microseconds")
 
 
-def _sqlite_params(params: dict[str, Any]) -> dict[str, Any]:
-    # Most statements carry no timestamp: pass their parameters as they are.
-    if not any(type(value) is datetime for value in params.values()):
-        return params
-    return {name: _sqlite_value(value) for name, value in params.items()}
+# Registered for the process: sqlite3 adapts a datetime parameter from C, instead of a
+# Python pass over every statement's parameters (a twentieth of a job's CPU). SQLAlchemy's
+# SQLite dialect binds datetimes as strings itself, so its statements never reach this.
+sqlite3.register_adapter(datetime, _sqlite_datetime)
 
 
 def _sqlite_execute(conn: sqlite3.Connection, sql: Sql) -> Any:
-    cursor = conn.execute(sql.text, _sqlite_params(sql.params))
+    cursor = conn.execute(sql.text, sql.params)
     try:
         if sql.fetch == "one":
             # Read every row: a RETURNING statement finishes its writes only when stepped out.
