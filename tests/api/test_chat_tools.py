@@ -165,6 +165,24 @@ async def test_a_streamed_tool_call_comes_in_openai_pieces(
     }
 
 
+async def test_without_the_upstream_usage_each_streamed_piece_is_billed_as_a_token(
+    services: Services, live_url: str, upstream: OpenAIFake
+) -> None:
+    upstream.reports_usage = False
+    client, _, account = await sdk(services, live_url)
+
+    def call() -> list[Any]:
+        answer = client.chat.completions.create(
+            model="upstream-chat", messages=ASK, tools=[TOOL], stream=True
+        )
+        return list(answer)
+
+    chunks = await asyncio.to_thread(call)
+    pieces = [piece for c in chunks if c.choices for piece in c.choices[0].delta.tool_calls or []]
+    assert len(pieces) == CALL_TOKENS
+    await assert_billed(services, account, chunks[-1], CALL_TOKENS)
+
+
 async def test_a_follow_up_turn_sends_the_tool_answer_upstream(
     services: Services, live_url: str, upstream: OpenAIFake
 ) -> None:

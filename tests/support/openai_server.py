@@ -255,6 +255,7 @@ class OpenAIFake:
     slow_seconds: float = 5.0  # delay before a ``slow`` request answers
     tokenize_style: Literal["vllm", "llama_cpp"] = "vllm"
     keepalive_comments: bool = True  # interleave ``: keep-alive`` SSE comments (as OpenRouter)
+    reports_usage: bool = True  # False: a stream never has a usage chunk, as some servers do
     tool_arguments: str = '{"city": "Paris"}'  # what a tool call answers (see the module doc)
 
     requests: list[RecordedRequest] = field(default_factory=list)
@@ -330,7 +331,9 @@ class OpenAIFake:
         model = str(body.get("model") or "fake-model")
         if not body.get("stream"):
             return JSONResponse(_completion(model, scripts, usage))
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        include_usage = self.reports_usage and bool(
+            (body.get("stream_options") or {}).get("include_usage")
+        )
         events = chat_chunks(
             self.stats,
             model=model,

@@ -116,7 +116,7 @@ class ChatRequest:
     options: Mapping[str, Any] | None = None
 
     @property
-    def choices(self) -> int:
+    def choice_count(self) -> int:
         """How many answers are asked for (OpenAI's ``n``)."""
         return int((self.options or {}).get("n", 1))
 

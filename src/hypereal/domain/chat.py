@@ -219,7 +219,9 @@ class ChatTurn:
         if room != max_tokens:
             request = replace(request, max_tokens=room)
         turn_id = "chatcmpl-" + new_id("c")[2:]
-        reserved = chat_price(spec, len(request.messages), prompt_tokens, room * request.choices)
+        reserved = chat_price(
+            spec, len(request.messages), prompt_tokens, room * request.choice_count
+        )
         charge = await Charge.reserve(
             db, account_id, reserved, reference=turn_id, label=f"chat {spec.slug}", model=spec.slug
         )
@@ -230,7 +232,7 @@ class ChatTurn:
             prompt_tokens=prompt_tokens,
             charge=charge,
             id=turn_id,
-            choices=[Choice() for _ in range(request.choices)],
+            choices=[Choice() for _ in range(request.choice_count)],
         )
 
     async def deltas(self) -> AsyncGenerator[ChatDelta]:

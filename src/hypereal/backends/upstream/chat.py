@@ -142,10 +142,14 @@ def _piece(index: int, message: object) -> ChatDelta | None:
     text = message.get("content")
     text = text if isinstance(text, str) else ""
     calls = message.get("tool_calls")
-    pieces = tuple(
-        _tool_call(call, position)
-        for position, call in enumerate(calls if isinstance(calls, list) else [])
-        if isinstance(call, dict)
+    pieces = (
+        tuple(
+            _tool_call(call, position)
+            for position, call in enumerate(calls)
+            if isinstance(call, dict)
+        )
+        if isinstance(calls, list) and calls
+        else ()
     )
     if not text and not pieces:
         return None
