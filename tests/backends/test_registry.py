@@ -1,6 +1,9 @@
-"""How many jobs of a model may run at once: the catalogue's limit, else the serving backend's."""
+"""The backend instances from settings, and the models bound to them: which instance serves a
+model, and how many of its jobs may run at once (the catalogue's limit, else the backend's)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 
@@ -8,6 +11,7 @@ from hypereal.backends.base import BackendUnavailable
 from hypereal.backends.options import OPTIONS, BackendConfigError
 from hypereal.backends.registry import BACKEND_TYPES, UPSTREAM_CONCURRENCY, BackendRegistry
 from hypereal.domain.catalogue import Binding, ModelSpec, PriceRule
+from hypereal.domain.errors import ModelUnavailable
 from hypereal.domain.model_backends import ModelBackends
 
 
@@ -96,3 +100,14 @@ def test_a_builtin_instance_takes_only_its_own_options() -> None:
 
 def test_every_backend_type_has_an_options_model() -> None:
     assert set(BACKEND_TYPES) <= set(OPTIONS)
+
+
+def test_a_model_is_served_by_its_first_configured_binding_that_serves_it() -> None:
+    assert BACKENDS.resolve(video_model("nowhere", "llama-missing", "fal")).instance == "fal"
+    chat = replace(video_model("fal", "llama-missing"), modality="chat")
+    with pytest.raises(ModelUnavailable) as refused:
+        BACKENDS.resolve(chat)
+    assert "backend 'fal' does not serve chat; backend 'llama-missing':" in refused.value.message
+    with pytest.raises(ModelUnavailable, match=r"Configure one of its backends \(nowhere\)"):
+        BACKENDS.resolve(video_model("nowhere"))
+    assert BACKENDS.availability(video_model("nowhere"))[:2] == (False, None)
