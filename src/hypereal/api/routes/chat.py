@@ -161,11 +161,45 @@ class Feed:
                 logger.exception("Closing a chat stream failed")
 
 
-async def _client_gone(request: Request) -> None:
-    """Return when the client disconnects (the body has been read: ``receive`` only answers
-    ``http.disconnect`` now)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+class ClientWatch:
+    """Cancels the task that made it when the client disconnects (``receive`` answers
+    ``http.disconnect``: the request body has been read), from :meth:`start` until
+    :meth:`stop`; :attr:`left` says whether it did. While watching it costs one task, before
+    it starts none."""
+
+    def __init__(self, receive: Receive) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._receive = receive
+        self._watcher: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._stopped = False
+        self.left = False
+
+    def start(self, after: float = 0.0) -> None:
+        """Watch from now, or from ``after`` seconds from now."""
+        if after > 0:
+            self._timer = asyncio.get_running_loop().call_later(after, self.start)
+        elif not self._stopped:
+            self._timer = None
+            self._watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        if not self._stopped:  # else the answer is complete: nothing to stop
+            self.left = True
+            self._task.cancel()
+
+    def stop(self) -> None:
+        """Stop watching. Called with no await since the work ended, the watcher cannot
+        cancel that work any more."""
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._watcher is not None and not self._watcher.done():
+            self._watcher.cancel()
 
 
 class TurnStream(StreamingResponse, metaclass=ABCMeta):
@@ -187,9 +221,25 @@ class TurnStream(StreamingResponse, metaclass=ABCMeta):
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Stream in the request's own task while a :class:`ClientWatch` stops it when the
+        client leaves (Starlette's StreamingResponse would run an anyio task group with the
+        stream in a second task: more CPU per stream, and the first event a loop turn
+        later)."""
+        watch = ClientWatch(receive)
+        watch.start()
         try:
-            await super().__call__(scope, receive, send)
+            await self.stream_response(send)
+            watch.stop()
+        except asyncio.CancelledError:
+            watch.stop()
+            if not watch.left:
+                raise
+            # The client left: the answer ends here (the finally below settles it).
+            task = asyncio.current_task()
+            assert task is not None
+            task.uncancel()
         finally:
+            watch.stop()
             with anyio.CancelScope(shield=True):
                 with contextlib.suppress(RuntimeError):  # still running: it closes itself
                     await self._events.aclose()
@@ -311,39 +361,24 @@ async def run_turn(
     client disconnects: most answers end sooner and cost no extra task. An answer asked of
     the upstream whole (``turn.request.whole``) is not watched: it is generated whole once
     asked for, and billed so."""
-    task = asyncio.current_task()
-    assert task is not None
-    watcher: asyncio.Task[None] | None = None
-    client_left = finished = False
-
-    async def watch() -> None:
-        nonlocal client_left
-        await _client_gone(request)
-        if not finished:  # else the answer is complete: nothing to stop
-            client_left = True
-            task.cancel()
-
-    def start_watching() -> None:
-        nonlocal watcher
-        watcher = asyncio.ensure_future(watch())
-
-    timer = (
-        None
-        if turn.request.whole
-        else asyncio.get_running_loop().call_later(DISCONNECT_WATCH_AFTER, start_watching)
-    )
+    watch = ClientWatch(request.receive)
+    if not turn.request.whole:
+        watch.start(after=DISCONNECT_WATCH_AFTER)
     try:
         async with contextlib.aclosing(turn.deltas() if deltas is None else deltas) as items:
             async for _ in items:
                 pass
-        finished = True  # no await since the generation ended: the watcher cannot cancel now
+        watch.stop()  # no await since the generation ended: the watcher cannot cancel now
     except asyncio.CancelledError:
-        if not client_left:
+        watch.stop()
+        if not watch.left:
             await turn.settle()  # cancelled (server shutdown): stopped, bill the part
             raise
         # The client disconnected: the backend is stopped (the deltas are closed); bill what
         # it generated. Nobody reads this answer; a non-2xx status keeps it out of the
         # idempotency store.
+        task = asyncio.current_task()
+        assert task is not None
         task.uncancel()
         credits = await turn.settle()
         return JSONResponse(
@@ -354,10 +389,7 @@ async def run_turn(
         await turn.settle(delivered=False)
         raise
     finally:
-        if timer is not None:
-            timer.cancel()
-        if watcher is not None and not watcher.done():
-            watcher.cancel()
+        watch.stop()
     return None
 
 
