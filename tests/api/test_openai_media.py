@@ -104,6 +104,34 @@ async def test_images_generate_url_and_b64_json(live_url: str, services: Service
     assert await ledger.balance(services.db, account) == 100 - 3 * 5  # each image charged
 
 
+async def test_n_images_answer_what_was_made_when_a_later_one_fails(
+    live_url: str, services: Services
+) -> None:
+    key, account = await new_key(services, 12)  # pays for two images of 5
+    async with httpx.AsyncClient(timeout=30) as http:
+        response = await http.post(
+            f"{live_url}/v1/images/generations",
+            headers={"authorization": f"Bearer {key}"},
+            json={"model": "nano-banana-t2i", "prompt": "a red fox", "n": 3},
+        )
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert len(answer["data"]) == 2 and answer["creditsUsed"] == 10
+        assert answer["notGenerated"] == {"count": 1, "error": "Insufficient credits"}
+        for image in answer["data"]:
+            assert (await http.get(image["url"])).status_code == 200
+        assert await ledger.balance(services.db, account) == 2
+        # Nothing made at all: the failure is the answer, and nothing is charged.
+        refused = await http.post(
+            f"{live_url}/v1/images/generations",
+            headers={"authorization": f"Bearer {key}"},
+            json={"model": "nano-banana-t2i", "prompt": "a red fox", "n": 2},
+        )
+    assert refused.status_code == 402
+    assert refused.json()["error"]["message"] == "Insufficient credits"
+    assert await ledger.balance(services.db, account) == 2
+
+
 async def test_images_edit_from_uploaded_files(live_url: str, services: Services) -> None:
     key, _ = await new_key(services, 100)
 

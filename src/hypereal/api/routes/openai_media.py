@@ -119,11 +119,21 @@ async def _images_answer(
     response_format: str,
 ) -> JSONResponse:
     """``count`` images (one backend call each, each charged and recorded as its own
-    result) in OpenAI's answer shape."""
+    result) in OpenAI's answer shape. When one fails after others were made, the answer
+    holds the images made (charged, as their results are) and ``notGenerated`` says how
+    many were not and why (those were refunded); a failure before any image is the
+    error answer itself."""
     data: list[dict[str, Any]] = []
     credits = 0
-    for _ in range(count):
-        result = await images.generate(services.pipeline, principal.account_id, spec, values)
+    body: dict[str, Any] = {"created": int(time.time()), "data": data}
+    for made in range(count):
+        try:
+            result = await images.generate(services.pipeline, principal.account_id, spec, values)
+        except HyperealError as exc:
+            if made == 0:
+                raise
+            body["notGenerated"] = {"count": count - made, "error": exc.message}
+            break
         credits += result.credits
         for url, key in zip(result.urls, result.keys, strict=True):
             if response_format == "b64_json":
@@ -133,7 +143,8 @@ async def _images_answer(
                 data.append({"b64_json": base64.b64encode(stored).decode("ascii")})
             else:
                 data.append({"url": url})
-    return JSONResponse({"created": int(time.time()), "data": data, "creditsUsed": credits})
+    body["creditsUsed"] = credits
+    return JSONResponse(body)
 
 
 @router.post("/images/generations")
