@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -185,3 +186,16 @@ def test_first_start_prints_the_admin_key_once(tmp_path: Path) -> None:
     assert "admin" in listing.stdout and secrets[0] not in listing.stdout
     second = start_and_stop()
     assert "ck_" not in second and "Uvicorn running" in second
+
+
+def test_serve_and_worker_tune_the_garbage_collector_for_a_long_run() -> None:
+    from hypereal.cli import GC_THRESHOLDS, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0  # what exists at start is out of every collection
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -5,6 +5,7 @@ credits, models, webhooks. End-user commands over HTTP with an API key (in
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Annotated, TypeVar
@@ -145,6 +146,7 @@ def serve(
     # JSON lines (plain text on a terminal) with request ids; the app's one access line per
     # request (hypereal.access) replaces uvicorn's.
     configure_logging(level=settings.log_level, access=settings.access_log)
+    tune_gc()
     uvicorn.run(
         application,
         host=settings.host,
@@ -154,6 +156,22 @@ def serve(
         access_log=False,
         http=with_read_timeout(settings.request_read_timeout_seconds),
     )
+
+
+# Young objects are collected every 50,000 allocations instead of 700, the middle generation
+# every 20 young collections, and what exists once the server has started is frozen out of
+# every collection (``gc.freeze``). A request allocates thousands of objects: with the
+# defaults the collector ran several times per request, and its full collections walked
+# every object the process keeps (catalogue, routes, schemas), a fifth of a chat request's
+# CPU. Cycles are still collected; the bench's RSS row shows memory stays bounded.
+GC_THRESHOLDS = (50_000, 20, 20)
+
+
+def tune_gc() -> None:
+    """The garbage collector set for a long-running server or worker (GC_THRESHOLDS)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -176,6 +194,7 @@ def worker(
 
     settings = load_settings()
     configure_logging(level=settings.log_level)
+    tune_gc()
     try:
         # uvloop, as `serve` runs on (uvicorn picks it): a faster event loop for the jobs.
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
