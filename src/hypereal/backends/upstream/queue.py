@@ -19,6 +19,7 @@ The options every queue provider takes besides ``api_key`` and ``base_url``:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -27,7 +28,7 @@ from hypereal.backends.upstream.http import UpstreamHttp
 from hypereal.backends.upstream.options import QueueOptions
 
 
-class QueueProvider:
+class QueueProvider(ABC):
     """Base of a queue-style provider: ``PROVIDER`` names it in messages, ``DEFAULT_BASE_URL``
     is its API root, ``API_KEY_HINT`` says where a key comes from and ``AUTH_SCHEME`` prefixes
     the key in the ``Authorization`` header."""
@@ -65,9 +66,10 @@ class QueueProvider:
         """Run an image-to-3D model. Raises BackendError."""
         return await self._job(request, progress, "mesh")
 
+    @abstractmethod
     async def _job(self, request: JobRequest, progress: ProgressCallback, kind: str) -> JobResult:
-        """Run one job whose output is of ``kind`` (``video``, ``audio``, ``mesh``)."""
-        raise NotImplementedError
+        """Run one job whose output is of ``kind`` (``video``, ``audio``, ``mesh``): each
+        provider's own submit, poll and fetch."""
 
 
 def image_arguments(
