@@ -18,6 +18,7 @@ from hypereal.app import create_app
 from hypereal.domain import keys, ledger
 from hypereal.services import Services, build_services
 from hypereal.settings import Settings
+from tests.support.app import live_app
 from tests.support.chat_backends import ScriptedChat
 from tests.support.servers import serve_app
 
@@ -158,7 +159,7 @@ async def chat_client(chat_services: Services) -> AsyncIterator[httpx.AsyncClien
 
 @pytest.fixture
 def live_url(chat_services: Services) -> Iterator[str]:
-    with serve_app(create_app(chat_services.settings, services=chat_services)) as url:
+    with live_app(chat_services) as url:
         yield url
 
 

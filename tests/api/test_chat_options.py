@@ -13,11 +13,10 @@ from typing import Any
 
 import pytest
 
-from hypereal.app import create_app
 from hypereal.domain import ledger
 from hypereal.services import Services, build_services
 from hypereal.settings import Settings
-from tests.support.app import funded_key
+from tests.support.app import funded_key, live_app
 from tests.support.hypereal_server import HyperealFake
 from tests.support.openai_server import OpenAIFake
 from tests.support.servers import free_port, serve_app
@@ -68,8 +67,7 @@ async def services(
 
 @pytest.fixture
 def live_url(services: Services) -> Iterator[str]:
-    app = create_app(services.settings, services=services)
-    with serve_app(app, port=services.settings.port) as url:
+    with live_app(services, port=services.settings.port) as url:
         yield url
 
 

@@ -16,12 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
-from hypereal.app import create_app
 from hypereal.domain import ledger
 from hypereal.domain.pricing import chat_price
 from hypereal.services import Services
 from tests.api.test_chat import make_services
-from tests.support.app import bearer, funded_key
+from tests.support.app import bearer, funded_key, live_app
 from tests.support.openai_server import WEATHER_TOOL as TOOL
 from tests.support.openai_server import OpenAIFake
 from tests.support.servers import serve_app
@@ -60,7 +59,7 @@ async def services(
 
 @pytest.fixture
 def live_url(services: Services) -> Iterator[str]:
-    with serve_app(create_app(services.settings, services=services)) as url:
+    with live_app(services) as url:
         yield url
 
 

@@ -21,8 +21,8 @@ from hypereal.backends.base import ChatDelta
 from hypereal.domain import keys, ledger
 from hypereal.services import Services
 from tests.api.test_chat import TOKENS, make_services, new_key
+from tests.support.app import live_app
 from tests.support.chat_backends import ScriptedChat
-from tests.support.servers import serve_app
 
 anthropic = pytest.importorskip("anthropic")
 
@@ -39,7 +39,7 @@ async def services(tmp_path: Path) -> AsyncIterator[Services]:
 
 @pytest.fixture
 def live_url(services: Services) -> Iterator[str]:
-    with serve_app(create_app(services.settings, services=services)) as url:
+    with live_app(services) as url:
         yield url
 
 

@@ -16,10 +16,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from hypereal.app import create_app
 from hypereal.domain import jobs, keys, ledger
 from hypereal.services import Services, build_services
 from hypereal.settings import Settings
+from tests.support.app import live_app
 from tests.support.fal_server import FalFake
 from tests.support.servers import free_port, serve_app
 
@@ -61,7 +61,7 @@ async def services(tmp_path: Path, fal: str, port: int) -> AsyncIterator[Service
 
 @pytest.fixture
 def live_url(services: Services, port: int) -> Iterator[str]:
-    with serve_app(create_app(services.settings, services=services), port=port) as url:
+    with live_app(services, port=port) as url:
         yield url
 
 

@@ -1,15 +1,17 @@
-"""The app in process for API tests: an httpx client speaking ASGI to it, and funded keys."""
+"""The app in process for API tests: an httpx client speaking ASGI to it, the app served on
+127.0.0.1 for SDKs and real sockets, and funded keys."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import httpx
 
 from hypereal.app import create_app
 from hypereal.domain import keys, ledger
 from hypereal.services import Services
+from tests.support.servers import serve_app
 
 
 @asynccontextmanager
@@ -22,6 +24,13 @@ async def app_client(
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url=base_url) as client:
             yield client
+
+
+@contextmanager
+def live_app(services: Services, *, port: int | None = None) -> Iterator[str]:
+    """The app on ``services`` served over HTTP on 127.0.0.1 (on ``port`` when given): its URL."""
+    with serve_app(create_app(services.settings, services=services), port=port) as url:
+        yield url
 
 
 async def funded_key(services: Services, credits: int, name: str = "test") -> tuple[str, str]:
