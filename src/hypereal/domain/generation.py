@@ -140,11 +140,23 @@ class StoredMedia:
     content_type: str
 
 
+def media_fields(spec: ModelSpec, params: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The media ``params`` name, as (field, URL) pairs: ``image``, ``images[1]`` ..."""
+    fields: list[tuple[str, str]] = []
+    for param in spec.params:
+        value = params.get(param.name)
+        if value is None or param.type not in MEDIA_TYPES:
+            continue
+        if param.type == "media":
+            fields.append((param.name, value))
+        else:
+            fields.extend((f"{param.name}[{i}]", url) for i, url in enumerate(value))
+    return fields
+
+
 def has_inputs(spec: ModelSpec, params: Mapping[str, Any]) -> bool:
     """Whether ``params`` name any media for :meth:`Pipeline.fetch_inputs` to fetch."""
-    return any(
-        param.type in MEDIA_TYPES and params.get(param.name) is not None for param in spec.params
-    )
+    return bool(media_fields(spec, params))
 
 
 def _expected_kind(field: str) -> str | None:
@@ -171,15 +183,7 @@ class Pipeline:
         field (``image``, ``images[1]``) -> bytes. An image's dimensions are read from its
         header and one over ``max_input_pixels`` refused. Raises BadRequest naming the
         field."""
-        fields: list[tuple[str, str]] = []
-        for param in spec.params:
-            value = params.get(param.name)
-            if value is None or param.type not in MEDIA_TYPES:
-                continue
-            if param.type == "media":
-                fields.append((param.name, value))
-            else:
-                fields.extend((f"{param.name}[{i}]", url) for i, url in enumerate(value))
+        fields = media_fields(spec, params)
         try:
             blobs = await asyncio.gather(
                 *(
