@@ -229,9 +229,7 @@ class TurnStream(StreamingResponse, metaclass=ABCMeta):
         watch.start()
         try:
             await self.stream_response(send)
-            watch.stop()
         except asyncio.CancelledError:
-            watch.stop()
             if not watch.left:
                 raise
             # The client left: the answer ends here (the finally below settles it).
@@ -239,7 +237,7 @@ class TurnStream(StreamingResponse, metaclass=ABCMeta):
             assert task is not None
             task.uncancel()
         finally:
-            watch.stop()
+            watch.stop()  # no await since the stream ended: the watcher cannot cancel now
             with anyio.CancelScope(shield=True):
                 with contextlib.suppress(RuntimeError):  # still running: it closes itself
                     await self._events.aclose()
