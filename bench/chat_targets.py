@@ -1,7 +1,9 @@
-"""The three chat targets of scenarios 1 and 2, side by side against one mock upstream:
-``direct`` (the mock itself), ``hypereal`` (our /v1/chat/completions with auth, rate limit
-and the credits ledger on) and ``litellm`` (the LiteLLM proxy from bench/.venv, one master
-key and no database, so no virtual keys, configured at the same mock)."""
+"""The chat targets of scenarios 1 and 2, side by side against one mock upstream: ``direct``
+(the mock itself), ``hypereal`` (our /v1/chat/completions with auth, rate limit and the
+credits ledger on, one server process), ``hypereal-Np`` (the same with ``hypereal serve
+--processes N``, BENCH_SERVER_PROCESSES, default 2 = the cores here; 1 leaves it out) and
+``litellm`` (the LiteLLM proxy from bench/.venv with one worker, one master key and no
+database, so no virtual keys, configured at the same mock)."""
 
 from __future__ import annotations
 
@@ -99,11 +101,27 @@ def litellm_proxy(work: Path, api_base: str) -> Iterator[tuple[str, int] | None]
         yield f"http://{HOST}:{port}", proc.pid
 
 
+def server_processes() -> int:
+    return max(1, int(os.environ.get("BENCH_SERVER_PROCESSES", "2")))
+
+
+def several_processes_name() -> str:
+    return f"hypereal-{server_processes()}p"
+
+
 @contextlib.contextmanager
-def chat_targets(work: Path, tokens: int) -> Iterator[dict[str, Target]]:
-    with mock_upstream(work, tokens) as upstream:
+def chat_targets(work: Path, tokens: int, several: bool = True) -> Iterator[dict[str, Target]]:
+    """``several=False``: without the several-process server."""
+    with mock_upstream(work, tokens) as upstream, contextlib.ExitStack() as stack:
         env = server_env(work, HYPEREAL_BACKENDS=upstream_backends(upstream))
-        with hypereal_server(work, env) as server, litellm_proxy(work, upstream) as litellm:
+        server = stack.enter_context(hypereal_server(work, env))
+        several_server = None
+        if several and server_processes() > 1:
+            several_env = {**env, "HYPEREAL_DATA_DIR": str(work / "data-several")}
+            several_server = stack.enter_context(
+                hypereal_server(work, several_env, "api-several", server_processes())
+            )
+        with litellm_proxy(work, upstream) as litellm:
             key = server.key(credits=10**12)
             targets = {
                 "direct": Target("direct", f"{upstream}/chat/completions", "mock-model", {}),
@@ -115,6 +133,14 @@ def chat_targets(work: Path, tokens: int) -> Iterator[dict[str, Target]]:
                     server.proc.pid,
                 ),
             }
+            if several_server is not None:
+                targets[several_processes_name()] = Target(
+                    several_processes_name(),
+                    f"{several_server.url}/v1/chat/completions",
+                    "bench-chat",
+                    {"authorization": f"Bearer {several_server.key(credits=10**12)}"},
+                    several_server.proc.pid,
+                )
             if litellm is not None:
                 litellm_url, litellm_pid = litellm
                 targets["litellm"] = Target(

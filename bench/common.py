@@ -376,15 +376,19 @@ class Server:
 
 
 @contextlib.contextmanager
-def hypereal_server(work: Path, env: dict[str, str], name: str = "api") -> Iterator[Server]:
-    """``hypereal serve`` as a subprocess (migrates first); yields its URL and environment."""
+def hypereal_server(
+    work: Path, env: dict[str, str], name: str = "api", processes: int = 1
+) -> Iterator[Server]:
+    """``hypereal serve [--processes N]`` as a subprocess (migrates first); yields its URL and
+    environment (``proc`` is the parent: with several processes, measure its process tree)."""
     port = free_port()
     env = {**env, "HYPEREAL_PUBLIC_URL": f"http://{HOST}:{port}"}
     log = work / f"{name}.log"
     subprocess.run(
         [HYPEREAL, "migrate"], env=env, check=True, capture_output=True, cwd=ROOT, timeout=120
     )
-    with process([HYPEREAL, "serve", "--port", str(port)], env=env, log=log) as proc:
+    args = [HYPEREAL, "serve", "--port", str(port), "--processes", str(processes)]
+    with process(args, env=env, log=log) as proc:
         wait_http(f"http://{HOST}:{port}/openapi.json", proc, log)
         yield Server(f"http://{HOST}:{port}", env, proc, log)
 

@@ -124,7 +124,7 @@ def main() -> None:
     args = scenario_args(__doc__ or "")
     result = Result("2 SSE")
     tokens = env_int("SSE_TOKENS", 32, 32, args.quick)
-    with workdir("sse") as work, chat_targets(work, tokens) as targets:
+    with workdir("sse") as work, chat_targets(work, tokens, several=False) as targets:
         asyncio.run(measure(result, targets, tokens, args.quick))
     result.write(args.json)
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -118,11 +120,19 @@ def run(action: Callable[[Services], Awaitable[T]]) -> T:
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8000)")] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Server processes on the port (default HYPEREAL_PROCESSES, 1); one per core "
+            "serves the most. Each loads its own local models.",
+        ),
+    ] = None,
 ) -> None:
     """Start the API server (migrates the database first)."""
     import uvicorn
 
-    from hypereal.api.http_protocol import with_read_timeout
+    from hypereal.api.http_protocol import RequestReadTimeoutProtocol, with_read_timeout
     from hypereal.app import create_app
 
     overrides: dict[str, object] = {}
@@ -130,12 +140,17 @@ def serve(
         overrides["host"] = host
     if port is not None:
         overrides["port"] = port
+    if processes is not None:
+        overrides["processes"] = processes
     settings = load_settings(**overrides)
     try:
-        application = create_app(settings)
+        application = create_app(settings) if settings.processes == 1 else None
     except BackendConfigError as exc:
         raise backend_config_error(exc) from None
-    console.print(f"hypereal: serving on http://{settings.host}:{settings.port}", highlight=False)
+    shown = "" if settings.processes == 1 else f" ({settings.processes} processes)"
+    console.print(
+        f"hypereal: serving on http://{settings.host}:{settings.port}{shown}", highlight=False
+    )
     if not settings.public_url and settings.host in ("0.0.0.0", "::"):
         err_console.print(
             f"hypereal: media and poll URLs will use {settings.base_url()}; set "
@@ -146,16 +161,99 @@ def serve(
     # JSON lines (plain text on a terminal) with request ids; the app's one access line per
     # request (hypereal.access) replaces uvicorn's.
     configure_logging(level=settings.log_level, access=settings.access_log)
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level.lower(),
+        "log_config": None,
+        "access_log": False,
+    }
+    if application is not None:
+        tune_gc()
+        uvicorn.run(
+            application, http=with_read_timeout(settings.request_read_timeout_seconds), **options
+        )
+        return
+    with _processes_environment(settings):
+        # uvicorn starts the processes (and a new one for any that dies); each builds its app
+        # with process_app() from the environment set here.
+        uvicorn.run(
+            f"{__name__}:process_app",
+            factory=True,
+            workers=settings.processes,
+            http=RequestReadTimeoutProtocol,
+            **options,
+        )
+
+
+@contextmanager
+def _processes_environment(settings: Settings) -> Iterator[None]:
+    """What several server processes share, made before they start: the migrated database,
+    the admin key (printed once), the media signing key, the rate limiter (this process keeps
+    it, unless it is Redis) and the metrics folder. Passed on in the environment."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from hypereal.app import print_admin_key
+    from hypereal.domain.ratelimit_shared import serving, socket_url
+    from hypereal.services import bootstrap_admin
+
+    async def prepare(services: Services) -> keys.CreatedKey | None:
+        services.media_signer  # noqa: B018 - creates the key file once, for every process
+        return await bootstrap_admin(services)
+
+    try:
+        created = run(prepare)
+    except BackendConfigError as exc:
+        raise backend_config_error(exc) from None
+    if created is not None:
+        print_admin_key(created.secret)
+    with tempfile.TemporaryDirectory(prefix="hypereal-serve-") as folder:
+        shared = Path(folder)
+        env = {
+            "HYPEREAL_HOST": settings.host,
+            "HYPEREAL_PORT": str(settings.port),
+            "PROMETHEUS_MULTIPROC_DIR": str(shared / "metrics"),
+        }
+        (shared / "metrics").mkdir()
+        with ExitStack() as stack:
+            if settings.resolved_rate_limit_storage.startswith("async+memory://"):
+                socket = shared / "ratelimit.sock"
+                stack.enter_context(serving(socket, settings.rate_limit_per_hour))
+                env["HYPEREAL_RATE_LIMIT_STORAGE_URL"] = socket_url(socket)
+            saved = {name: os.environ.get(name) for name in env}
+            os.environ.update(env)
+            try:
+                yield
+            finally:
+                for name, value in saved.items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
+
+
+def process_app() -> Any:
+    """The app of one of several server processes (uvicorn's factory, in each process)."""
+    from hypereal.api.http_protocol import RequestReadTimeoutProtocol
+    from hypereal.app import create_app
+    from hypereal.observability.logs import configure_logging
+
+    settings = load_settings()
+    configure_logging(level=settings.log_level, access=settings.access_log, with_pid=True)
+    # uvicorn's own access line stays off, as `serve` sets it for one process (access_log=False
+    # took effect before this process configured its logging).
+    uvicorn_access = logging.getLogger("uvicorn.access")
+    uvicorn_access.handlers[:] = []
+    uvicorn_access.propagate = False
+    RequestReadTimeoutProtocol.read_timeout = settings.request_read_timeout_seconds
+    try:
+        application = create_app(settings)
+    except BackendConfigError as exc:
+        raise backend_config_error(exc) from None
     tune_gc()
-    uvicorn.run(
-        application,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        log_config=None,
-        access_log=False,
-        http=with_read_timeout(settings.request_read_timeout_seconds),
-    )
+    return application
 
 
 # Young objects are collected every 50,000 allocations instead of 700, the middle generation

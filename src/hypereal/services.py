@@ -49,6 +49,7 @@ class Services:
 
     async def close(self) -> None:
         await self.backends.aclose()
+        self.limiter.close()
         await self.db.dispose()
 
 

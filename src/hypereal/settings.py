@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     database_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
+    # Server processes of `hypereal serve` on one port (one per core serves the most).
+    processes: int = Field(default=1, ge=1)
     # Logs (JSON lines, plain text on a terminal): the level, and the one access line per
     # request (``hypereal.access``, at INFO).
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -49,10 +49,11 @@ class AuthRateLimitMiddleware:
             return
         try:
             principal = await keys.authenticate(self.services.db, _authorization(scope))
+            limiter = self.services.limiter
+            decision = await limiter.hit(principal.key_id, principal.rate_limit_per_hour)
         except HyperealError as exc:
             await error_response(exc)(scope, receive, send)
             return
-        decision = await self.services.limiter.hit(principal.key_id, principal.rate_limit_per_hour)
         if not decision.allowed:
             rejected = RateLimited(decision.limit, decision.retry_after)
             await error_response(rejected, decision.headers())(scope, receive, send)

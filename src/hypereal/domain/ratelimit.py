@@ -1,4 +1,7 @@
-"""Per-key rate limits on a rolling hour (``limits`` moving window; memory or Redis)."""
+"""Per-key rate limits on a rolling hour (``limits`` moving window; memory or Redis).
+
+Several server processes of one ``hypereal serve --workers N`` share one in-memory limiter kept
+by their parent (a ``hypereal+unix://`` storage URL, see ``ratelimit_shared.py``)."""
 
 from __future__ import annotations
 
@@ -6,11 +9,15 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from limits import RateLimitItemPerHour
 from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
+
+if TYPE_CHECKING:
+    from hypereal.domain.ratelimit_shared import LimiterClient
 
 WINDOW_SECONDS = 3600
 
@@ -126,6 +133,13 @@ class RateLimiter:
     """Counts requests per API key in a moving one-hour window."""
 
     def __init__(self, storage_url: str, default_per_hour: int) -> None:
+        self.default_per_hour = default_per_hour
+        self.shared: LimiterClient | None = None
+        if storage_url.startswith("hypereal+unix://"):
+            from hypereal.domain.ratelimit_shared import SCHEME, LimiterClient
+
+            self.shared = LimiterClient(storage_url.removeprefix(SCHEME))
+            storage_url = "async+memory://"  # unused: every hit goes to the shared limiter
         options: dict[str, object] = {}
         if storage_url.startswith("async+redis"):
             import redis.asyncio
@@ -142,11 +156,12 @@ class RateLimiter:
         else:
             self.storage = storage_from_string(storage_url, **options)  # type: ignore[arg-type,assignment]
         self.strategy = MovingWindowRateLimiter(self.storage)
-        self.default_per_hour = default_per_hour
 
     async def hit(self, key_id: str, per_hour: int | None = None) -> RateLimitDecision:
         """Record one request for ``key_id`` unless its window is full."""
         limit = per_hour if per_hour is not None else self.default_per_hour
+        if self.shared is not None:
+            return await self.shared.hit(key_id, limit)
         item = RateLimitItemPerHour(limit)
         allowed = await self.strategy.hit(item, "key", key_id)
         stats = await self.strategy.get_window_stats(item, "key", key_id)
@@ -158,4 +173,12 @@ class RateLimiter:
         )
 
     async def reset(self) -> None:
-        await self.storage.reset()
+        if self.shared is not None:
+            await self.shared.reset()
+        else:
+            await self.storage.reset()
+
+    def close(self) -> None:
+        """Close the connection to a shared limiter (nothing to do for the others)."""
+        if self.shared is not None:
+            self.shared.close()

@@ -9,6 +9,7 @@ so the whole process writes one format.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -68,11 +69,14 @@ class AccessWriter:
     written to the stream at once. The logging path cost a quarter of the CPU of a cheap
     request; this costs a few microseconds."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, pid: int | None = None) -> None:
         self.stream = stream
+        self.pid = pid
 
     def write(self, fields: dict[str, Any], context: dict[str, Any]) -> None:
         line: dict[str, Any] = {**context, **fields}
+        if self.pid is not None:
+            line["pid"] = self.pid
         line["event"] = "request"
         line["level"] = "info"
         line["logger"] = ACCESS_LOGGER
@@ -95,15 +99,18 @@ def configure_logging(
     json: bool | None = None,
     stream: TextIO | None = None,
     access: bool = True,
+    with_pid: bool = False,
 ) -> None:
     """Route every log line through structlog to ``stream`` (stderr): JSON unless ``json`` is
     False or (when None) the stream is a terminal. The access log (one line per request) is
-    ``hypereal.access``."""
+    ``hypereal.access``. ``with_pid``: every line says which process wrote it (``pid``), for
+    the processes of ``hypereal serve --processes N`` writing to one stream."""
     global _access_writer
     stream = stream or sys.stderr
     terminal = stream.isatty()
     as_json = (not terminal) if json is None else json
-    _access_writer = AccessWriter(stream) if as_json else None
+    pid = os.getpid() if with_pid else None
+    _access_writer = AccessWriter(stream, pid) if as_json else None
     renderer: Any = (
         structlog.processors.JSONRenderer(serializer=_orjson)
         if as_json
@@ -115,6 +122,8 @@ def configure_logging(
         _merge_context,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    if pid is not None:
+        shared.append(_add_pid(pid))
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -141,6 +150,14 @@ def configure_logging(
         logger.handlers[:] = []
         logger.propagate = True
         logger.setLevel(logging.NOTSET)  # the root's level (uvicorn.run sets its own after)
+
+
+def _add_pid(pid: int) -> Any:
+    def add(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+        event["pid"] = pid
+        return event
+
+    return add
 
 
 def _drop_color_message(_: WrappedLogger, __: str, event: EventDict) -> EventDict:

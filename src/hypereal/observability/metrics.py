@@ -14,6 +14,7 @@ Two kinds:
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,12 @@ from hypereal.store.writer import Dialect, Ops, Sql
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
+# With several server processes (``hypereal serve --processes N``) the parent sets
+# PROMETHEUS_MULTIPROC_DIR before they start: prometheus-client then keeps every process's
+# counters in files there, and /metrics, whichever process answers it, sums them all.
+MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+_THIS_PROCESS = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=_THIS_PROCESS)
 
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -199,8 +206,16 @@ class DatabaseMetrics:
 
 
 async def exposition(database: DatabaseMetrics | None) -> bytes:
-    """The whole ``/metrics`` page: this process's metrics, then the database's."""
-    parts: Iterable[bytes] = [generate_latest(REGISTRY)]
+    """The whole ``/metrics`` page: the counted metrics (of every server process when there
+    are several; ``process_*`` of the answering one), then the database's."""
+    if MULTIPROCESS_DIR:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        every_process = CollectorRegistry()
+        MultiProcessCollector(every_process, path=MULTIPROCESS_DIR)  # type: ignore[no-untyped-call]
+        parts: Iterable[bytes] = [generate_latest(every_process), generate_latest(_THIS_PROCESS)]
+    else:
+        parts = [generate_latest(REGISTRY)]
     if database is not None:
         parts = [*parts, await database.text()]
     return b"".join(parts)
