@@ -18,6 +18,7 @@ from hypereal.store.db import Database
 from hypereal.store.migrate import upgrade_to_head
 from hypereal.store.models import Account
 from hypereal.store.ops import Dialect, Ops, Sql
+from hypereal.store.sqlite_writer import WriteLock
 from hypereal.store.writer import connect_sqlite
 
 
@@ -48,6 +49,37 @@ async def test_writes_wait_for_a_lock_held_by_another_connection(
     assert [e.amount for e in entries] == [-10] * 5
     assert await ledger.balance(db, account) == 50
     assert await ledger.ledger_sum(db, account) == 50
+
+
+async def test_writes_wait_for_the_write_lock_of_another_process(
+    db: Database, tmp_path: Path
+) -> None:
+    """Another process's writer holds the flock beside the database (between its BEGIN and
+    COMMIT): this process's writes neither fail nor start a transaction of their own (the
+    loop's fast path sees the lock taken), and go through once it is let go."""
+    account = await keys.create_account(db, "flocked")
+    await ledger.grant(db, account, 100)
+    other = WriteLock(str(tmp_path / "w.db"))
+    assert other.try_acquire()
+    debits = [
+        asyncio.ensure_future(ledger.debit(db, account, 10, reference=f"f{i}", description="d"))
+        for i in range(3)
+    ]
+    await asyncio.sleep(0.3)
+    assert not any(d.done() for d in debits)  # waiting on the lock, not failed
+    probe = connect_sqlite(str(tmp_path / "w.db"))
+    probe.execute("BEGIN IMMEDIATE")  # SQLite's own lock is free: nobody began meanwhile
+    probe.execute("ROLLBACK")
+    probe.close()
+    other.release()
+    entries = await asyncio.wait_for(asyncio.gather(*debits), timeout=30)
+    assert [e.amount for e in entries] == [-10] * 3
+    assert await ledger.balance(db, account) == 70
+    mine = WriteLock(str(tmp_path / "w.db"))
+    assert mine.try_acquire()  # the writer let go of it after committing
+    mine.release()
+    mine.close()
+    other.close()
 
 
 async def test_one_turn_commits_together_and_a_refused_debit_fails_alone(db: Database) -> None:

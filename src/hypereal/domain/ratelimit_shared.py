@@ -186,7 +186,7 @@ class LimiterClient:
                     raise LimiterUnavailable(
                         "Service unavailable: the rate limiter cannot be reached"
                     ) from exc
-                self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+                self._transport = transport  # (uvloop's is no asyncio.Transport subclass)
             return self._transport
 
     async def _ask(self, message: str) -> list[str]:
