@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -116,6 +117,16 @@ class Job(Base):
         Index("ix_jobs_account_created", "account_id", "created_at"),
         Index("ix_jobs_state_lease", "state", "lease_until"),
         Index("ix_jobs_model_state", "model", "state"),
+        # The parked jobs of a model, oldest first: the job that takes a freed slot is the
+        # first entry, not a scan of every queued job (``jobs._unpark_next``).
+        Index(
+            "ix_jobs_parked",
+            "model",
+            "created_at",
+            "id",
+            sqlite_where=text("state = 'queued' AND kicked_at IS NULL"),
+            postgresql_where=text("state = 'queued' AND kicked_at IS NULL"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
