@@ -18,9 +18,9 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, TypeVar, cast
 
 from hypereal.domain.errors import HyperealError
 from hypereal.domain.ratelimit import RateLimitDecision, RateLimiter
@@ -28,6 +28,7 @@ from hypereal.domain.ratelimit import RateLimitDecision, RateLimiter
 log = logging.getLogger("hypereal.ratelimit")
 
 SCHEME = "hypereal+unix://"
+T = TypeVar("T")
 
 
 class LimiterUnavailable(HyperealError):
@@ -49,8 +50,6 @@ class _ServerProtocol(asyncio.Protocol):
         self.limiter = limiter
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
-        # Lines are answered in order, one batch at a time.
-        self.previous: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -58,25 +57,19 @@ class _ServerProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         lines = (self.buffer + data).split(b"\n")
         self.buffer = lines.pop()
-        if lines:
-            self.previous = asyncio.ensure_future(self._answer(lines, self.previous))
+        if lines and self.transport is not None:
+            # Answered here, in order, in one write: the in-memory limiter never waits.
+            self.transport.write(
+                b"".join(self._one(line.decode("ascii", "replace").split()) for line in lines)
+            )
 
-    async def _answer(self, lines: list[bytes], previous: asyncio.Task[None] | None) -> None:
-        if previous is not None:
-            await previous
-        out: list[bytes] = []
-        for line in lines:
-            out.append(await self._one(line.decode("ascii", "replace").split()))
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(out))
-
-    async def _one(self, parts: list[str]) -> bytes:
+    def _one(self, parts: list[str]) -> bytes:
         if len(parts) == 2 and parts[1] == "reset":
-            await self.limiter.reset()
+            _run_now(self.limiter.reset())
             return f"{parts[0]} ok\n".encode()
         if len(parts) != 3 or not parts[2].isdigit():
             return f"{parts[0] if parts else '?'} error\n".encode()
-        decision = await self.limiter.hit(parts[1], int(parts[2]))
+        decision = _run_now(self.limiter.hit(parts[1], int(parts[2])))
         return (
             f"{parts[0]} {int(decision.allowed)} {decision.limit} {decision.remaining} "
             f"{decision.reset_time!r}\n"
@@ -84,6 +77,17 @@ class _ServerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+
+
+def _run_now(coroutine: Coroutine[Any, Any, T]) -> T:
+    """The result of a coroutine that never suspends (the in-memory limiter's), without a
+    task or a turn of the event loop."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return cast(T, done.value)
+    coroutine.close()
+    raise RuntimeError("the in-memory rate limiter suspended")
 
 
 class LimiterServer:
@@ -102,7 +106,7 @@ class LimiterServer:
         failed: list[BaseException] = []
 
         def serve() -> None:
-            loop = asyncio.new_event_loop()
+            loop = _new_loop()
             self._loop = loop
             try:
                 loop.run_until_complete(
@@ -128,6 +132,14 @@ class LimiterServer:
             self._thread.join(timeout=5)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # uvicorn[standard] brings it
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 @contextlib.contextmanager
