@@ -46,13 +46,15 @@ def socket_url(path: Path) -> str:
 
 
 class _ServerProtocol(asyncio.Protocol):
-    def __init__(self, limiter: RateLimiter) -> None:
+    def __init__(self, limiter: RateLimiter, connections: set[_ServerProtocol]) -> None:
         self.limiter = limiter
+        self.connections = connections
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
         lines = (self.buffer + data).split(b"\n")
@@ -77,6 +79,7 @@ class _ServerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.connections.discard(self)
 
 
 def _run_now(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -98,6 +101,8 @@ class LimiterServer:
         self.path = path
         self.limiter = RateLimiter("async+memory://", default_per_hour)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[_ServerProtocol] = set()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -109,8 +114,11 @@ class LimiterServer:
             loop = _new_loop()
             self._loop = loop
             try:
-                loop.run_until_complete(
-                    loop.create_unix_server(lambda: _ServerProtocol(self.limiter), str(self.path))
+                # Kept: uvloop closes the socket of a server object that is collected.
+                self._server = loop.run_until_complete(
+                    loop.create_unix_server(
+                        lambda: _ServerProtocol(self.limiter, self._connections), str(self.path)
+                    )
                 )
             except BaseException as exc:  # reported to start()'s caller
                 failed.append(exc)
@@ -126,8 +134,19 @@ class LimiterServer:
             raise failed[0]
 
     def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        """Stop listening and close every connection (their processes see the loss)."""
+        loop = self._loop
+        if loop is not None and self._thread is not None and self._thread.is_alive():
+
+            def close() -> None:
+                if self._server is not None:
+                    self._server.close()
+                for protocol in list(self._connections):
+                    if protocol.transport is not None:
+                        protocol.transport.close()
+                loop.call_soon(loop.stop)
+
+            loop.call_soon_threadsafe(close)
         if self._thread is not None:
             self._thread.join(timeout=5)
         with contextlib.suppress(FileNotFoundError):
