@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import collections
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench.common import (
@@ -79,13 +80,20 @@ def layer_of(frames: list[str]) -> str:
     return REST
 
 
+def samples(collapsed: Path) -> Iterator[tuple[str, int]]:
+    """(stack, count) of each line of a collapsed file. Split on newlines only: a frame's text
+    may hold other line-break characters (str.splitlines would cut the line there)."""
+    for line in collapsed.read_text(errors="replace").split("\n"):
+        stack, _, count_text = line.rpartition(" ")
+        if stack and count_text.isdigit():
+            yield stack, int(count_text)
+
+
 def layers(collapsed: Path) -> dict[str, float]:
     """Share of the samples in each layer (see LAYERS), largest first."""
     counts: collections.Counter[str] = collections.Counter()
-    for line in collapsed.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if stack:
-            counts[layer_of(stack.split(";"))] += int(count_text)
+    for stack, count in samples(collapsed):
+        counts[layer_of(stack.split(";"))] += count
     total = sum(counts.values()) or 1
     return {name: 100 * count / total for name, count in counts.most_common()}
 
@@ -94,11 +102,7 @@ def summarize(collapsed: Path, top: int = 25) -> str:
     own: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     total = 0
-    for line in collapsed.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack:
-            continue
-        count = int(count_text)
+    for stack, count in samples(collapsed):
         frames = stack.split(";")
         total += count
         own[frames[-1]] += count

@@ -5,6 +5,7 @@ Redis): both processes answer, and what one process guarantees holds across the 
   a burst over many connections is cut at the key's limit, each remaining count given once.
 - The balance is exact: concurrent paid requests succeed floor(balance / cost) times.
 - Jobs submitted to either process complete, and /metrics counts the requests of both.
+- A process killed with SIGKILL is replaced, and the job it was running completes once.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import asyncio
 import json
 import os
 import re
+import signal
+import sqlite3
 import sys
 import time
 from collections import Counter
@@ -203,3 +206,77 @@ def test_metrics_count_the_requests_of_every_process(served: Served) -> None:
         )
     )
     assert counted == logged, (counted, logged)
+
+
+def test_a_killed_process_is_replaced_and_its_job_runs_again_once(tmp_path: Path) -> None:
+    """SIGKILL the server process running a job: the parent starts a new process, which takes
+    the dead one's job back at once (no waiting for its lease), and the job completes once,
+    charged once."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {
+        **_env(tmp_path),
+        "HYPEREAL_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "HYPEREAL_BACKENDS": json.dumps({"noop": {"type": "noop", "delay_seconds": 3}}),
+        "HYPEREAL_JOB_LEASE_SECONDS": "600",  # recovery must not come from the lease running out
+    }
+    args = [HYPEREAL, "serve", "--port", str(port), "--processes", "2"]
+    url = f"http://127.0.0.1:{port}"
+    database = tmp_path / "data" / "hypereal.db"
+    with process(args, env, log) as proc:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        admin = re.findall(r"^\s+(ck_\S+)\s*$", log.read_text(), re.M)[0]
+        key = create_key(Served(url, log, admin), credits=100)
+        answer = httpx.post(
+            f"{url}/v1/videos/generate",
+            json={"model": "noop-video", "input": {"prompt": "kill me"}},
+            headers=bearer(key["key"]),
+            timeout=30,
+        )
+        assert answer.status_code == 202, answer.text
+        job_id = answer.json()["jobId"]
+        worker = ""
+        while not worker:  # the process that runs it ("host:pid:tag")
+            assert time.monotonic() < deadline
+            with sqlite3.connect(database) as conn:
+                row = conn.execute(
+                    "SELECT worker_id FROM jobs WHERE id = ? AND state = 'processing'", (job_id,)
+                ).fetchone()
+            worker = row[0] if row and row[0] else ""
+            time.sleep(0.05)
+        os.kill(int(worker.split(":")[1]), signal.SIGKILL)
+
+        poll = answer.json()["pollUrl"]
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline, log.read_text(errors="replace")
+            job = httpx.get(poll, headers=bearer(key["key"]), timeout=30).json()
+            if job["status"] in ("completed", "failed"):
+                break
+            time.sleep(0.2)
+        assert job["status"] == "completed", job
+        with sqlite3.connect(database) as conn:
+            attempts, finished_by = conn.execute(
+                "SELECT attempts, worker_id FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+            kinds = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT kind FROM ledger_entries WHERE account_id = ? ORDER BY id",
+                    (key["accountId"],),
+                )
+            ]
+        assert attempts == 2  # the killed run and the one that completed
+        assert finished_by != worker
+        assert kinds == ["grant", "debit"]  # charged once, nothing refunded
+        balance = httpx.get(f"{url}/v1/credits", headers=bearer(key["key"])).json()["balance"]
+        assert balance == 100 - COST
+        assert "taking it back" in log.read_text()
