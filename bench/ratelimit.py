@@ -1,6 +1,8 @@
 """Scenario 6, rate limit: a burst of 1,500 requests on one key whose limit is 1,000 per
 hour: accepted count (must be exactly 1,000), 429s, and whether each 429 has Retry-After.
-Run with the in-memory limiter (embedded default) and with Redis (scaled-out mode).
+Run with the in-memory limiter (embedded default), with the in-memory limiter shared by the
+processes of `hypereal serve --processes N` (kept by their parent; BENCH_SERVER_PROCESSES, 2; 1
+leaves the row out) and with Redis (scaled-out mode).
 
 Env: BENCH_RL_BURST (1500), BENCH_RL_LIMIT (1000), BENCH_RL_CONCURRENCY (64).
 """
@@ -8,6 +10,7 @@ Env: BENCH_RL_BURST (1500), BENCH_RL_LIMIT (1000), BENCH_RL_CONCURRENCY (64).
 from __future__ import annotations
 
 import asyncio
+import os
 
 from bench.common import (
     REDIS_URL,
@@ -33,15 +36,18 @@ def main() -> None:
     total = env_int("RL_BURST", 1500, 1500, args.quick)
     limit = env_int("RL_LIMIT", 1000, 1000, args.quick)
     concurrency = env_int("RL_CONCURRENCY", 64, 64, args.quick)
-    modes: list[tuple[str, dict[str, str]]] = [("memory", {})]
+    several = max(1, int(os.environ.get("BENCH_SERVER_PROCESSES", "2")))
+    modes: list[tuple[str, dict[str, str], int]] = [("memory", {}, 1)]
+    if several > 1:
+        modes.append((f"memory, shared by {several} processes", {}, several))
     if redis_available():
-        modes.append(("redis", {"HYPEREAL_REDIS_URL": REDIS_URL}))
+        modes.append(("redis", {"HYPEREAL_REDIS_URL": REDIS_URL}, 1))
     else:
         result.add("burst (Redis limiter)", "skipped", notes="Redis not reachable on 6379")
-    for mode, extra in modes:
-        with workdir(f"rl-{mode}") as work:
+    for mode, extra, processes in modes:
+        with workdir(f"rl-{processes}p") as work:
             env = server_env(work, HYPEREAL_RATE_LIMIT_PER_HOUR=str(limit), **extra)
-            with hypereal_server(work, env) as server:
+            with hypereal_server(work, env, processes=processes) as server:
                 key = server.key(credits=0, rate_limit=None)  # the server's default limit
                 run = asyncio.run(burst(server.url, key, total, concurrency))
         statuses = run.statuses()

@@ -180,11 +180,13 @@ async def admin_balance(client: httpx.AsyncClient, cluster: Cluster, url: str, a
 
 
 async def spend_concurrently(cluster: Cluster) -> None:
+    async with httpx.AsyncClient(timeout=120) as setup:
+        user = await create_user(setup, cluster, BALANCE)
+        assert await admin_balance(setup, cluster, cluster.urls[1], user["accountId"]) == BALANCE
+    # A client of its own for the burst: no kept-alive connection from the calls above that
+    # the server might close (idle) just as a request of the burst reuses it.
     limits = httpx.Limits(max_connections=REQUESTS, max_keepalive_connections=REQUESTS)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        user = await create_user(client, cluster, BALANCE)
-        assert await admin_balance(client, cluster, cluster.urls[1], user["accountId"]) == BALANCE
-
         start = asyncio.Event()
 
         async def one(n: int) -> httpx.Response:
