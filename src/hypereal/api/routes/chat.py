@@ -262,17 +262,14 @@ class TurnStream(StreamingResponse, metaclass=ABCMeta):
 class _ChatStream(TurnStream):
     """Chunks as the backend yields them, keep-alive comments while it is silent, the final
     chunk with finish_reason/usage/creditsUsed, then ``[DONE]``. An error after the stream
-    began arrives as a ``data:`` event with ``error``. The first delta's chunk is written at
-    once (with the headers); after it, the chunks of deltas that are already waiting are
-    written together (one write, the same events), so a burst of tokens costs one write
-    without holding the first token back until the burst has been read."""
+    began arrives as a ``data:`` event with ``error``. The chunks of deltas that are already
+    waiting are written together (one write, the same events)."""
 
     async def _sse(self) -> AsyncGenerator[bytes]:
         turn, feed = self._turn, self._feed
         created = int(time.time())
         delta_chunk = _DeltaChunks(turn, created)
         waiting: list[bytes] = []  # events not written yet
-        started = False  # whether the first event went out
         try:
             async with contextlib.aclosing(self._items()) as items:
                 async for item in items:
@@ -280,15 +277,10 @@ class _ChatStream(TurnStream):
                         waiting.append(b": keep-alive\n\n")
                     elif item.text or item.tool_calls:
                         waiting.append(delta_chunk(item))
-                    if waiting and (not started or not feed.ready()):
+                    if waiting and not feed.ready():
                         events = b"".join(waiting)
                         waiting.clear()
                         yield events
-                        if not started:
-                            started = True
-                            # A turn of the loop: the headers and this first event leave now
-                            # (one write), not after the deltas already read are encoded.
-                            await asyncio.sleep(0)
             credits = await turn.settle()
             waiting.extend(_final_chunks(turn, created, credits))
             waiting.append(b"data: [DONE]\n\n")
