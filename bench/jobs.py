@@ -204,7 +204,7 @@ def main() -> None:
     total = env_int("JOBS", 1000, 100, args.quick)
     concurrency = env_int("JOBS_CONCURRENCY", 32, 32, args.quick)
     timeout = float(os.environ.get("BENCH_JOBS_TIMEOUT", "300"))
-    default_modes = "inprocess,redis-1,redis-2,redis-4"
+    default_modes = "inprocess,inprocess-2,redis-1,redis-2,redis-4"
     modes = os.environ.get("BENCH_JOBS_MODES", default_modes).split(",")
     rates: dict[str, float] = {}
     for mode in modes:
