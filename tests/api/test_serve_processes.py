@@ -20,13 +20,14 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support.processes import process
+from tests.support.processes import process, wait_until_healthy
 from tests.support.servers import free_port
 
 HYPEREAL = str(Path(sys.executable).with_name("hypereal"))
@@ -54,29 +55,27 @@ def _env(tmp_path: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    tmp_path = tmp_path_factory.mktemp("processes")
+@contextmanager
+def serving(tmp_path: Path, **env: str) -> Iterator[Served]:
+    """`hypereal serve --processes 2` on a fresh data folder (``env``: more settings) until
+    the block ends; the admin key is the one the parent printed."""
     port = free_port()
     log = tmp_path / "serve.log"
-    env = {**_env(tmp_path), "HYPEREAL_PUBLIC_URL": f"http://127.0.0.1:{port}"}
+    url = f"http://127.0.0.1:{port}"
+    env = {**_env(tmp_path), "HYPEREAL_PUBLIC_URL": url, **env}
     args = [HYPEREAL, "serve", "--port", str(port), "--processes", "2"]
     with process(args, env, log) as proc:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, log.read_text(errors="replace")
-            assert time.monotonic() < deadline, log.read_text(errors="replace")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_until_healthy(url, proc, log, seconds=90)
         # The parent bootstrapped the admin once and printed its key once.
         keys = re.findall(r"^\s+(ck_\S+)\s*$", log.read_text(), re.M)
         assert len(keys) == 1, log.read_text(errors="replace")
         yield Served(url, log, keys[0])
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    with serving(tmp_path_factory.mktemp("processes")) as server:
+        yield server
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -212,29 +211,13 @@ def test_a_killed_process_is_replaced_and_its_job_runs_again_once(tmp_path: Path
     """SIGKILL the server process running a job: the parent starts a new process, which takes
     the dead one's job back at once (no waiting for its lease), and the job completes once,
     charged once."""
-    port = free_port()
-    log = tmp_path / "serve.log"
-    env = {
-        **_env(tmp_path),
-        "HYPEREAL_PUBLIC_URL": f"http://127.0.0.1:{port}",
-        "HYPEREAL_BACKENDS": json.dumps({"noop": {"type": "noop", "delay_seconds": 3}}),
-        "HYPEREAL_JOB_LEASE_SECONDS": "600",  # recovery must not come from the lease running out
-    }
-    args = [HYPEREAL, "serve", "--port", str(port), "--processes", "2"]
-    url = f"http://127.0.0.1:{port}"
     database = tmp_path / "data" / "hypereal.db"
-    with process(args, env, log) as proc:
+    delayed = json.dumps({"noop": {"type": "noop", "delay_seconds": 3}})
+    # A lease of 10 minutes: the recovery must not come from the lease running out.
+    with serving(tmp_path, HYPEREAL_BACKENDS=delayed, HYPEREAL_JOB_LEASE_SECONDS="600") as server:
+        url, log = server.url, server.log
         deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        admin = re.findall(r"^\s+(ck_\S+)\s*$", log.read_text(), re.M)[0]
-        key = create_key(Served(url, log, admin), credits=100)
+        key = create_key(server, credits=100)
         answer = httpx.post(
             f"{url}/v1/videos/generate",
             json={"model": "noop-video", "input": {"prompt": "kill me"}},

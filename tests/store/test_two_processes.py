@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -26,7 +25,7 @@ import pytest
 from hypereal.domain import ledger
 from hypereal.store.db import Database
 from tests.support.infra import ensure_postgres, temporary_postgres_database
-from tests.support.processes import process
+from tests.support.processes import process, wait_until_healthy
 from tests.support.servers import free_port
 
 HYPEREAL = str(Path(sys.executable).with_name("hypereal"))
@@ -107,22 +106,6 @@ def server(env: dict[str, str], port: int, log: Path) -> Iterator[subprocess.Pop
     args = [HYPEREAL, "serve", "--host", "127.0.0.1", "--port", str(port)]
     with process(args, env, log) as proc:
         yield proc
-
-
-def wait_until_healthy(
-    url: str, proc: subprocess.Popen[bytes], log: Path, seconds: float = 60
-) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{proc.args!r} exited early:\n{log.read_text(errors='replace')}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    pytest.fail(f"{proc.args!r} did not become healthy:\n{log.read_text(errors='replace')}")
 
 
 @pytest.fixture(scope="module")
