@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from tests.support.processes import process, wait_until_healthy
 from tests.support.servers import free_port
 
 HYPEREAL = str(Path(sys.executable).with_name("hypereal"))
@@ -74,34 +74,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     url = f"http://127.0.0.1:{port}"
     env["HYPEREAL_PUBLIC_URL"] = url
     log = root / "serve.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [HYPEREAL, "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"hypereal serve exited early:\n{log.read_text(errors='replace')}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"hypereal serve did not start:\n{log.read_text(errors='replace')}")
-            time.sleep(0.1)
+    args = [HYPEREAL, "serve", "--host", "127.0.0.1", "--port", str(port)]
+    with process(args, env, log) as proc:
+        wait_until_healthy(url, proc, log, seconds=90)
         yield Server(url=url, admin_key=admin_key, env=env)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture
