@@ -247,6 +247,8 @@ def process_app() -> Any:
     uvicorn_access = logging.getLogger("uvicorn.access")
     uvicorn_access.handlers[:] = []
     uvicorn_access.propagate = False
+    # uvicorn hands each process the protocol class by reference (a class made by
+    # with_read_timeout cannot be pickled); its deadline is set here, before any connection.
     RequestReadTimeoutProtocol.read_timeout = settings.request_read_timeout_seconds
     try:
         application = create_app(settings)

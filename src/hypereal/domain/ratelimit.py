@@ -1,6 +1,6 @@
 """Per-key rate limits on a rolling hour (``limits`` moving window; memory or Redis).
 
-Several server processes of one ``hypereal serve --workers N`` share one in-memory limiter kept
+Several server processes of one ``hypereal serve --processes N`` share one in-memory limiter kept
 by their parent (a ``hypereal+unix://`` storage URL, see ``ratelimit_shared.py``)."""
 
 from __future__ import annotations

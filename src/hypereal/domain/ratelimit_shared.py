@@ -1,4 +1,4 @@
-"""One in-memory rate limiter for the server processes of ``hypereal serve --workers N``.
+"""One in-memory rate limiter for the server processes of ``hypereal serve --processes N``.
 
 With several server processes on one machine and no Redis, the moving windows live in the
 parent process (:class:`LimiterServer`, the same :class:`~hypereal.domain.ratelimit.RateLimiter`
