@@ -281,6 +281,10 @@ class _ChatStream(TurnStream):
                         events = b"".join(waiting)
                         waiting.clear()
                         yield events
+            if waiting:  # the last deltas go out now, not after the settle's commit
+                events = b"".join(waiting)
+                waiting.clear()
+                yield events
             credits = await turn.settle()
             waiting.extend(_final_chunks(turn, created, credits))
             waiting.append(b"data: [DONE]\n\n")
