@@ -109,6 +109,10 @@ class IdempotencyRecord(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+# A job waiting in the database for a slot of its model (queued, not yet sent to a worker).
+_PARKED = text("state = 'queued' AND kicked_at IS NULL")
+
+
 class Job(Base):
     """One generation: async jobs (video, audio, 3D) and recorded sync results (images)."""
 
@@ -124,8 +128,8 @@ class Job(Base):
             "model",
             "created_at",
             "id",
-            sqlite_where=text("state = 'queued' AND kicked_at IS NULL"),
-            postgresql_where=text("state = 'queued' AND kicked_at IS NULL"),
+            sqlite_where=_PARKED,
+            postgresql_where=_PARKED,
         ),
     )
 
