@@ -75,7 +75,7 @@ def _insert_job(
 ) -> Ops[JobView]:
     now = utcnow()
     finished = state == "completed"
-    row = yield Sql.one(
+    row = yield Sql.last(  # the last write of both operations that insert a job
         _INSERT_JOB,
         id=job_id,
         account=account_id,

@@ -77,13 +77,16 @@ _INSERT_ENTRY = (
     "RETURNING id"
 )
 # PostgreSQL: the conditional debit and its ledger row in one statement (one round trip).
+# One row every time (a Sql.last): the entry's id and balance after, or two NULLs when the
+# balance could not cover it (or the account does not exist).
 _PG_DEBIT = (
     "WITH debited AS (UPDATE accounts SET balance = balance - :amount "
-    "WHERE id = :account AND balance >= :amount RETURNING balance) "
-    "INSERT INTO ledger_entries (account_id, kind, amount, balance_after, reference, "
+    "WHERE id = :account AND balance >= :amount RETURNING balance), "
+    "entry AS (INSERT INTO ledger_entries (account_id, kind, amount, balance_after, reference, "
     "description, refund_of, created_at, key_id, model) SELECT :account, 'debit', -:amount, "
     "balance, :reference, :description, NULL, :created_at, :key_id, :model FROM debited "
-    "RETURNING id, balance_after"
+    "RETURNING id, balance_after) "
+    "SELECT (SELECT id FROM entry), (SELECT balance_after FROM entry)"
 )
 
 
@@ -177,15 +180,20 @@ def debit_op(
     reference: str,
     description: str,
     by: Spender = NOBODY,
+    *,
+    last_write: bool = False,
 ) -> Ops[Entry]:
     """Take ``amount`` or nothing: a conditional UPDATE (balance >= amount) and the ledger row,
     and with a budgeted key, the reservation against the key's budget (key_budget.py).
-    Raises KeyBudgetExceeded / InsufficientCredits / NotFound, having written nothing."""
+    Raises KeyBudgetExceeded / InsufficientCredits / NotFound, having written nothing.
+    ``last_write``: the operation writes nothing after the debit (see Sql.last)."""
     created_at = utcnow()
     if by.budgeted and by.key_id is not None:
         yield from key_budget.reserve_op(d, by.key_id, amount, created_at)
     try:
-        return (yield from _debit_account(d, account_id, amount, reference, description, by))
+        return (
+            yield from _debit_account(d, account_id, amount, reference, description, by, last_write)
+        )
     except Exception:
         if by.budgeted and by.key_id is not None:  # undo the key's reservation
             yield from key_budget.release_op(d, by.key_id, amount, created_at)
@@ -193,21 +201,31 @@ def debit_op(
 
 
 def _debit_account(
-    d: Dialect, account_id: str, amount: int, reference: str, description: str, by: Spender
+    d: Dialect,
+    account_id: str,
+    amount: int,
+    reference: str,
+    description: str,
+    by: Spender,
+    last_write: bool,
 ) -> Ops[Entry]:
     created_at = utcnow()
     if d.pg:
-        row = yield Sql.one(
+        row = yield Sql(
             _PG_DEBIT,
-            amount=amount,
-            account=account_id,
-            reference=reference,
-            description=description,
-            created_at=created_at,
-            key_id=by.key_id,
-            model=by.model,
+            dict(
+                amount=amount,
+                account=account_id,
+                reference=reference,
+                description=description,
+                created_at=created_at,
+                key_id=by.key_id,
+                model=by.model,
+            ),
+            "one",
+            last_write,
         )
-        if row is not None:
+        if row[0] is not None:
             return Entry(
                 id=int(row[0]),
                 account_id=account_id,
@@ -266,7 +284,7 @@ async def debit(
     if amount < 0:
         raise ValueError("debit amount must be >= 0")
     by = spender(account_id, model)
-    future = db.submit(debit_op, account_id, amount, reference, description, by)
+    future = db.submit(debit_op, account_id, amount, reference, description, by, last_write=True)
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:

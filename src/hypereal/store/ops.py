@@ -28,11 +28,25 @@ class Sql:
     text: str
     params: dict[str, Any] = field(default_factory=dict)
     fetch: Fetch = "all"
+    final: bool = False
 
     @classmethod
     def one(cls, text: str, **params: Any) -> Sql:
         """The first row (or None)."""
         return cls(text, params, "one")
+
+    @classmethod
+    def last(cls, text: str, **params: Any) -> Sql:
+        """Exactly one row, from the operation's last write.
+
+        When it is an operation's first statement, the PostgreSQL writer runs it together
+        with the same statement of the other such operations of its batch: one round trip
+        (asyncpg's pipelined ``fetchmany``), committed together, and no lock held across a
+        round trip. The statement must return exactly one row every time (``INSERT ...
+        RETURNING``, or a ``SELECT`` of scalar subqueries over a data-modifying ``WITH``),
+        so that the rows map back to their operations; statements the operation yields after
+        it run after that commit, so they must only read. SQLite runs it like any other."""
+        return cls(text, params, "one", True)
 
     @classmethod
     def all(cls, text: str, **params: Any) -> Sql:

@@ -70,6 +70,21 @@ async def _drive_async(conn: Any, operation: Callable[[], Ops[T]]) -> T:
         ops.close()
 
 
+async def _finish(conn: Any, ops: Ops[T], row: Any) -> tuple[bool, Any]:
+    """Send an operation its grouped statement's (committed) row and run what it yields
+    after it (reads, see :meth:`Sql.last`) one statement at a time."""
+    try:
+        statement = ops.send(row)
+        while True:
+            statement = ops.send(await _pg_execute(conn, statement))
+    except StopIteration as done:
+        return True, done.value
+    except Exception as exc:
+        return False, _pg_error(exc)
+    finally:
+        ops.close()
+
+
 def _pg_error(exc: BaseException) -> BaseException:
     import asyncpg
 
@@ -169,32 +184,94 @@ class PgStore:
     async def _commit(
         self, batch: list[tuple[Callable[[], Any], asyncio.Future[Any]]]
     ) -> list[tuple[bool, Any]]:
-        import asyncpg
-
         pool = await self.pool()
         async with pool.acquire() as conn:
-            if len(batch) > 1:
-                try:
-                    outcomes: list[tuple[bool, Any]] = []
-                    async with conn.transaction():
-                        for operation, _ in batch:
-                            try:
-                                outcomes.append((True, await _drive_async(conn, operation)))
-                            except asyncpg.PostgresError:
-                                raise  # the transaction is aborted: re-run one by one
-                            except Exception as exc:  # a domain error, raised before writing
-                                outcomes.append((False, exc))
-                    return outcomes
-                except asyncpg.PostgresError as exc:
-                    log.debug("group commit of %d rolled back (%s); one by one", len(batch), exc)
-            outcomes = []
-            for operation, _ in batch:
-                try:
-                    async with conn.transaction():
-                        outcomes.append((True, await _drive_async(conn, operation)))
-                except Exception as exc:
-                    outcomes.append((False, _pg_error(exc)))
-            return outcomes
+            outcomes: list[tuple[bool, Any] | None] = [None] * len(batch)
+            alone = await self._run_grouped(conn, batch, outcomes)
+            if alone:
+                await self._run_in_transaction(conn, batch, alone, outcomes)
+            finished = [outcome for outcome in outcomes if outcome is not None]
+            assert len(finished) == len(batch)
+            return finished
+
+    async def _run_grouped(
+        self,
+        conn: Any,
+        batch: list[tuple[Callable[[], Any], asyncio.Future[Any]]],
+        outcomes: list[tuple[bool, Any] | None],
+    ) -> list[int]:
+        """Run the operations whose first statement is a :meth:`Sql.last`, each such statement
+        for all of them in one pipelined round trip; fill their ``outcomes``. Returns the
+        positions of the others (and of a group that failed), to run one transaction."""
+        import asyncpg
+
+        groups: dict[str, list[tuple[int, Ops[Any], Sql]]] = {}
+        others: list[int] = []
+        for position, (operation, _) in enumerate(batch):
+            try:
+                ops = operation()
+                first = next(ops)
+            except StopIteration as done:  # wrote nothing
+                outcomes[position] = (True, done.value)
+                continue
+            except Exception as exc:  # a domain error, raised before writing
+                outcomes[position] = (False, exc)
+                continue
+            if first.final:
+                groups.setdefault(first.text, []).append((position, ops, first))
+            else:
+                ops.close()
+                others.append(position)
+        for text, members in groups.items():
+            statement = _PgStatement.of(text)
+            try:
+                rows = await conn.fetchmany(
+                    statement.text,
+                    [[sql.params[name] for name in statement.names] for _, _, sql in members],
+                )
+            except asyncpg.PostgresError as exc:  # all rolled back: each alone, below
+                log.debug("group of %d rolled back (%s); one by one", len(members), exc)
+                for _, ops, _ in members:
+                    ops.close()
+                others.extend(position for position, _, _ in members)
+                continue
+            if len(rows) != len(members):  # a Sql.last that broke its contract
+                raise AssertionError(f"{len(rows)} rows for {len(members)} of {text!r}")
+            for (position, ops, _), row in zip(members, rows, strict=True):
+                outcomes[position] = await _finish(conn, ops, row)
+        return sorted(others)
+
+    async def _run_in_transaction(
+        self,
+        conn: Any,
+        batch: list[tuple[Callable[[], Any], asyncio.Future[Any]]],
+        positions: list[int],
+        outcomes: list[tuple[bool, Any] | None],
+    ) -> None:
+        import asyncpg
+
+        if len(positions) > 1:
+            try:
+                done: list[tuple[bool, Any]] = []
+                async with conn.transaction():
+                    for position in positions:
+                        try:
+                            done.append((True, await _drive_async(conn, batch[position][0])))
+                        except asyncpg.PostgresError:
+                            raise  # the transaction is aborted: re-run one by one
+                        except Exception as exc:  # a domain error, raised before writing
+                            done.append((False, exc))
+                for position, outcome in zip(positions, done, strict=True):
+                    outcomes[position] = outcome
+                return
+            except asyncpg.PostgresError as exc:
+                log.debug("group commit of %d rolled back (%s); one by one", len(positions), exc)
+        for position in positions:
+            try:
+                async with conn.transaction():
+                    outcomes[position] = (True, await _drive_async(conn, batch[position][0]))
+            except Exception as exc:
+                outcomes[position] = (False, _pg_error(exc))
 
     async def close(self) -> None:
         self._closing = True

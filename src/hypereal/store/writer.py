@@ -28,7 +28,12 @@ bad operation fails only its own caller.
   conditional ``UPDATE`` inside an immediate transaction.
 - PostgreSQL: the writer is a task on the event loop with an asyncpg connection; a debit is
   one statement (a CTE that updates the balance and appends the ledger row). Row locks make
-  concurrent debits from any number of processes exact.
+  concurrent debits from any number of processes exact. An operation whose only write is
+  its first statement marks it :meth:`Sql.last`; the writer runs that statement for all
+  such operations of a batch in one pipelined round trip, its own implicit transaction, so
+  a contended row (one account's balance) is locked for the server's few microseconds of
+  work, not across the round trips of a whole batch. The other operations of the batch run
+  one statement per round trip in one transaction.
 
 **Reads** on SQLite run synchronously on the calling thread's own connection: an indexed
 lookup in WAL mode takes microseconds and never waits for writers, far less than a hop to a

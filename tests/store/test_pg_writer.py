@@ -1,0 +1,111 @@
+"""The PostgreSQL writer on the real server: operations whose only write is a ``Sql.last``
+run grouped (one pipelined statement per kind for a whole batch), the others in one
+transaction, and a failing member of a group fails only its own caller."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from hypereal.domain import jobs, keys, ledger
+from hypereal.domain.errors import InsufficientCredits, NotFound
+from hypereal.store.db import Database
+from hypereal.store.migrate import upgrade_to_head
+from hypereal.store.ops import ConstraintViolation, Dialect, Ops, Sql
+from tests.support.infra import ensure_postgres, temporary_postgres_database
+
+
+@pytest.fixture
+async def db() -> AsyncIterator[Database]:
+    if not ensure_postgres():
+        pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432 and could not be started")
+    with temporary_postgres_database() as url:
+        database = Database(url)
+        await upgrade_to_head(database.engine)
+        yield database
+        await database.dispose()
+
+
+def _record(db: Database, account: str, job_id: str, debit_id: int | None) -> Any:
+    return jobs.record_completed(
+        db,
+        job_id=job_id,
+        account_id=account,
+        type="image",
+        model="m",
+        input={"prompt": "x"},
+        credits=3,
+        debit_entry_id=debit_id,
+        output_url=None,
+    )
+
+
+def _rename(_: Dialect, account: str, name: str) -> Ops[int]:
+    """An operation of two statements (not grouped): runs in the batch's transaction."""
+    yield Sql.one("SELECT id FROM accounts WHERE id = :id FOR UPDATE", id=account)
+    changed = yield Sql.run(
+        "UPDATE accounts SET name = :name WHERE id = :id", id=account, name=name
+    )
+    return int(changed)
+
+
+def _name(_: Dialect, account: str) -> Ops[str]:
+    row = yield Sql.one("SELECT name FROM accounts WHERE id = :id", id=account)
+    return str(row[0])
+
+
+async def test_a_batch_of_grouped_and_plain_operations_each_gets_its_own_result(
+    db: Database,
+) -> None:
+    rich = await keys.create_account(db, "rich")
+    poor = await keys.create_account(db, "poor")
+    await ledger.grant(db, rich, 100)
+    await ledger.grant(db, poor, 5)
+    # One event-loop turn: every write below is queued before the writer's next batch.
+    results = await asyncio.gather(
+        *(ledger.debit(db, rich, 10, reference=f"r{i}", description="d") for i in range(4)),
+        ledger.debit(db, poor, 3, reference="p1", description="d"),
+        ledger.debit(db, poor, 3, reference="p2", description="d"),  # 2 left: refused
+        ledger.debit(db, "acct_missing", 1, reference="m", description="d"),
+        db.write(_rename, rich, "renamed"),
+        _record(db, rich, "res_a", None),
+        _record(db, rich, "res_b", None),
+        return_exceptions=True,
+    )
+    assert [r.balance_after for r in results[:4]] == [90, 80, 70, 60]  # type: ignore[union-attr]
+    assert results[4].balance_after == 2  # type: ignore[union-attr]
+    refused = results[5]
+    assert isinstance(refused, InsufficientCredits)
+    assert (refused.required, refused.available) == (3, 2)
+    assert isinstance(results[6], NotFound)
+    assert results[7] == 1
+    assert {results[8].id, results[9].id} == {"res_a", "res_b"}  # type: ignore[union-attr]
+    assert await ledger.balance(db, rich) == 60
+    assert await ledger.ledger_sum(db, rich) == 60
+    assert await ledger.balance(db, poor) == 2
+    assert await ledger.ledger_sum(db, poor) == 2
+    assert await db.read(_name, rich) == "renamed"
+
+
+async def test_a_failing_member_of_a_group_fails_alone_and_the_rest_commit(db: Database) -> None:
+    account = await keys.create_account(db, "dupes")
+    await ledger.grant(db, account, 50)
+    results = await asyncio.gather(
+        _record(db, account, "res_same", None),
+        ledger.debit(db, account, 5, reference="d1", description="d"),
+        _record(db, account, "res_same", None),  # the same id: a unique violation
+        _record(db, account, "res_other", None),
+        ledger.debit(db, account, 5, reference="d2", description="d"),
+        return_exceptions=True,
+    )
+    violations = [r for r in results if isinstance(r, ConstraintViolation)]
+    assert len(violations) == 1  # one of the two res_same, the other is recorded
+    assert results[3].id == "res_other"  # type: ignore[union-attr]
+    assert sorted(r.balance_after for r in (results[1], results[4])) == [40, 45]  # type: ignore[union-attr]
+    assert (await jobs.get_job(db, account, "res_same")).state == "completed"
+    assert (await jobs.get_job(db, account, "res_other")).state == "completed"
+    assert await ledger.balance(db, account) == 40
+    assert await ledger.ledger_sum(db, account) == 40
