@@ -1,8 +1,8 @@
 """Profile the gateway under load with py-spy (from bench/.venv; bench/setup.sh installs it).
 
-``python -m bench.profile ROUTE [--seconds 15] [--concurrency 64]`` (ROUTE: chat, sse, credits,
-debit or jobs) starts
-the mock upstream and ``hypereal serve``, drives load at the chosen route, samples the server
+``python -m bench.profile ROUTE [--seconds 15] [--concurrency 64] [--database postgres]``
+(ROUTE: chat, sse, credits, debit or jobs) starts the mock upstream and ``hypereal serve`` (on
+SQLite, or on a temporary PostgreSQL database), drives load at the chosen route, samples the server
 with ``py-spy record --format raw --gil`` meanwhile (only the thread holding the GIL: the
 Python code that costs CPU, not threads waiting on queues), and prints the hottest frames by
 own time and hypereal's own code by inclusive time. The collapsed stacks are kept in
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from bench.common import (
     hypereal_server,
     mock_upstream,
     server_env,
+    temporary_pg_database,
     upstream_backends,
     workdir,
 )
@@ -133,18 +135,23 @@ def main() -> None:
     parser.add_argument("route", choices=routes, default="chat")
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--database", choices=["sqlite", "postgres"], default="sqlite")
     args = parser.parse_args()
     py_spy = BENCH_VENV / "bin" / "py-spy"
     if not py_spy.exists():
         raise SystemExit("py-spy is missing: run bash bench/setup.sh")
     out_dir = BENCH_DIR / "work"
     out_dir.mkdir(exist_ok=True)
-    collapsed = out_dir / f"profile-{args.route}.txt"
+    collapsed = out_dir / f"profile-{args.route}-{args.database}.txt"
     with (
         workdir("profile") as work,
+        contextlib.ExitStack() as stack,
         mock_upstream(work, 16) as upstream,
-        hypereal_server(work, server_env(work, HYPEREAL_BACKENDS=upstream_backends(upstream))) as s,
     ):
+        env = server_env(work, HYPEREAL_BACKENDS=upstream_backends(upstream))
+        if args.database == "postgres":
+            env["HYPEREAL_DATABASE_URL"] = stack.enter_context(temporary_pg_database())
+        s = stack.enter_context(hypereal_server(work, env))
         key = s.key(credits=10**12)
         headers = {"authorization": f"Bearer {key}"}
         chat = {"model": "bench-chat", "messages": [{"role": "user", "content": "hi"}]}

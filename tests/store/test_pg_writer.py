@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from hypereal.domain import jobs, keys, ledger
-from hypereal.domain.errors import InsufficientCredits, NotFound
+from hypereal.domain.errors import InsufficientCredits, NotFound, Unauthorized
 from hypereal.store.db import Database
 from hypereal.store.migrate import upgrade_to_head
 from hypereal.store.ops import ConstraintViolation, Dialect, Ops, Sql
@@ -109,3 +109,36 @@ async def test_a_failing_member_of_a_group_fails_alone_and_the_rest_commit(db: D
     assert (await jobs.get_job(db, account, "res_other")).state == "completed"
     assert await ledger.balance(db, account) == 40
     assert await ledger.ledger_sum(db, account) == 40
+
+
+async def test_reads_of_one_turn_are_answered_each_by_its_own_row(db: Database) -> None:
+    """Key lookups and balance reads queued in one event-loop turn go in one round trip per
+    statement: each caller still gets its own key, its own 401, its own NotFound."""
+    accounts = [await keys.create_account(db, f"reader {i}") for i in range(3)]
+    for i, account in enumerate(accounts):
+        await ledger.grant(db, account, 10 + i)
+    created = [await keys.create_key(db, account) for account in accounts]
+    await keys.revoke_key(db, created[1].info.id)
+
+    async def auth(secret: str) -> str:
+        try:
+            return (await keys.authenticate(db, f"Bearer {secret}")).account_id
+        except Unauthorized as exc:
+            return exc.message
+
+    abandoned = asyncio.ensure_future(ledger.balance(db, accounts[0]))
+    await asyncio.sleep(0)  # its read is queued for the end of the turn
+    abandoned.cancel()  # and its caller goes away: the others still get their answers
+    results = await asyncio.gather(
+        *(auth(key.secret) for key in created),
+        auth("ck_not_a_key"),
+        *(ledger.balance(db, account) for account in accounts),
+        ledger.balance(db, "acct_missing"),
+        return_exceptions=True,
+    )
+    assert results[0] == accounts[0] and results[2] == accounts[2]
+    assert results[1] == "Unauthorized. This API key has been revoked"
+    assert results[3] == "Unauthorized. Invalid API key"
+    assert results[4:7] == [10, 11, 12]
+    assert isinstance(results[7], NotFound)
+    assert await ledger.balance(db, accounts[1]) == 11

@@ -48,8 +48,12 @@ _BALANCE = "SELECT balance FROM accounts WHERE id = :account"
 
 
 def balance_op(_: Dialect, account_id: str) -> Ops[int]:
-    row = yield Sql.one(_BALANCE, account=account_id)
-    if row is None:
+    # One row every time (a Sql.last, read with the turn's other balance reads): NULL for
+    # an unknown account.
+    row = yield Sql.last(
+        "SELECT (SELECT balance FROM accounts WHERE id = :account)", account=account_id
+    )
+    if row[0] is None:
         raise NotFound(f"Account not found: {account_id}")
     return int(row[0])
 

@@ -37,15 +37,17 @@ class Sql:
 
     @classmethod
     def last(cls, text: str, **params: Any) -> Sql:
-        """Exactly one row, from the operation's last write.
+        """Exactly one row, from a statement after which the operation writes nothing.
 
-        When it is an operation's first statement, the PostgreSQL writer runs it together
-        with the same statement of the other such operations of its batch: one round trip
-        (asyncpg's pipelined ``fetchmany``), committed together, and no lock held across a
-        round trip. The statement must return exactly one row every time (``INSERT ...
-        RETURNING``, or a ``SELECT`` of scalar subqueries over a data-modifying ``WITH``),
-        so that the rows map back to their operations; statements the operation yields after
-        it run after that commit, so they must only read. SQLite runs it like any other."""
+        When it is an operation's first statement, the PostgreSQL store runs it together
+        with the same statement of other such operations, in one pipelined round trip
+        (asyncpg's ``fetchmany``): a write batch's, committed together (its own implicit
+        transaction, so no lock is held across a round trip), or the reads queued in one
+        event-loop turn. The statement must return exactly one row every time (``INSERT ...
+        RETURNING``, a ``LEFT JOIN`` onto a one-row ``SELECT`` of the parameters, or a
+        ``SELECT`` of scalar subqueries, over a data-modifying ``WITH`` for a write), so that
+        the rows map back to their operations; statements the operation yields after it run
+        after that commit, so they must only read. SQLite runs it like any other."""
         return cls(text, params, "one", True)
 
     @classmethod

@@ -70,6 +70,20 @@ async def _drive_async(conn: Any, operation: Callable[[], Ops[T]]) -> T:
         ops.close()
 
 
+_GroupedRead = tuple[Callable[[], Ops[Any]], Ops[Any], Sql, "asyncio.Future[Any]"]
+
+
+def _chain(done: asyncio.Future[Any], future: asyncio.Future[Any]) -> None:
+    if future.done():
+        return
+    if done.cancelled():
+        future.cancel()
+    elif done.exception() is not None:
+        future.set_exception(done.exception())  # type: ignore[arg-type]
+    else:
+        future.set_result(done.result())
+
+
 async def _finish(conn: Any, ops: Ops[T], row: Any) -> tuple[bool, Any]:
     """Send an operation its grouped statement's (committed) row and run what it yields
     after it (reads, see :meth:`Sql.last`) one statement at a time."""
@@ -117,6 +131,10 @@ class PgStore:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        # Reads whose first statement is a Sql.last, by statement, until the turn ends.
+        self._reads: dict[str, list[_GroupedRead]] = {}
+        self._reads_flush: asyncio.Handle | None = None
+        self._read_tasks: set[asyncio.Task[None]] = set()
 
     async def pool(self) -> Any:
         if self._pool is None:
@@ -136,6 +154,18 @@ class PgStore:
         return self._pool
 
     async def read(self, operation: Callable[[], Ops[T]], *, snapshot: bool = False) -> T:
+        if not snapshot:
+            ops = operation()
+            try:
+                first = next(ops)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            if first.final:
+                return await self._read_grouped(operation, ops, first)
+            ops.close()
+        return await self._read_alone(operation, snapshot)
+
+    async def _read_alone(self, operation: Callable[[], Ops[T]], snapshot: bool = False) -> T:
         import asyncpg
 
         pool = await self.pool()
@@ -150,6 +180,68 @@ class PgStore:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
+
+    def _read_grouped(
+        self, operation: Callable[[], Ops[T]], ops: Ops[T], first: Sql
+    ) -> asyncio.Future[T]:
+        """Queue a read for the end of this event-loop turn, when every read of the same
+        statement queued meanwhile goes in one pipelined round trip (a pooled read costs
+        about 100 us of this process's CPU; one of a group of 64, 5 us)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._reads.setdefault(first.text, []).append((operation, ops, first, future))
+        if self._reads_flush is None:
+            self._reads_flush = loop.call_soon(self._flush_reads)
+        return future
+
+    def _flush_reads(self) -> None:
+        self._reads_flush = None
+        groups, self._reads = self._reads, {}
+        task = asyncio.ensure_future(self._run_reads(groups))
+        self._read_tasks.add(task)
+        task.add_done_callback(self._read_tasks.discard)
+
+    async def _run_reads(self, groups: dict[str, list[_GroupedRead]]) -> None:
+        import asyncpg
+
+        try:
+            pool = await self.pool()
+            async with pool.acquire() as conn:
+                for text, members in groups.items():
+                    statement = _PgStatement.of(text)
+                    live = [member for member in members if not member[3].done()]
+                    for member in members:
+                        if member[3].done():  # the caller went away
+                            member[1].close()
+                    if not live:
+                        continue
+                    try:
+                        rows = await conn.fetchmany(
+                            statement.text,
+                            [[sql.params[name] for name in statement.names] for *_, sql, _ in live],
+                        )
+                    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                        log.debug("grouped read of %d failed (%s); one by one", len(live), exc)
+                        for operation, ops, _, future in live:
+                            ops.close()
+                            self._finish_alone(operation, future)
+                        continue
+                    if len(rows) != len(live):  # a Sql.last that broke its contract
+                        raise AssertionError(f"{len(rows)} rows for {len(live)} of {text!r}")
+                    for (_, ops, _, future), row in zip(live, rows, strict=True):
+                        ok, value = await _finish(conn, ops, row)
+                        _resolve([(future, ok, value)])
+        except Exception as exc:
+            for members in groups.values():
+                for _, ops, _, future in members:
+                    ops.close()
+                    _resolve([(future, False, exc)])
+
+    def _finish_alone(self, operation: Callable[[], Ops[Any]], future: asyncio.Future[Any]) -> None:
+        task = asyncio.ensure_future(self._read_alone(operation))
+        self._read_tasks.add(task)
+        task.add_done_callback(self._read_tasks.discard)
+        task.add_done_callback(lambda done: _chain(done, future))
 
     def submit(self, operation: Callable[[], Any]) -> asyncio.Future[Any]:
         if self._closing:
@@ -278,5 +370,7 @@ class PgStore:
         self._wake.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
+        while self._reads_flush is not None or self._read_tasks:
+            await asyncio.gather(asyncio.sleep(0), *self._read_tasks, return_exceptions=True)
         if self._pool is not None:
             await self._pool.close()
