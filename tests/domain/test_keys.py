@@ -51,3 +51,19 @@ async def test_revoked_key_is_refused_on_the_next_request(services: Services) ->
     await keys.revoke_key(services.db, created.info.id)
     with pytest.raises(Unauthorized, match="revoked"):
         await keys.authenticate(services.db, f"Bearer {created.secret}")
+
+
+async def test_the_lookup_of_every_request_seeks_the_key_hash_index(services: Services) -> None:
+    """The per-request key lookup (one row every time, for grouped reads on PostgreSQL) finds
+    the key through the key_hash index, not by scanning every key."""
+    account = await keys.create_account(services.db, "a")
+    await keys.create_key(services.db, account)
+    async with services.db.engine.connect() as conn:
+        plan = (
+            await conn.execute(
+                text("EXPLAIN QUERY PLAN " + keys.PRINCIPAL_BY_HASH), {"digest": "x" * 64}
+            )
+        ).all()
+    steps = [str(row[-1]) for row in plan]
+    assert any(s.startswith("SEARCH k USING") and "key_hash=?" in s for s in steps), steps
+    assert not any(s.startswith("SCAN k") for s in steps), steps
