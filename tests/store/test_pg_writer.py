@@ -142,3 +142,32 @@ async def test_reads_of_one_turn_are_answered_each_by_its_own_row(db: Database) 
     assert results[4:7] == [10, 11, 12]
     assert isinstance(results[7], NotFound)
     assert await ledger.balance(db, accounts[1]) == 11
+
+
+async def test_job_submissions_debit_and_insert_in_one_statement_exactly(db: Database) -> None:
+    """On PostgreSQL a submission is one grouped statement (the debit, its ledger row and the
+    job row): concurrent submissions spend the balance exactly, each job points at its own
+    debit, and a refused one writes nothing and reports what is available."""
+    account = await keys.create_account(db, "submitter")
+    await ledger.grant(db, account, 100)
+
+    def new() -> jobs.NewJob:
+        return jobs.NewJob(
+            account_id=account, type="video", model="noop-video", input={}, credits=7, media={}
+        )
+
+    results = await asyncio.gather(
+        *(jobs.submit(db, new()) for _ in range(20)), return_exceptions=True
+    )
+    submitted = [r for r in results if isinstance(r, jobs.JobView)]
+    refused = [r for r in results if isinstance(r, InsufficientCredits)]
+    assert len(submitted) == 100 // 7 and len(refused) == 20 - 100 // 7
+    assert all(r.required == 7 and 0 <= r.available < 7 for r in refused)
+    debits = {e.id: e for e in await ledger.entries(db, account) if e.kind == "debit"}
+    assert len(debits) == len(submitted)
+    for job in submitted:
+        assert job.state == "queued" and job.credits == 7
+        entry = debits[job.debit_entry_id]  # type: ignore[index]
+        assert entry.reference == job.id and entry.amount == -7
+    assert await ledger.balance(db, account) == 100 % 7
+    assert await ledger.ledger_sum(db, account) == 100 % 7

@@ -46,19 +46,31 @@ class NewJob:
     webhook_url: str | None = None
 
 
-_INSERT_JOB = (
+_JOB_COLUMNS = (
     "INSERT INTO jobs (id, account_id, type, model, state, input, webhook_url, credits, "
     "debit_entry_id, output_url, output_key, result, error, progress, progress_message, "
     "attempts, worker_id, lease_until, cancel_requested, created_at, started_at, completed_at, "
-    "media, kicked_at, refund_entry_id) VALUES (:id, :account, :type, :model, :state, :input, "
+    "media, kicked_at, refund_entry_id)"
+)
+_JOB_VALUES = (
+    ":id, :account, :type, :model, :state, :input, "
     ":webhook_url, :credits, :debit, :output_url, :output_key, :result, NULL, :progress, NULL, "
-    ":attempts, NULL, NULL, :false, :now, :started_at, :completed_at, :media, :kicked_at, NULL) "
-    "RETURNING *"
+    ":attempts, NULL, NULL, :false, :now, :started_at, :completed_at, :media, :kicked_at, NULL"
+)
+_INSERT_JOB = f"{_JOB_COLUMNS} VALUES ({_JOB_VALUES}) RETURNING *"
+# PostgreSQL: a job's submission in one statement (a Sql.last): the debit, its ledger row and
+# the job row, whose debit_entry_id is the new entry's; one row every time, the job's, or
+# NULLs when the balance could not cover it. The debit's parameters are ledger.PG_DEBITED's.
+_PG_SUBMIT = (
+    f"{ledger.PG_DEBITED}, job AS ({_JOB_COLUMNS} "
+    f"SELECT {_JOB_VALUES.replace(':debit', 'entry.id')} FROM entry RETURNING *) "
+    "SELECT job.* FROM (SELECT 1) AS one LEFT JOIN job ON true"
 )
 
 
 def _insert_job(
     *,
+    pg_submit: dict[str, Any] | None = None,
     job_id: str,
     account_id: str,
     type: str,
@@ -75,35 +87,69 @@ def _insert_job(
 ) -> Ops[JobView]:
     now = utcnow()
     finished = state == "completed"
-    row = yield Sql.last(  # the last write of both operations that insert a job
-        _INSERT_JOB,
-        id=job_id,
-        account=account_id,
-        type=type,
-        model=model,
-        state=state,
-        input=to_json(dict(input)),
-        webhook_url=webhook_url,
-        credits=credits,
-        debit=debit_entry_id,
-        output_url=output_url,
-        output_key=output_key,
-        result=to_json(dict(result)) if result is not None else None,
-        progress=1.0 if finished else 0.0,
-        attempts=1 if finished else 0,
-        false=False,
-        now=now,
-        started_at=now if finished else None,
-        completed_at=now if finished else None,
-        media=to_json(dict(media)) if media is not None else None,
-        kicked_at=None if finished else now,
+    row = yield Sql(  # the last write of every operation that inserts a job
+        _INSERT_JOB if pg_submit is None else _PG_SUBMIT,
+        dict(
+            **(pg_submit or {}),
+            id=job_id,
+            account=account_id,
+            type=type,
+            model=model,
+            state=state,
+            input=to_json(dict(input)),
+            webhook_url=webhook_url,
+            credits=credits,
+            debit=debit_entry_id,
+            output_url=output_url,
+            output_key=output_key,
+            result=to_json(dict(result)) if result is not None else None,
+            progress=1.0 if finished else 0.0,
+            attempts=1 if finished else 0,
+            false=False,
+            now=now,
+            started_at=now if finished else None,
+            completed_at=now if finished else None,
+            media=to_json(dict(media)) if media is not None else None,
+            kicked_at=None if finished else now,
+        ),
+        "one",
+        True,
     )
+    if row["id"] is None:  # _PG_SUBMIT's debit was refused: nothing was written
+        assert pg_submit is not None
+        yield from ledger.refused_op(account_id, pg_submit["amount"])
     return _view(row)
 
 
+def _debit_description(new: NewJob) -> str:
+    return f"{new.type} generation ({new.model})"
+
+
 def _submit_op(d: Dialect, job_id: str, new: NewJob, by: ledger.Spender) -> Ops[JobView]:
+    if d.pg and not by.budgeted:  # the debit and the job row in one statement
+        return (
+            yield from _insert_job(
+                pg_submit=dict(
+                    amount=new.credits,
+                    reference=job_id,
+                    description=_debit_description(new),
+                    created_at=utcnow(),
+                    key_id=by.key_id,
+                ),
+                job_id=job_id,
+                account_id=new.account_id,
+                type=new.type,
+                model=new.model,
+                state="queued",
+                input=new.input,
+                credits=new.credits,
+                debit_entry_id=None,
+                media=new.media,
+                webhook_url=new.webhook_url,
+            )
+        )
     entry = yield from ledger.debit_op(
-        d, new.account_id, new.credits, job_id, f"{new.type} generation ({new.model})", by
+        d, new.account_id, new.credits, job_id, _debit_description(new), by
     )
     return (
         yield from _insert_job(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -80,18 +80,21 @@ _INSERT_ENTRY = (
     ":balance_after, :reference, :description, :refund_of, :created_at, :key_id, :model) "
     "RETURNING id"
 )
-# PostgreSQL: the conditional debit and its ledger row in one statement (one round trip).
-# One row every time (a Sql.last): the entry's id and balance after, or two NULLs when the
-# balance could not cover it (or the account does not exist).
-_PG_DEBIT = (
+# PostgreSQL: the conditional debit and its ledger row, as the first two CTEs of a statement
+# (``entry`` holds the new row's id and balance after, or nothing when the balance could not
+# cover it or the account does not exist). Parameters: amount, account, reference,
+# description, created_at, key_id, model.
+PG_DEBITED = (
     "WITH debited AS (UPDATE accounts SET balance = balance - :amount "
     "WHERE id = :account AND balance >= :amount RETURNING balance), "
     "entry AS (INSERT INTO ledger_entries (account_id, kind, amount, balance_after, reference, "
     "description, refund_of, created_at, key_id, model) SELECT :account, 'debit', -:amount, "
     "balance, :reference, :description, NULL, :created_at, :key_id, :model FROM debited "
-    "RETURNING id, balance_after) "
-    "SELECT (SELECT id FROM entry), (SELECT balance_after FROM entry)"
+    "RETURNING id, balance_after)"
 )
+# The debit in one statement (one round trip), one row every time (a Sql.last): the entry's
+# id and balance after, or two NULLs.
+_PG_DEBIT = PG_DEBITED + " SELECT (SELECT id FROM entry), (SELECT balance_after FROM entry)"
 
 
 def _append(
@@ -263,6 +266,13 @@ def _debit_account(
                     model=by.model,
                 )
             )
+    return (yield from refused_op(account_id, amount))
+
+
+def refused_op(account_id: str, amount: int) -> Ops[NoReturn]:
+    """The error for a debit of ``amount`` that the balance could not cover (read afresh:
+    the debit's own snapshot may predate a concurrent commit). Raises NotFound or
+    InsufficientCredits."""
     available = yield Sql.one(_BALANCE, account=account_id)
     if available is None:
         raise NotFound(f"Account not found: {account_id}")

@@ -19,7 +19,7 @@ from hypereal.backends.base import BackendError
 from hypereal.domain import jobs, keys, ledger, pricing
 from hypereal.domain.catalogue import ModelSpec, validate_params
 from hypereal.domain.errors import BadRequest, HyperealError, InsufficientCredits
-from hypereal.domain.generation import client_error
+from hypereal.domain.generation import client_error, has_inputs
 from hypereal.engine.context import JobServices
 from hypereal.media.fetch import FetchRefused, parse_networks, vetted_addresses
 from hypereal.media.signing import inputs_kind
@@ -68,9 +68,12 @@ async def submit_generation(
         check_backend_input(services, spec, params)
     credits = pricing.price(spec, params)
     webhook_url = await checked_webhook_url(services, submission.webhook_url)
-    available = await ledger.balance(services.db, account_id)
-    if available < credits:  # before fetching anything; the debit re-checks atomically
-        raise InsufficientCredits(required=credits, available=available)
+    if has_inputs(spec, params):
+        # A short balance is a 402 before any fetch; the debit re-checks atomically (and
+        # alone answers the 402 when there is nothing to fetch).
+        available = await ledger.balance(services.db, account_id)
+        if available < credits:
+            raise InsufficientCredits(required=credits, available=available)
     media = await _store_inputs(services, account_id, spec, params)
     job = await jobs.submit(
         services.db,
