@@ -45,7 +45,7 @@ async def running_jobs(db: Database, limit: int = 1000) -> list[JobView]:
 def _end_lease_op(_: Dialect, job_id: str, worker_id: str | None) -> Ops[bool]:
     changed = yield Sql.run(
         "UPDATE jobs SET lease_until = :ended "
-        "WHERE id = :id AND state = 'processing' AND worker_id = :worker",
+        "WHERE id = :id AND state || '' = 'processing' AND worker_id = :worker",
         ended=utcnow() - timedelta(seconds=1),
         id=job_id,
         worker=worker_id,
@@ -60,8 +60,9 @@ async def end_lease(db: Database, job: JobView) -> bool:
     return await db.write(_end_lease_op, job.id, job.worker_id)
 
 
+# state || '': the primary key finds the row (see jobs._RUNNING's note).
 _EXPIRED_WHERE = (
-    "id = :id AND state = 'processing' AND worker_id = :worker AND lease_until < :expired"
+    "id = :id AND state || '' = 'processing' AND worker_id = :worker AND lease_until < :expired"
 )
 
 

@@ -288,6 +288,12 @@ def _lock_model(d: Dialect, model: str) -> Ops[None]:
         yield Sql.one("SELECT pg_advisory_xact_lock(:key)", key=_model_lock_key(model))
 
 
+# ``id = :id AND state || '' = 'queued'``: the primary key finds the row and the state is only
+# a filter. With ``state = 'queued'`` PostgreSQL could read ix_jobs_state_lease instead: a
+# plan made while the table looked empty rated both indexes alike, and the cached plan then
+# walked every (dead) queued or running version of every job on each claim and finish (2,000
+# index entries per statement after a few thousand jobs; with 4 workers, PostgreSQL used more
+# CPU than any of our processes). The same holds in job_maintenance and webhooks/delivery.
 _RUNNING = (
     "(SELECT count(*) FROM jobs r WHERE r.model = :model AND r.state = 'processing' "
     "AND r.lease_until >= :now)"
@@ -307,7 +313,7 @@ def _claim_op(
         "UPDATE jobs SET state = 'processing', worker_id = :worker, lease_until = :lease, "
         "attempts = attempts + 1, started_at = coalesce(started_at, :now), progress = 0, "
         "progress_message = NULL "
-        f"WHERE id = :id AND state = 'queued' AND {_RUNNING} < :limit RETURNING *",
+        f"WHERE id = :id AND state || '' = 'queued' AND {_RUNNING} < :limit RETURNING *",
         worker=worker_id,
         lease=now + timedelta(seconds=lease_seconds),
         now=now,
@@ -319,7 +325,7 @@ def _claim_op(
         return ClaimOutcome("claimed", _view(row))
     # Busy (or taken meanwhile): park it, so the next job of its model to end sends it.
     parked = yield Sql.run(
-        "UPDATE jobs SET kicked_at = NULL WHERE id = :id AND state = 'queued'", id=job_id
+        "UPDATE jobs SET kicked_at = NULL WHERE id = :id AND state || '' = 'queued'", id=job_id
     )
     return ClaimOutcome("busy" if parked else "gone")
 
@@ -344,7 +350,7 @@ def _heartbeat_op(
     progress: tuple[float, str] | None,
 ) -> Ops[bool]:
     lease = utcnow() + timedelta(seconds=lease_seconds)
-    where = "WHERE id = :id AND state = 'processing' AND worker_id = :worker"
+    where = "WHERE id = :id AND state || '' = 'processing' AND worker_id = :worker"
     if progress is None:
         changed = yield Sql.run(
             f"UPDATE jobs SET lease_until = :lease {where}",
@@ -382,7 +388,7 @@ def _release_op(d: Dialect, job_id: str, worker_id: str) -> Ops[bool]:
     changed = yield Sql.run(
         "UPDATE jobs SET state = 'queued', worker_id = NULL, lease_until = NULL, "
         f"attempts = {d.greatest}(attempts - 1, 0), kicked_at = :now "
-        "WHERE id = :id AND state = 'processing' AND worker_id = :worker",
+        "WHERE id = :id AND state || '' = 'processing' AND worker_id = :worker",
         now=utcnow(),
         id=job_id,
         worker=worker_id,
@@ -498,7 +504,7 @@ async def complete_job(
         "state = 'completed', output_url = :output_url, output_key = :output_key, "
         "result = :result, progress = 1, error = NULL"
     )
-    where = "id = :id AND state = 'processing' AND worker_id = :worker"
+    where = "id = :id AND state || '' = 'processing' AND worker_id = :worker"
     if credits is None:
         return await db.write(_end_op, where, params, values)
     return await db.write(_settle_end_op, where, {**params, "credits": credits}, values)
@@ -529,10 +535,10 @@ async def fail_job(
     db: Database, job_id: str, error: str, *, worker_id: str | None = None
 ) -> Ended | None:
     """Fail an active job (this worker's, when ``worker_id`` is given) and refund it."""
-    where = "id = :id AND state IN ('queued', 'processing')"
+    where = "id = :id AND state || '' IN ('queued', 'processing')"
     params: dict[str, Any] = {"id": job_id, "error": error}
     if worker_id is not None:
-        where = "id = :id AND state = 'processing' AND worker_id = :worker"
+        where = "id = :id AND state || '' = 'processing' AND worker_id = :worker"
         params["worker"] = worker_id
     return await db.write(_end_op, where, params, "state = 'failed', error = :error")
 

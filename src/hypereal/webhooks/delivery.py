@@ -181,10 +181,12 @@ def _due_op(_: Dialect, now: datetime, limit: int) -> Ops[list[str]]:
 
 
 def _claim_op(_: Dialect, delivery_id: str, now: datetime, lease: datetime) -> Ops[_Claimed | None]:
-    # One statement: the lease, the attempt count and the account's secret as it is now.
+    # One statement: the lease, the attempt count and the account's secret as it is now. The
+    # primary key finds the row; ``state || ''`` keeps ix_webhook_deliveries_due out of it
+    # (see domain/jobs.py's note on _RUNNING).
     row = yield Sql.one(
         "UPDATE webhook_deliveries SET attempts = attempts + 1, lease_until = :lease "
-        "WHERE id = :id AND state = 'pending' AND next_attempt_at <= :now "
+        "WHERE id = :id AND state || '' = 'pending' AND next_attempt_at <= :now "
         "AND (lease_until IS NULL OR lease_until < :now) "
         "RETURNING id, job_id, account_id, url, payload, attempts, "
         "(SELECT webhook_secret FROM accounts WHERE accounts.id = webhook_deliveries.account_id)"
