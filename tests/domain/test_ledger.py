@@ -14,7 +14,7 @@ from hypereal.domain.errors import BadRequest, InsufficientCredits
 from hypereal.services import Services
 from hypereal.store.db import Database
 from hypereal.store.migrate import upgrade_to_head
-from tests.support.infra import ensure_postgres, temporary_postgres_database
+from tests.support.infra import migrated_postgres
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -25,13 +25,8 @@ async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Da
         yield database
         await database.dispose()
         return
-    if not ensure_postgres():
-        pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432 and could not be started")
-    with temporary_postgres_database() as url:
-        database = Database(url)
-        await upgrade_to_head(database.engine)
+    async with migrated_postgres() as database:
         yield database
-        await database.dispose()
 
 
 async def test_debit_never_overspends_under_500_concurrent_debits(db: Database) -> None:

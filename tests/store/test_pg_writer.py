@@ -13,20 +13,14 @@ import pytest
 from hypereal.domain import jobs, keys, ledger
 from hypereal.domain.errors import InsufficientCredits, NotFound, Unauthorized
 from hypereal.store.db import Database
-from hypereal.store.migrate import upgrade_to_head
 from hypereal.store.ops import ConstraintViolation, Dialect, Ops, Sql
-from tests.support.infra import ensure_postgres, temporary_postgres_database
+from tests.support.infra import migrated_postgres
 
 
 @pytest.fixture
 async def db() -> AsyncIterator[Database]:
-    if not ensure_postgres():
-        pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432 and could not be started")
-    with temporary_postgres_database() as url:
-        database = Database(url)
-        await upgrade_to_head(database.engine)
+    async with migrated_postgres() as database:
         yield database
-        await database.dispose()
 
 
 def _record(db: Database, account: str, job_id: str, debit_id: int | None) -> Any:

@@ -9,10 +9,14 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hypereal.store.db import Database
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
@@ -107,3 +111,23 @@ def temporary_postgres_database() -> Iterator[str]:
         yield f"{base}/{name}"
     finally:
         run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@asynccontextmanager
+async def migrated_postgres() -> AsyncIterator[Database]:
+    """A :class:`Database` on a throwaway PostgreSQL database at the latest migration
+    (PostgreSQL started when down; the test fails when it cannot be)."""
+    import pytest
+
+    from hypereal.store.db import Database
+    from hypereal.store.migrate import upgrade_to_head
+
+    if not ensure_postgres():
+        pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432 and could not be started")
+    with temporary_postgres_database() as url:
+        database = Database(url)
+        await upgrade_to_head(database.engine)
+        try:
+            yield database
+        finally:
+            await database.dispose()

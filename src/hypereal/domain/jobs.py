@@ -126,33 +126,24 @@ def _debit_description(new: NewJob) -> str:
 
 
 def _submit_op(d: Dialect, job_id: str, new: NewJob, by: ledger.Spender) -> Ops[JobView]:
+    pg_submit: dict[str, Any] | None = None
+    debit_entry_id: int | None = None
     if d.pg and not by.budgeted:  # the debit and the job row in one statement
-        return (
-            yield from _insert_job(
-                pg_submit=dict(
-                    amount=new.credits,
-                    reference=job_id,
-                    description=_debit_description(new),
-                    created_at=utcnow(),
-                    key_id=by.key_id,
-                ),
-                job_id=job_id,
-                account_id=new.account_id,
-                type=new.type,
-                model=new.model,
-                state="queued",
-                input=new.input,
-                credits=new.credits,
-                debit_entry_id=None,
-                media=new.media,
-                webhook_url=new.webhook_url,
-            )
+        pg_submit = dict(
+            amount=new.credits,
+            reference=job_id,
+            description=_debit_description(new),
+            created_at=utcnow(),
+            key_id=by.key_id,
         )
-    entry = yield from ledger.debit_op(
-        d, new.account_id, new.credits, job_id, _debit_description(new), by
-    )
+    else:
+        entry = yield from ledger.debit_op(
+            d, new.account_id, new.credits, job_id, _debit_description(new), by
+        )
+        debit_entry_id = entry.id
     return (
         yield from _insert_job(
+            pg_submit=pg_submit,
             job_id=job_id,
             account_id=new.account_id,
             type=new.type,
@@ -160,7 +151,7 @@ def _submit_op(d: Dialect, job_id: str, new: NewJob, by: ledger.Spender) -> Ops[
             state="queued",
             input=new.input,
             credits=new.credits,
-            debit_entry_id=entry.id,
+            debit_entry_id=debit_entry_id,
             media=new.media,
             webhook_url=new.webhook_url,
         )
