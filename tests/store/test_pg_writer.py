@@ -165,3 +165,40 @@ async def test_job_submissions_debit_and_insert_in_one_statement_exactly(db: Dat
         assert entry.reference == job.id and entry.amount == -7
     assert await ledger.balance(db, account) == 100 % 7
     assert await ledger.ledger_sum(db, account) == 100 % 7
+
+
+async def test_a_group_lost_midway_keeps_the_results_of_the_groups_committed_before_it(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each group commits on its own: when the connection fails on a later group, the callers
+    of an earlier one still get their (committed) debits, never an error for a write that
+    stands; only the operations not yet run fail."""
+    import asyncpg
+
+    account = await keys.create_account(db, "midway")
+    await ledger.grant(db, account, 30)
+    fetchmany = asyncpg.Connection.fetchmany
+
+    async def failing(self: asyncpg.Connection, query: str, args: Any, **kw: Any) -> Any:
+        if query.startswith("INSERT INTO jobs"):
+            raise asyncpg.InterfaceError("connection lost")
+        return await fetchmany(self, query, args, **kw)
+
+    monkeypatch.setattr(asyncpg.Connection, "fetchmany", failing)
+    results = await asyncio.gather(
+        ledger.debit(db, account, 10, reference="m1", description="d"),
+        ledger.debit(db, account, 10, reference="m2", description="d"),
+        _record(db, account, "res_lost", None),
+        return_exceptions=True,
+    )
+    monkeypatch.undo()
+    assert sorted(r.balance_after for r in results[:2]) == [10, 20]  # type: ignore[union-attr]
+    assert isinstance(results[2], asyncpg.InterfaceError)
+    assert await ledger.balance(db, account) == 10
+    assert await ledger.ledger_sum(db, account) == 10
+    assert await db.read(_job_count, account) == 0
+
+
+def _job_count(_: Dialect, account: str) -> Ops[int]:
+    row = yield Sql.one("SELECT count(*) FROM jobs WHERE account_id = :id", id=account)
+    return int(row[0])

@@ -279,9 +279,15 @@ class PgStore:
         pool = await self.pool()
         async with pool.acquire() as conn:
             outcomes: list[tuple[bool, Any] | None] = [None] * len(batch)
-            alone = await self._run_grouped(conn, batch, outcomes)
-            if alone:
-                await self._run_in_transaction(conn, batch, alone, outcomes)
+            try:
+                alone = await self._run_grouped(conn, batch, outcomes)
+                if alone:
+                    await self._run_in_transaction(conn, batch, alone, outcomes)
+            except Exception as exc:  # e.g. the connection is lost midway
+                # A group that committed before keeps its results (its callers' writes
+                # stand: a debit must reach its caller, to be refunded if need be); the
+                # operations not yet answered fail.
+                outcomes = [(False, exc) if outcome is None else outcome for outcome in outcomes]
             finished = [outcome for outcome in outcomes if outcome is not None]
             assert len(finished) == len(batch)
             return finished
