@@ -84,6 +84,18 @@ def _chain(done: asyncio.Future[Any], future: asyncio.Future[Any]) -> None:
         future.set_result(done.result())
 
 
+async def _fetch_group(conn: Any, text: str, statements: list[Sql]) -> list[Any]:
+    """Run one :meth:`Sql.last` statement for each of ``statements`` (its parameters) in one
+    pipelined round trip; their rows, in order."""
+    statement = _PgStatement.of(text)
+    rows: list[Any] = await conn.fetchmany(
+        statement.text, [[sql.params[name] for name in statement.names] for sql in statements]
+    )
+    if len(rows) != len(statements):  # a Sql.last that broke its contract
+        raise AssertionError(f"{len(rows)} rows for {len(statements)} of {text!r}")
+    return rows
+
+
 async def _finish(conn: Any, ops: Ops[T], row: Any) -> tuple[bool, Any]:
     """Send an operation its grouped statement's (committed) row and run what it yields
     after it (reads, see :meth:`Sql.last`) one statement at a time."""
@@ -208,7 +220,6 @@ class PgStore:
             pool = await self.pool()
             async with pool.acquire() as conn:
                 for text, members in groups.items():
-                    statement = _PgStatement.of(text)
                     live = [member for member in members if not member[3].done()]
                     for member in members:
                         if member[3].done():  # the caller went away
@@ -216,18 +227,13 @@ class PgStore:
                     if not live:
                         continue
                     try:
-                        rows = await conn.fetchmany(
-                            statement.text,
-                            [[sql.params[name] for name in statement.names] for *_, sql, _ in live],
-                        )
+                        rows = await _fetch_group(conn, text, [sql for *_, sql, _ in live])
                     except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                         log.debug("grouped read of %d failed (%s); one by one", len(live), exc)
                         for operation, ops, _, future in live:
                             ops.close()
                             self._finish_alone(operation, future)
                         continue
-                    if len(rows) != len(live):  # a Sql.last that broke its contract
-                        raise AssertionError(f"{len(rows)} rows for {len(live)} of {text!r}")
                     for (_, ops, _, future), row in zip(live, rows, strict=True):
                         ok, value = await _finish(conn, ops, row)
                         _resolve([(future, ok, value)])
@@ -321,20 +327,14 @@ class PgStore:
                 ops.close()
                 others.append(position)
         for text, members in groups.items():
-            statement = _PgStatement.of(text)
             try:
-                rows = await conn.fetchmany(
-                    statement.text,
-                    [[sql.params[name] for name in statement.names] for _, _, sql in members],
-                )
+                rows = await _fetch_group(conn, text, [sql for _, _, sql in members])
             except asyncpg.PostgresError as exc:  # all rolled back: each alone, below
                 log.debug("group of %d rolled back (%s); one by one", len(members), exc)
                 for _, ops, _ in members:
                     ops.close()
                 others.extend(position for position, _, _ in members)
                 continue
-            if len(rows) != len(members):  # a Sql.last that broke its contract
-                raise AssertionError(f"{len(rows)} rows for {len(members)} of {text!r}")
             for (position, ops, _), row in zip(members, rows, strict=True):
                 outcomes[position] = await _finish(conn, ops, row)
         return sorted(others)
