@@ -90,6 +90,7 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        framed = False  # the body's length is declared, and the HTTP server holds it to that
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
@@ -99,6 +100,13 @@ class BodyLimitMiddleware:
                 if declared > self.max_bytes:
                     await self._too_large()(scope, receive, send)
                     return
+                framed = True
+            elif name == b"transfer-encoding":
+                framed = False
+                break
+        if framed:  # no more than the declared length can arrive: nothing to count
+            await self.app(scope, receive, send)
+            return
         received = 0
         exceeded = False
         started = False

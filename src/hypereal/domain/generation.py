@@ -34,6 +34,7 @@ from hypereal.media.sniff import sniff_content_type
 from hypereal.media.store import MediaStore, new_media_key
 from hypereal.settings import Settings
 from hypereal.store.db import Database
+from hypereal.store.writer import ConstraintViolation
 
 if TYPE_CHECKING:
     from hypereal.domain.model_backends import ModelBackends, Resolved
@@ -113,24 +114,46 @@ class Charge:
         """Charge ``used`` credits (all of the reservation when None), refund the rest;
         returns the credits charged. Safe to call again and concurrently."""
         if self._settling is None:
-            self._settling = asyncio.ensure_future(self._settle(used, note))
+            self._settling = self._begin(used, note)
+        # The refund is queued to the writer, which commits it whatever happens to the
+        # callers: a caller cancelled while it waits leaves the refund standing.
         return await asyncio.shield(self._settling)
 
     async def refund(self, *, note: str | None = None) -> int:
         """Refund the whole reservation (nothing was delivered)."""
         return await self.settle(0, note=note or f"{self.label} failed")
 
-    async def _settle(self, used: int | None, note: str | None) -> int:
+    def _begin(self, used: int | None, note: str | None) -> asyncio.Future[int]:
+        """Decide the charge and queue its refund; the future has the credits charged once
+        the refund committed. No task: the writer's own future carries it."""
         actual = self.reserved if used is None else max(0, min(self.reserved, used))
-        if actual < self.reserved:
-            await ledger.refund(
-                self.db,
-                self.entry_id,
-                amount=self.reserved - actual,
-                description=note or f"{self.label}: settled at {actual} of {self.reserved}",
-            )
-        self.used = actual
-        return actual
+        settled: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if actual >= self.reserved:
+            self.used = actual
+            settled.set_result(actual)
+            return settled
+        write = self.db.submit(
+            ledger.refund_op,
+            self.entry_id,
+            self.reserved - actual,
+            note or f"{self.label}: settled at {actual} of {self.reserved}",
+        )
+
+        def committed(write: asyncio.Future[ledger.Entry | None]) -> None:
+            if write.cancelled():  # the writer shut down before running it
+                settled.cancel()
+                return
+            failure = write.exception()
+            # A refund of this debit committed by someone else (the unique refund_of) is
+            # the same outcome: refunded once.
+            if failure is None or isinstance(failure, ConstraintViolation):
+                self.used = actual
+                settled.set_result(actual)
+            else:
+                settled.set_exception(failure)
+
+        write.add_done_callback(committed)
+        return settled
 
 
 @dataclass(frozen=True)
