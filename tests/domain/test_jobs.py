@@ -1,10 +1,12 @@
-"""The job state machine on its own (``domain/jobs.py``), on a real SQLite database: submit
+"""The job state machine on its own (``domain/jobs.py``), on a real SQLite database and on a
+real PostgreSQL database (where claims and hand-overs take the model's advisory lock): submit
 debits, claim takes a free slot of the model or parks the job, each end is reached once,
 failures and cancels refund exactly once, a parked job is handed the slot an ending job
 frees, and leases expire into a re-queue."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,14 +17,19 @@ from hypereal.domain import jobs, keys, ledger
 from hypereal.domain.errors import Conflict, InsufficientCredits, JobNotFound
 from hypereal.store.db import Database
 from hypereal.store.migrate import upgrade_to_head
+from tests.support.infra import migrated_postgres
 
 
-@pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}")
-    await upgrade_to_head(database.engine)
-    yield database
-    await database.dispose()
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    if request.param == "sqlite":
+        database = Database(f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}")
+        await upgrade_to_head(database.engine)
+        yield database
+        await database.dispose()
+        return
+    async with migrated_postgres() as database:
+        yield database
 
 
 async def account(db: Database, credits: int = 100) -> str:
@@ -217,3 +224,78 @@ async def test_webhook_payload_of_an_ended_job(db: Database) -> None:
         "creditsUsed": 0,
         "error": "boom",
     }
+
+
+async def test_concurrent_claims_from_three_writers_fill_exactly_the_slots() -> None:
+    """PostgreSQL: claims of one model sent at once by three writers (as three worker
+    processes would, each committing its claims in one batch transaction that takes the
+    model's lock after its other statements) take exactly the model's slots; every other job
+    is parked, and each end hands its slot to one parked job."""
+    async with migrated_postgres() as first:
+        others = [Database(first.url), Database(first.url)]
+        try:
+            owner = await account(first, credits=1000)
+            queued = [await submit(first, owner) for _ in range(30)]
+            writers = [first, *others]
+            outcomes = await asyncio.gather(
+                *(
+                    jobs.claim_job(
+                        writers[i % 3], job.id, f"w{i % 3}", concurrency=4, lease_seconds=60
+                    )
+                    for i, job in enumerate(queued)
+                )
+            )
+            claimed = [o.job for o in outcomes if o.outcome == "claimed"]
+            assert len(claimed) == 4
+            assert sum(o.outcome == "busy" for o in outcomes) == 26
+            ended = [
+                await jobs.complete_job(
+                    first, job.id, job.worker_id or "", output_url="u", output_key="k", result=None
+                )
+                for job in claimed
+                if job is not None
+            ]
+            handed = [e.next_job_id for e in ended if e is not None]
+            assert len(handed) == 4 and len(set(handed)) == 4 and None not in handed
+            again = await asyncio.gather(
+                *(
+                    claim(writers[i % 3], job_id, f"w{i % 3}", limit=4)
+                    for i, job_id in enumerate(handed)
+                )
+            )
+            assert [o.outcome for o in again] == ["claimed"] * 4
+        finally:
+            for database in others:
+                await database.dispose()
+
+
+async def test_a_claim_waits_for_the_models_lock_that_an_ending_job_takes() -> None:
+    """PostgreSQL: a claim takes its model's advisory lock (the one the hand-over of an
+    ending job takes): while another transaction holds that lock, a claim of the model
+    waits, and it runs once the lock is let go."""
+    import asyncpg
+
+    async with migrated_postgres() as db:
+        owner = await account(db)
+        job = await submit(db, owner, model="vidéo-model")
+        holder = await asyncpg.connect(db.url.replace("postgresql+asyncpg://", "postgresql://"))
+        try:
+            lock = holder.transaction()
+            await lock.start()
+            await holder.execute(
+                "SELECT pg_advisory_xact_lock($1)", jobs._model_lock_key("vidéo-model")
+            )
+            waiting = asyncio.ensure_future(claim(db, job.id))
+            for _ in range(200):  # until the claim is seen waiting on the advisory lock
+                waiters = await holder.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND wait_event = 'advisory' AND datname = current_database()"
+                )
+                if waiters:
+                    break
+                await asyncio.sleep(0.025)
+            assert waiters == 1 and not waiting.done()
+            await lock.commit()
+            assert (await waiting).outcome == "claimed"
+        finally:
+            await holder.close()

@@ -202,3 +202,53 @@ async def test_a_group_lost_midway_keeps_the_results_of_the_groups_committed_bef
 def _job_count(_: Dialect, account: str) -> Ops[int]:
     row = yield Sql.one("SELECT count(*) FROM jobs WHERE account_id = :id", id=account)
     return int(row[0])
+
+
+def _traced(_: Dialect, label: str, key: int | None) -> Ops[str]:
+    """A plain operation that writes its steps, in the order they run, to ``trace``; with a
+    ``key``, it takes that advisory lock between its two steps (a ``Sql.lock``)."""
+    step = "INSERT INTO trace (label) VALUES (:label)"
+    yield Sql.run(step, label=f"{label}:before")
+    if key is not None:
+        yield Sql.lock("SELECT pg_advisory_xact_lock(:key)", key=key)
+    yield Sql.run(step, label=f"{label}:after")
+    held = yield Sql.one(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+    )
+    return f"{label}:{held[0]}"
+
+
+async def test_a_batch_takes_its_locks_after_its_other_statements_in_key_order(
+    db: Database,
+) -> None:
+    """In a batch's transaction the statements before each operation's lock run first, then
+    the locks (sorted by key, the same key once) with what follows each, so a lock is held
+    for the statements that need it and the commit only; every operation still gets its
+    result, and all of it commits."""
+    async with db.engine.begin() as conn:
+        await conn.exec_driver_sql(
+            "CREATE TABLE trace (seq bigserial PRIMARY KEY, label text NOT NULL)"
+        )
+    futures = [
+        db.submit(_traced, "a", 7),
+        db.submit(_traced, "b", None),
+        db.submit(_traced, "c", 3),
+        db.submit(_traced, "d", 7),
+    ]
+    results = await asyncio.gather(*futures)
+    # a and d share the lock of key 7 (held once), c takes key 3: two locks held at the end.
+    assert results == ["a:2", "b:0", "c:1", "d:2"]
+    async with db.engine.connect() as conn:
+        labels = [
+            row[0] for row in await conn.exec_driver_sql("SELECT label FROM trace ORDER BY seq")
+        ]
+    assert labels == [
+        "a:before",
+        "b:before",
+        "b:after",  # no lock: runs through in its turn
+        "c:before",
+        "d:before",
+        "c:after",  # key 3 before key 7
+        "a:after",
+        "d:after",
+    ]

@@ -273,10 +273,11 @@ def _model_lock_key(model: str) -> int:
 
 
 def _lock_model(d: Dialect, model: str) -> Ops[None]:
-    """PostgreSQL: serialise claims and hand-overs of one model's slots (held to commit);
-    SQLite's writers are serial already."""
+    """PostgreSQL: serialise claims and hand-overs of one model's slots (held to commit; a
+    batch takes it after its other statements, see ``Sql.lock``); SQLite's writers are
+    serial already."""
     if d.pg:
-        yield Sql.one("SELECT pg_advisory_xact_lock(:key)", key=_model_lock_key(model))
+        yield Sql.lock("SELECT pg_advisory_xact_lock(:key)", key=_model_lock_key(model))
 
 
 # ``id = :id AND state || '' = 'queued'``: the primary key finds the row and the state is only

@@ -29,6 +29,7 @@ class Sql:
     params: dict[str, Any] = field(default_factory=dict)
     fetch: Fetch = "all"
     final: bool = False
+    takes_lock: bool = False
 
     @classmethod
     def one(cls, text: str, **params: Any) -> Sql:
@@ -49,6 +50,20 @@ class Sql:
         the rows map back to their operations; statements the operation yields after it run
         after that commit, so they must only read. SQLite runs it like any other."""
         return cls(text, params, "one", True)
+
+    @classmethod
+    def lock(cls, text: str, **params: Any) -> Sql:
+        """A transaction-scoped lock (``pg_advisory_xact_lock``), held to the commit.
+
+        In a write batch's transaction the PostgreSQL store runs the operation up to this
+        statement, then the other operations of the batch, and only then the locks (in the
+        order of their parameters, so that two batches never wait on each other's locks) and
+        what each operation yields after its lock: the lock is held for the statements that
+        need it and the commit, not across the round trips of the whole batch. The same lock
+        asked for again in that transaction is not taken twice. So the operation must not
+        count on statements of its own after the lock running right after those before it,
+        only on what the lock guards. The result is None; SQLite runs it like any other."""
+        return cls(text, params, "none", takes_lock=True)
 
     @classmethod
     def all(cls, text: str, **params: Any) -> Sql:

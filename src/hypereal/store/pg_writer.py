@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from hypereal.store.ops import (
@@ -64,6 +65,57 @@ async def _drive_async(conn: Any, operation: Callable[[], Ops[T]]) -> T:
         statement = next(ops)
         while True:
             statement = ops.send(await _pg_execute(conn, statement))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    finally:
+        ops.close()
+
+
+@dataclass(frozen=True)
+class _Paused:
+    """An operation of a batch's transaction stopped at its first :meth:`Sql.lock`."""
+
+    ops: Ops[Any]
+    lock: Sql
+
+
+async def _drive_to_lock(conn: Any, operation: Callable[[], Ops[T]]) -> T | _Paused:
+    """Run ``operation`` until it ends (its value) or yields a :meth:`Sql.lock` (paused
+    there, to be finished by :func:`_resume` once the batch's other statements ran)."""
+    ops = operation()
+    try:
+        statement = next(ops)
+        while not statement.takes_lock:
+            statement = ops.send(await _pg_execute(conn, statement))
+    except StopIteration as done:
+        ops.close()
+        return done.value  # type: ignore[no-any-return]
+    except BaseException:
+        ops.close()
+        raise
+    return _Paused(ops, statement)
+
+
+def _lock_order(lock: Sql) -> tuple[str, tuple[Any, ...]]:
+    return lock.text, tuple(sorted(lock.params.items()))
+
+
+async def _resume(
+    conn: Any, ops: Ops[T], statement: Sql, taken: set[tuple[str, tuple[Any, ...]]]
+) -> T:
+    """Finish a paused operation from its lock on; a lock already in ``taken`` (this
+    transaction holds it) is not asked for again."""
+    try:
+        while True:
+            result = None
+            if statement.takes_lock:
+                key = _lock_order(statement)
+                if key not in taken:
+                    await _pg_execute(conn, statement)
+                    taken.add(key)
+            else:
+                result = await _pg_execute(conn, statement)
+            statement = ops.send(result)
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
     finally:
@@ -350,17 +402,33 @@ class PgStore:
 
         if len(positions) > 1:
             try:
-                done: list[tuple[bool, Any]] = []
+                done: dict[int, tuple[bool, Any]] = {}
+                waiting: list[tuple[int, Ops[Any], Sql]] = []  # paused at a Sql.lock
                 async with conn.transaction():
                     for position in positions:
                         try:
-                            done.append((True, await _drive_async(conn, batch[position][0])))
+                            paused = await _drive_to_lock(conn, batch[position][0])
                         except asyncpg.PostgresError:
                             raise  # the transaction is aborted: re-run one by one
                         except Exception as exc:  # a domain error, raised before writing
-                            done.append((False, exc))
-                for position, outcome in zip(positions, done, strict=True):
-                    outcomes[position] = outcome
+                            done[position] = (False, exc)
+                            continue
+                        if isinstance(paused, _Paused):
+                            waiting.append((position, paused.ops, paused.lock))
+                        else:
+                            done[position] = (True, paused)
+                    # The locks last, in one order (see Sql.lock), each taken once.
+                    waiting.sort(key=lambda entry: _lock_order(entry[2]))
+                    taken: set[tuple[str, tuple[Any, ...]]] = set()
+                    for position, ops, lock in waiting:
+                        try:
+                            done[position] = (True, await _resume(conn, ops, lock, taken))
+                        except asyncpg.PostgresError:
+                            raise
+                        except Exception as exc:
+                            done[position] = (False, exc)
+                for position in positions:
+                    outcomes[position] = done[position]
                 return
             except asyncpg.PostgresError as exc:
                 log.debug("group commit of %d rolled back (%s); one by one", len(positions), exc)
