@@ -17,7 +17,7 @@ from hypereal.domain.errors import InsufficientCredits
 from hypereal.store.db import Database
 from hypereal.store.migrate import upgrade_to_head
 from hypereal.store.models import Account
-from hypereal.store.ops import Dialect, Ops, Sql
+from hypereal.store.ops import ConstraintViolation, Dialect, Ops, Sql
 from hypereal.store.sqlite_writer import WriteLock
 from hypereal.store.writer import connect_sqlite
 
@@ -163,3 +163,37 @@ async def test_datetimes_written_by_the_writer_read_back_through_sqlalchemy(db: 
         lambda _: (yield Sql.one("SELECT created_at FROM accounts WHERE id = :id", id=account))
     )
     assert raw[0] == "2026-03-04 04:06:07.000089"  # SQLAlchemy's own SQLite format
+
+
+def _rename_then(_: Dialect, account: str, name: str, then: str) -> Ops[str]:
+    """Renames the account, then: ``ok``, a domain error (``raise``) or a database error
+    (``duplicate``: the accounts' primary key) after that write."""
+    yield Sql.run("UPDATE accounts SET name = :name WHERE id = :id", name=name, id=account)
+    if then == "raise":
+        raise ValueError("changed its mind after writing")
+    if then == "duplicate":
+        yield Sql.run(
+            "INSERT INTO accounts (id, name, balance, created_at) "
+            "SELECT id, name, balance, created_at FROM accounts WHERE id = :id",
+            id=account,
+        )
+    return name
+
+
+@pytest.mark.parametrize("then", ["raise", "duplicate"])
+async def test_an_operation_failing_after_a_write_is_undone_alone(db: Database, then: str) -> None:
+    """A batch runs without a savepoint per operation; an operation that fails after writing
+    (a database error, or a domain error against the contract) has its writes undone while
+    the batch's other operations commit and answer their callers."""
+    first, second, third = [await keys.create_account(db, f"a{i}") for i in range(3)]
+    results = await asyncio.gather(
+        db.write(_rename_then, first, "one", "ok"),
+        db.write(_rename_then, second, "two", then),
+        db.write(_rename_then, third, "three", "ok"),
+        return_exceptions=True,
+    )
+    assert results[0] == "one" and results[2] == "three"
+    assert isinstance(results[1], ValueError if then == "raise" else ConstraintViolation)
+    async with db.session() as session:
+        names = dict((await session.execute(select(Account.id, Account.name))).all())
+    assert (names[first], names[second], names[third]) == ("one", "a1", "three")

@@ -269,15 +269,7 @@ class SqliteWriter:
                     return [(False, _sqlite_error(exc))]
                 conn.execute("COMMIT")
                 return [outcome]
-            outcomes: list[tuple[bool, Any]] = []
-            for pending in batch:
-                conn.execute("SAVEPOINT op")
-                try:
-                    outcomes.append((True, _drive_sync(conn, pending.operation)))
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
-                    outcomes.append((False, _sqlite_error(exc)))
-                conn.execute("RELEASE op")
+            outcomes = self._run_batch(conn, batch)
             conn.execute("COMMIT")
             return outcomes
         except Exception as exc:  # the commit itself failed (I/O, lock timeout)
@@ -286,6 +278,41 @@ class SqliteWriter:
             log.warning("SQLite group commit of %d operations failed: %s", len(batch), exc)
             error = _sqlite_error(exc)
             return [(False, error) for _ in batch]
+
+    @staticmethod
+    def _run_batch(conn: sqlite3.Connection, batch: list[_Pending]) -> list[tuple[bool, Any]]:
+        """Run ``batch`` in the open transaction: every operation's outcome.
+
+        An operation raises a domain error before its first write (the writer's contract),
+        so the batch runs without a savepoint per operation; one whose failure left writes
+        behind (a database error, or a domain error after a write: ``total_changes`` moved)
+        sends the batch back to its start and runs it again with a savepoint around each
+        operation, so that only that operation's writes are undone."""
+        outcomes: list[tuple[bool, Any]] = []
+        conn.execute("SAVEPOINT batch")
+        for pending in batch:
+            before = conn.total_changes
+            try:
+                outcomes.append((True, _drive_sync(conn, pending.operation)))
+            except Exception as exc:
+                if isinstance(exc, sqlite3.Error) or conn.total_changes != before:
+                    break
+                outcomes.append((False, _sqlite_error(exc)))
+        else:
+            conn.execute("RELEASE batch")
+            return outcomes
+        conn.execute("ROLLBACK TO batch")
+        outcomes = []
+        for pending in batch:
+            conn.execute("SAVEPOINT op")
+            try:
+                outcomes.append((True, _drive_sync(conn, pending.operation)))
+            except Exception as exc:
+                conn.execute("ROLLBACK TO op")
+                outcomes.append((False, _sqlite_error(exc)))
+            conn.execute("RELEASE op")
+        conn.execute("RELEASE batch")
+        return outcomes
 
     @staticmethod
     def _deliver(batch: list[_Pending], outcomes: list[tuple[bool, Any]]) -> None:
