@@ -8,8 +8,6 @@ from taskiq import AsyncBroker
 
 from hypereal.settings import Settings
 
-# A killed worker can leave the stream's auto-claim lock behind; it expires after this.
-AUTOCLAIM_LOCK_SECONDS = 10
 # Messages read from the stream at once: a worker takes a batch per round trip.
 XREAD_COUNT = 32
 
@@ -19,15 +17,14 @@ def build_broker(settings: Settings) -> AsyncBroker:
     machines). Raises ValueError without a ``broker_url``."""
     if not settings.broker_url:
         raise ValueError("the Redis broker needs HYPEREAL_BROKER_URL")
-    from taskiq_redis import RedisStreamBroker
+    from hypereal.engine.redis_stream import DoorbellStreamBroker
 
-    broker: AsyncBroker = RedisStreamBroker(
+    broker: AsyncBroker = DoorbellStreamBroker(
         settings.broker_url,
         queue_name=settings.broker_queue,
         consumer_group_name=settings.broker_queue,
-        # Messages are acknowledged on receipt: a lost one is re-sent from the database
+        # Messages are acknowledged as they are read: a lost one is re-sent from the database
         # (see Engine.maintain), never by the stream, so there is one redelivery mechanism.
-        unacknowledged_lock_timeout=AUTOCLAIM_LOCK_SECONDS,
         xread_block=1000,
         # A batch per read, no more than the worker runs at once: a job it reads but cannot
         # start waits in its process, and one whose model is busy is parked in the database

@@ -22,8 +22,9 @@ bad operation fails only its own caller.
 
 - SQLite: the operations of one event-loop turn are committed at the end of that turn on the
   loop's thread (``BEGIN IMMEDIATE`` ... ``COMMIT``; a failure that left writes behind
-  runs the batch again with a savepoint per operation), by a connection that never waits; when the lock is taken, the batch goes to a writer thread
-  that waits for it (:class:`SqliteWriter`). Other processes on the same file meet SQLite's
+  runs the batch again with a savepoint per operation), by a connection that never waits;
+  when the lock is taken, the batch goes to a writer thread that waits for it
+  (:class:`SqliteWriter`). Other processes on the same file meet SQLite's
   file lock and busy timeout, so several API processes never overdraw: every debit is a
   conditional ``UPDATE`` inside an immediate transaction.
 - PostgreSQL: the writer is a task on the event loop with an asyncpg connection; a debit is
