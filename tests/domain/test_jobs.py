@@ -16,19 +16,12 @@ from hypereal.domain import job_maintenance as maintenance
 from hypereal.domain import jobs, keys, ledger
 from hypereal.domain.errors import Conflict, InsufficientCredits, JobNotFound
 from hypereal.store.db import Database
-from hypereal.store.migrate import upgrade_to_head
-from tests.support.infra import migrated_postgres
+from tests.support.infra import migrated_database, migrated_postgres
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
-    if request.param == "sqlite":
-        database = Database(f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}")
-        await upgrade_to_head(database.engine)
-        yield database
-        await database.dispose()
-        return
-    async with migrated_postgres() as database:
+    async with migrated_database(request.param, tmp_path) as database:
         yield database
 
 

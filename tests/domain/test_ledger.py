@@ -13,19 +13,12 @@ from hypereal.domain import keys, ledger
 from hypereal.domain.errors import BadRequest, InsufficientCredits
 from hypereal.services import Services
 from hypereal.store.db import Database
-from hypereal.store.migrate import upgrade_to_head
-from tests.support.infra import migrated_postgres
+from tests.support.infra import migrated_database
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
-    if request.param == "sqlite":
-        database = Database(f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}")
-        await upgrade_to_head(database.engine)
-        yield database
-        await database.dispose()
-        return
-    async with migrated_postgres() as database:
+    async with migrated_database(request.param, tmp_path) as database:
         yield database
 
 

@@ -114,6 +114,25 @@ def temporary_postgres_database() -> Iterator[str]:
 
 
 @asynccontextmanager
+async def migrated_database(kind: str, folder: Path) -> AsyncIterator[Database]:
+    """A :class:`Database` at the latest migration: ``"sqlite"``, a file in ``folder``, or
+    ``"postgresql"``, a throwaway database (see :func:`migrated_postgres`)."""
+    if kind == "postgresql":
+        async with migrated_postgres() as database:
+            yield database
+        return
+    from hypereal.store.db import Database
+    from hypereal.store.migrate import upgrade_to_head
+
+    database = Database(f"sqlite+aiosqlite:///{folder / 'hypereal.db'}")
+    await upgrade_to_head(database.engine)
+    try:
+        yield database
+    finally:
+        await database.dispose()
+
+
+@asynccontextmanager
 async def migrated_postgres() -> AsyncIterator[Database]:
     """A :class:`Database` on a throwaway PostgreSQL database at the latest migration
     (PostgreSQL started when down; the test fails when it cannot be)."""
