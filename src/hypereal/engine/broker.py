@@ -10,6 +10,11 @@ from hypereal.settings import Settings
 
 # Messages read from the stream at once: a worker takes a batch per round trip.
 XREAD_COUNT = 32
+# The stream keeps about this many messages (trimmed as messages are added, ``MAXLEN ~``):
+# read messages are never looked at again, and one trimmed before it was read is a lost
+# doorbell, which the database re-sends (Engine.maintain). Without a bound, every job ever
+# submitted stayed in Redis's memory.
+STREAM_MAXLEN = 100_000
 
 
 def build_broker(settings: Settings) -> AsyncBroker:
@@ -30,5 +35,7 @@ def build_broker(settings: Settings) -> AsyncBroker:
         # start waits in its process, and one whose model is busy is parked in the database
         # for whichever worker frees a slot.
         xread_count=min(XREAD_COUNT, max(1, settings.worker_concurrency)),
+        maxlen=STREAM_MAXLEN,
+        approximate=True,
     )
     return broker
