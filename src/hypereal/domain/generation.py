@@ -34,7 +34,6 @@ from hypereal.media.sniff import sniff_content_type
 from hypereal.media.store import MediaStore, new_media_key
 from hypereal.settings import Settings
 from hypereal.store.db import Database
-from hypereal.store.writer import ConstraintViolation
 
 if TYPE_CHECKING:
     from hypereal.domain.model_backends import ModelBackends, Resolved
@@ -125,34 +124,30 @@ class Charge:
 
     def _begin(self, used: int | None, note: str | None) -> asyncio.Future[int]:
         """Decide the charge and queue its refund; the future has the credits charged once
-        the refund committed. No task: the writer's own future carries it."""
+        the refund committed (no task: the writer's own future carries it)."""
         actual = self.reserved if used is None else max(0, min(self.reserved, used))
         settled: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        if actual >= self.reserved:
+        if actual >= self.reserved:  # nothing to refund: settled now
             self.used = actual
             settled.set_result(actual)
             return settled
-        write = self.db.submit(
-            ledger.refund_op,
+        refunded = ledger.submit_refund(
+            self.db,
             self.entry_id,
             self.reserved - actual,
             note or f"{self.label}: settled at {actual} of {self.reserved}",
         )
 
-        def committed(write: asyncio.Future[ledger.Entry | None]) -> None:
-            if write.cancelled():  # the writer shut down before running it
+        def done(refunded: asyncio.Future[ledger.Entry | None]) -> None:
+            if refunded.cancelled():
                 settled.cancel()
-                return
-            failure = write.exception()
-            # A refund of this debit committed by someone else (the unique refund_of) is
-            # the same outcome: refunded once.
-            if failure is None or isinstance(failure, ConstraintViolation):
+            elif refunded.exception() is not None:
+                settled.set_exception(refunded.exception())  # type: ignore[arg-type]
+            else:
                 self.used = actual
                 settled.set_result(actual)
-            else:
-                settled.set_exception(failure)
 
-        write.add_done_callback(committed)
+        refunded.add_done_callback(done)
         return settled
 
 

@@ -372,12 +372,31 @@ async def refund(
     is 0). The unique ``refund_of`` column makes a second refund of one debit impossible,
     also when two workers race.
     """
-    if amount == 0:
-        return None  # nothing to give back (a chat turn that used all it reserved)
-    try:
-        return await db.write(refund_op, debit_entry_id, amount, description)
-    except ConstraintViolation:
-        return None
+    return await asyncio.shield(submit_refund(db, debit_entry_id, amount, description))
+
+
+def submit_refund(
+    db: Database, debit_entry_id: int, amount: int | None, description: str
+) -> asyncio.Future[Entry | None]:
+    """:func:`refund` queued to the writer, no task: the future has its answer. The refund
+    commits whatever happens to those awaiting it."""
+    refunded: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
+    if amount == 0:  # nothing to give back (a chat turn that used all it reserved)
+        refunded.set_result(None)
+        return refunded
+
+    def written(write: asyncio.Future[Entry | None]) -> None:
+        if write.cancelled():  # the writer shut down before running it
+            refunded.cancel()
+        elif write.exception() is None:
+            refunded.set_result(write.result())
+        elif isinstance(write.exception(), ConstraintViolation):
+            refunded.set_result(None)  # refunded already, by someone else
+        else:
+            refunded.set_exception(write.exception())  # type: ignore[arg-type]
+
+    db.submit(refund_op, debit_entry_id, amount, description).add_done_callback(written)
+    return refunded
 
 
 async def refund_in(
