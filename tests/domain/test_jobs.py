@@ -100,6 +100,58 @@ async def test_a_full_model_parks_the_job_and_an_ending_job_hands_over_its_slot(
     assert (await claim(db, waiting.id)).outcome == "claimed"
 
 
+async def test_an_ending_job_takes_the_oldest_parked_job_for_its_worker(db: Database) -> None:
+    owner = await account(db)
+    running, first, second = [await submit(db, owner) for _ in range(3)]
+    assert (await claim(db, running.id)).outcome == "claimed"
+    assert [(await claim(db, job.id)).outcome for job in (first, second)] == ["busy", "busy"]
+    taker = jobs.Taker("w1", lease_seconds=60, concurrency=1)
+    ended = await jobs.complete_job(
+        db, running.id, "w1", output_url="u", output_key="k", result=None, take_next=taker
+    )
+    assert ended is not None and ended.next_job_id is None  # claimed, not sent
+    assert ended.taken is not None and ended.taken.id == first.id  # the oldest parked job
+    assert (ended.taken.state, ended.taken.worker_id, ended.taken.attempts) == (
+        "processing",
+        "w1",
+        1,
+    )
+    assert await jobs.load_job(db, first.id) == ended.taken
+    assert (await claim(db, first.id, "w2")).outcome == "gone"  # a late message finds it taken
+    # A failure takes the next one the same way; its refund commits with it.
+    failed = await jobs.fail_job(db, first.id, "boom", worker_id="w1", take_next=taker)
+    assert failed is not None and failed.job.refund_entry_id is not None
+    assert failed.taken is not None and failed.taken.id == second.id
+    assert await ledger.balance(db, owner) == 80  # two charged, the failed one refunded
+
+
+async def test_a_taker_takes_no_job_beyond_the_models_slots(db: Database) -> None:
+    owner = await account(db)
+    a, b, parked = [await submit(db, owner) for _ in range(3)]
+    assert (await claim(db, a.id, "w1", limit=2)).outcome == "claimed"
+    assert (await claim(db, b.id, "w2", limit=2)).outcome == "claimed"
+    assert (await claim(db, parked.id, "w1", limit=2)).outcome == "busy"
+    # The slot count fell to 1 (configuration changed): w1's end frees no slot for the parked
+    # job while w2's job still runs, and w2's end then hands it over.
+    narrow = jobs.Taker("w1", lease_seconds=60, concurrency=1)
+    ended = await jobs.complete_job(
+        db, a.id, "w1", output_url="u", output_key="k", result=None, take_next=narrow
+    )
+    assert ended is not None and ended.taken is None and ended.next_job_id is None
+    parked_now = await jobs.load_job(db, parked.id)
+    assert parked_now is not None and parked_now.state == "queued"
+    ended = await jobs.complete_job(
+        db,
+        b.id,
+        "w2",
+        output_url="u",
+        output_key="k",
+        result=None,
+        take_next=jobs.Taker("w2", lease_seconds=60, concurrency=1),
+    )
+    assert ended is not None and ended.taken is not None and ended.taken.id == parked.id
+
+
 async def test_two_slots_run_two_jobs_of_a_model(db: Database) -> None:
     owner = await account(db)
     first, second, third = [await submit(db, owner) for _ in range(3)]
@@ -257,6 +309,27 @@ async def test_concurrent_claims_from_three_writers_fill_exactly_the_slots() -> 
                 )
             )
             assert [o.outcome for o in again] == ["claimed"] * 4
+            # Ends from the three writers at once, each taking the next parked job for its
+            # worker: four distinct jobs, the slots still exactly full.
+            taken = await asyncio.gather(
+                *(
+                    jobs.complete_job(
+                        writers[i % 3],
+                        o.job.id,
+                        f"w{i % 3}",
+                        output_url="u",
+                        output_key="k",
+                        result=None,
+                        take_next=jobs.Taker(f"w{i % 3}", lease_seconds=60, concurrency=4),
+                    )
+                    for i, o in enumerate(again)
+                    if o.job is not None
+                )
+            )
+            ids = {e.taken.id for e in taken if e is not None and e.taken is not None}
+            assert len(ids) == 4 and not ids & set(handed)
+            running = [await jobs.load_job(first, job.id) for job in queued if job.id not in handed]
+            assert sum(j is not None and j.state == "processing" for j in running) == 4
         finally:
             for database in others:
                 await database.dispose()

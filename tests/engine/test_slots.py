@@ -1,6 +1,7 @@
 """The engine's slot accounting on its own (a JobRunner on a real SQLite database, no HTTP, no
 queue): a model runs at most its slot count of jobs at once, the jobs over it are parked,
-and each job that ends hands its slot to the oldest parked job of its model."""
+and each job that ends hands its slot to the oldest parked job of its model, which the
+ending job's run claims in the end's transaction and runs next."""
 
 from __future__ import annotations
 
@@ -75,15 +76,16 @@ async def test_a_model_runs_at_most_its_slots_and_an_end_hands_its_slot_on(
     parked = [i for i, job in states.items() if job is not None and job.state == "queued"]
     assert len(running) == 3 and len(parked) == 2
 
-    CALLS.gate.set()  # the three running jobs finish
+    CALLS.gate.set()  # the three running jobs finish, and their runs take the parked two
     await asyncio.gather(*runs)
-    assert sorted(e.job.id for e in ended) == sorted(running)
-    handed_over = [e.next_job_id for e in ended if e.next_job_id is not None]
-    assert sorted(handed_over) == sorted(parked)  # each parked job got a freed slot, once
-
-    await asyncio.gather(*(runner.run(job_id, "test-gated-wide") for job_id in handed_over))
+    assert sorted(e.job.id for e in ended) == sorted(ids)
+    assert [e.next_job_id for e in ended] == [None] * 5  # no message: the enders took them
+    taken = [e.taken for e in ended if e.taken is not None]
+    # Each parked job was claimed once, by an ending job's run, in the slot it freed.
+    assert sorted(job.id for job in taken) == sorted(parked)
+    assert all((job.state, job.worker_id) == ("processing", "w-slots") for job in taken)
     for job_id in ids:
         job = await jobs.load_job(services.db, job_id)
-        assert job is not None and job.state == "completed"
+        assert job is not None and job.state == "completed" and job.attempts == 1
     assert CALLS.max_running == 3
     assert await ledger.balance(services.db, account) == 5  # five jobs charged, none twice

@@ -290,6 +290,12 @@ _RUNNING = (
     "(SELECT count(*) FROM jobs r WHERE r.model = :model AND r.state = 'processing' "
     "AND r.lease_until >= :now)"
 )
+# A queued job becomes ``worker``'s (the WHERE says which job and that its model has a slot).
+_CLAIM = (
+    "UPDATE jobs SET state = 'processing', worker_id = :worker, lease_until = :lease, "
+    "attempts = attempts + 1, started_at = coalesce(started_at, :now), progress = 0, "
+    "progress_message = NULL"
+)
 
 
 def _claim_op(
@@ -302,10 +308,7 @@ def _claim_op(
     yield from _lock_model(d, model)
     now = utcnow()
     row = yield Sql.one(
-        "UPDATE jobs SET state = 'processing', worker_id = :worker, lease_until = :lease, "
-        "attempts = attempts + 1, started_at = coalesce(started_at, :now), progress = 0, "
-        "progress_message = NULL "
-        f"WHERE id = :id AND state || '' = 'queued' AND {_RUNNING} < :limit RETURNING *",
+        f"{_CLAIM} WHERE id = :id AND state || '' = 'queued' AND {_RUNNING} < :limit RETURNING *",
         worker=worker_id,
         lease=now + timedelta(seconds=lease_seconds),
         now=now,
@@ -398,16 +401,30 @@ async def release_job(db: Database, job_id: str, worker_id: str) -> bool:
 
 
 @dataclass(frozen=True)
+class Taker:
+    """The worker ending its own job, ready to run the model's next parked job in the slot
+    that the end frees: that job is claimed for it in the end's transaction."""
+
+    worker_id: str
+    lease_seconds: float
+    concurrency: int
+
+
+@dataclass(frozen=True)
 class Ended:
     """A job that this call moved to a terminal state, its webhook delivery, if any, and
-    the parked job of its model that now takes its slot (to be put on the queue)."""
+    the parked job of its model that now takes its slot: ``next_job_id`` to be put on the
+    queue, or ``taken``, claimed already for the ending worker (see :class:`Taker`)."""
 
     job: JobView
     delivery_id: str | None
     next_job_id: str | None = None
+    taken: JobView | None = None
 
 
-def _end_op(d: Dialect, where: str, params: dict[str, Any], values: str) -> Ops[Ended | None]:
+def _end_op(
+    d: Dialect, where: str, params: dict[str, Any], values: str, taker: Taker | None = None
+) -> Ops[Ended | None]:
     now = utcnow()
     row = yield Sql.one(
         f"UPDATE jobs SET completed_at = :ended_at, lease_until = NULL, {values} "
@@ -432,23 +449,47 @@ def _end_op(d: Dialect, where: str, params: dict[str, Any], values: str) -> Ops[
             )
             job = replace(job, refund_entry_id=entry.id)
     delivery_id = yield from _add_delivery(job, now)
-    next_job_id = None
-    if row["worker_id"] is not None:  # it held a slot of its model: hand it over
-        next_job_id = yield from _unpark_next(d, job.model, now)
+    if row["worker_id"] is None:  # it held no slot of its model
+        return Ended(job, delivery_id)
+    if taker is not None and row["worker_id"] == taker.worker_id:
+        taken = yield from _take_next(d, job.model, now, taker)
+        return Ended(job, delivery_id, taken=taken)
+    next_job_id = yield from _unpark_next(d, job.model, now)
     return Ended(job, delivery_id, next_job_id)
+
+
+# The oldest parked job of a model (``ix_jobs_parked``).
+_NEXT_PARKED = (
+    "id = (SELECT id FROM jobs WHERE model = :model AND state = 'queued' "
+    "AND kicked_at IS NULL ORDER BY created_at, id LIMIT 1) "
+    "AND state || '' = 'queued' AND kicked_at IS NULL"
+)
 
 
 def _unpark_next(d: Dialect, model: str, now: datetime) -> Ops[str | None]:
     """The oldest parked job of ``model``, marked as sent now."""
     yield from _lock_model(d, model)
     row = yield Sql.one(
-        "UPDATE jobs SET kicked_at = :now WHERE id = (SELECT id FROM jobs WHERE model = :model "
-        "AND state = 'queued' AND kicked_at IS NULL ORDER BY created_at, id LIMIT 1) "
-        "AND state = 'queued' AND kicked_at IS NULL RETURNING id",
+        f"UPDATE jobs SET kicked_at = :now WHERE {_NEXT_PARKED} RETURNING id",
         now=now,
         model=model,
     )
     return row["id"] if row is not None else None
+
+
+def _take_next(d: Dialect, model: str, now: datetime, taker: Taker) -> Ops[JobView | None]:
+    """The oldest parked job of ``model``, claimed for the worker whose job just ended: no
+    message, no second claim, and the slot count is checked as a claim checks it."""
+    yield from _lock_model(d, model)
+    row = yield Sql.one(
+        f"{_CLAIM}, kicked_at = :now WHERE {_NEXT_PARKED} AND {_RUNNING} < :limit RETURNING *",
+        worker=taker.worker_id,
+        lease=now + timedelta(seconds=taker.lease_seconds),
+        now=now,
+        model=model,
+        limit=max(1, taker.concurrency),
+    )
+    return _view(row) if row is not None else None
 
 
 def _add_delivery(job: JobView, now: datetime) -> Ops[str | None]:
@@ -480,11 +521,13 @@ async def complete_job(
     output_key: str,
     result: Mapping[str, Any] | None,
     credits: int | None = None,
+    take_next: Taker | None = None,
 ) -> Ended | None:
     """Mark this worker's running job completed. None when it is not ours any more
     (canceled meanwhile, or re-queued): the output is then discarded. ``credits``: settle
     the job at that many credits (less than reserved; the rest refunded in the same
-    transaction), for a model whose charge is known only at the end."""
+    transaction), for a model whose charge is known only at the end. ``take_next``: claim
+    the model's next parked job for this worker in the same transaction (``Ended.taken``)."""
     params: dict[str, Any] = {
         "id": job_id,
         "worker": worker_id,
@@ -498,17 +541,17 @@ async def complete_job(
     )
     where = "id = :id AND state || '' = 'processing' AND worker_id = :worker"
     if credits is None:
-        return await db.write(_end_op, where, params, values)
-    return await db.write(_settle_end_op, where, {**params, "credits": credits}, values)
+        return await db.write(_end_op, where, params, values, take_next)
+    return await db.write(_settle_end_op, where, {**params, "credits": credits}, values, take_next)
 
 
 def _settle_end_op(
-    d: Dialect, where: str, params: dict[str, Any], values: str
+    d: Dialect, where: str, params: dict[str, Any], values: str, taker: Taker | None
 ) -> Ops[Ended | None]:
     """Complete the job at ``params['credits']`` and refund the rest of what it reserved."""
     before = yield Sql.one("SELECT credits FROM jobs WHERE id = :id", id=params["id"])
     settled = params["credits"]
-    ended = yield from _end_op(d, where, params, values + ", credits = :credits")
+    ended = yield from _end_op(d, where, params, values + ", credits = :credits", taker)
     if ended is None or before is None or ended.job.debit_entry_id is None:
         return ended
     rest = int(before["credits"]) - settled
@@ -524,15 +567,21 @@ def _settle_end_op(
 
 
 async def fail_job(
-    db: Database, job_id: str, error: str, *, worker_id: str | None = None
+    db: Database,
+    job_id: str,
+    error: str,
+    *,
+    worker_id: str | None = None,
+    take_next: Taker | None = None,
 ) -> Ended | None:
-    """Fail an active job (this worker's, when ``worker_id`` is given) and refund it."""
+    """Fail an active job (this worker's, when ``worker_id`` is given) and refund it;
+    ``take_next`` as for :func:`complete_job`."""
     where = "id = :id AND state || '' IN ('queued', 'processing')"
     params: dict[str, Any] = {"id": job_id, "error": error}
     if worker_id is not None:
         where = "id = :id AND state || '' = 'processing' AND worker_id = :worker"
         params["worker"] = worker_id
-    return await db.write(_end_op, where, params, "state = 'failed', error = :error")
+    return await db.write(_end_op, where, params, "state = 'failed', error = :error", take_next)
 
 
 async def cancel_job(db: Database, account_id: str, job_id: str) -> tuple[Ended | None, JobView]:

@@ -80,7 +80,8 @@ class JobRunner:
     async def run(self, job_id: str, model: str) -> None:
         """Run ``job_id`` (a job of ``model``) if it is queued and its model has a free slot;
         otherwise do nothing (a busy model's job is parked: the next of its jobs to end
-        sends it again)."""
+        takes it). Each job this run ends claims the model's next parked job in its end's
+        transaction, and this run goes on with it in the slot it freed."""
         if self.releasing:
             return
         db = self.services.db
@@ -93,7 +94,19 @@ class JobRunner:
         )
         if claim.job is None:
             return
-        await self._execute(claim.job, spec)
+        self._executing += 1
+        self._idle.clear()
+        try:
+            job: jobs.JobView | None = claim.job
+            while job is not None:
+                if self.releasing:  # taken while this process began to shut down
+                    await self._release(job)
+                    break
+                job = await self._execute(job, spec)
+        finally:
+            self._executing -= 1
+            if self._executing == 0:
+                self._idle.set()
 
     def abort(self, job_id: str) -> None:
         """Stop this process's work on a job that was just canceled (no wait for a heartbeat)."""
@@ -111,17 +124,15 @@ class JobRunner:
             await asyncio.wait_for(self._idle.wait(), timeout=15)
         return list(self.released)
 
-    async def _execute(self, job: jobs.JobView, spec: ModelSpec) -> None:
-        self._executing += 1
-        self._idle.clear()
-        try:
-            await self._execute_claimed(job, spec)
-        finally:
-            self._executing -= 1
-            if self._executing == 0:
-                self._idle.set()
+    def _taker(self, spec: ModelSpec) -> jobs.Taker | None:
+        """What an end of this worker's job passes to take the model's next parked job
+        (nothing while shutting down)."""
+        if self.releasing:
+            return None
+        return jobs.Taker(self.worker_id, self.lease, self.concurrency(spec))
 
-    async def _execute_claimed(self, job: jobs.JobView, spec: ModelSpec) -> None:
+    async def _execute(self, job: jobs.JobView, spec: ModelSpec) -> jobs.JobView | None:
+        """Run a claimed job to its end; returns the job its end took (see ``run``)."""
         db = self.services.db
         LOG_CONTEXT.set({"job_id": job.id, "model": job.model})
         started = time.perf_counter()
@@ -137,22 +148,27 @@ class JobRunner:
             self.work.pop(job.id, None)
             self.progress.pop(job.id, None)
         ran = time.perf_counter() - started
-        if outcome == "timeout":
-            metrics.observe_job(job.model, "failed", ran)
-            error = client_error(TimeoutError(), timeout_seconds=spec.timeout_seconds).message
-            await self._end(await jobs.fail_job(db, job.id, error, worker_id=self.worker_id))
-        elif outcome == "lost":
+        if outcome == "lost":
             log.info("job %s is no longer ours (canceled or re-queued); stopped", job.id)
+            return None
+        if outcome == "timeout":
+            error: str | None = client_error(
+                TimeoutError(), timeout_seconds=spec.timeout_seconds
+            ).message
         elif work.cancelled():
             if self.releasing:
                 await self._release(job)
+            return None
         elif (exc := work.exception()) is not None:
-            metrics.observe_job(job.model, "failed", ran)
-            await self._end(
-                await jobs.fail_job(db, job.id, failure_message(exc), worker_id=self.worker_id)
+            error = failure_message(exc)
+        else:
+            error = None
+        metrics.observe_job(job.model, "completed" if error is None else "failed", ran)
+        if error is not None:
+            ended = await jobs.fail_job(
+                db, job.id, error, worker_id=self.worker_id, take_next=self._taker(spec)
             )
         else:
-            metrics.observe_job(job.model, "completed", ran)
             output = work.result()
             ended = await jobs.complete_job(
                 db,
@@ -162,8 +178,10 @@ class JobRunner:
                 output_key=output.key,
                 result=output.result.data,
                 credits=output.result.credits,
+                take_next=self._taker(spec),
             )
-            await self._end(ended)
+        await self._end(ended)
+        return ended.taken if ended is not None else None
 
     async def _release(self, job: jobs.JobView) -> None:
         if await jobs.release_job(self.services.db, job.id, self.worker_id):
