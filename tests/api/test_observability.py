@@ -162,6 +162,28 @@ async def test_access_lines_are_json_with_the_request_id_key_and_account(
     assert "color_message" not in started
 
 
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+def test_taskiqs_line_per_queue_message_is_kept_only_at_debug(level: str) -> None:
+    """A worker reads a queue message per job: taskiq's INFO line for each (which names its
+    message id, not the job) is dropped unless the level is DEBUG; its warnings stay."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    stream = io.StringIO()
+    receiver = logging.getLogger("taskiq.receiver.receiver")
+    try:
+        configure_logging(level=level, json=True, stream=stream)
+        receiver.info("Executing task %s with ID: %s", "hypereal.run_job", "abc")
+        receiver.warning("Cannot parse message: %s", "x")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        receiver.setLevel(logging.NOTSET)
+        logs._access_writer = None
+    events = [json.loads(line)["event"] for line in stream.getvalue().splitlines() if line]
+    executing = "Executing task hypereal.run_job with ID: abc"
+    assert ("Cannot parse message: x" in events) and ((executing in events) == (level == "DEBUG"))
+
+
 async def test_a_job_submission_logs_its_job_id_and_model(
     client: httpx.AsyncClient, make_key: MakeKey, json_logs: io.StringIO
 ) -> None:

@@ -1,13 +1,14 @@
 """The job state machine on its own (``domain/jobs.py``), on a real SQLite database and on a
 real PostgreSQL database (where claims and hand-overs take the model's advisory lock): submit
-debits, claim takes a free slot of the model or parks the job, each end is reached once,
-failures and cancels refund exactly once, a parked job is handed the slot an ending job
-frees, and leases expire into a re-queue."""
+debits, claim takes a free slot of the model or leaves the job queued, each end is reached
+once, failures and cancels refund exactly once, the oldest queued job is handed the slot an
+ending job frees, and leases expire into a re-queue."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from hypereal.domain import job_maintenance as maintenance
 from hypereal.domain import jobs, keys, ledger
 from hypereal.domain.errors import Conflict, InsufficientCredits, JobNotFound
 from hypereal.store.db import Database
+from hypereal.store.models import utcnow
 from tests.support.infra import migrated_database, migrated_postgres
 
 
@@ -49,8 +51,25 @@ async def submit(
     )
 
 
-async def claim(db: Database, job_id: str, worker: str = "w1", limit: int = 1) -> jobs.ClaimOutcome:
-    return await jobs.claim_job(db, job_id, worker, concurrency=limit, lease_seconds=60)
+@dataclass(frozen=True)
+class Claimed:
+    """A claim's answer, told apart for the tests: ``claimed`` (``job`` set), ``busy`` (the
+    job is still queued: its model had no free slot) or ``gone`` (not a queued job of
+    that model)."""
+
+    outcome: str
+    job: jobs.JobView | None = None
+
+
+async def claim(
+    db: Database, job_id: str, worker: str = "w1", limit: int = 1, model: str = "m"
+) -> Claimed:
+    job = await jobs.claim_job(db, job_id, model, worker, concurrency=limit, lease_seconds=60)
+    if job is not None:
+        return Claimed("claimed", job)
+    now = await jobs.load_job(db, job_id)
+    waiting = now is not None and now.state == "queued" and now.model == model
+    return Claimed("busy" if waiting else "gone")
 
 
 async def test_submit_debits_and_queues(db: Database) -> None:
@@ -73,6 +92,10 @@ async def test_submit_without_the_credits_writes_nothing(db: Database) -> None:
 async def test_claim_takes_a_free_slot_once(db: Database) -> None:
     owner = await account(db)
     job = await submit(db, owner)
+    # A message naming another model claims nothing.
+    assert (await claim(db, job.id, model="other")).outcome == "gone"
+    unchanged = await jobs.load_job(db, job.id)
+    assert unchanged is not None and unchanged.state == "queued"
     first = await claim(db, job.id)
     assert first.outcome == "claimed" and first.job is not None
     assert (first.job.state, first.job.worker_id, first.job.attempts) == ("processing", "w1", 1)
@@ -80,7 +103,7 @@ async def test_claim_takes_a_free_slot_once(db: Database) -> None:
     assert (await claim(db, job.id, "w2")).outcome == "gone"
 
 
-async def test_a_full_model_parks_the_job_and_an_ending_job_hands_over_its_slot(
+async def test_a_full_model_leaves_the_job_queued_and_an_ending_job_hands_over_its_slot(
     db: Database,
 ) -> None:
     owner = await account(db)
@@ -90,17 +113,19 @@ async def test_a_full_model_parks_the_job_and_an_ending_job_hands_over_its_slot(
         await submit(db, owner, model="other"),
     )
     assert (await claim(db, running.id)).outcome == "claimed"
-    assert (await claim(db, waiting.id)).outcome == "busy"  # one slot, taken: parked
-    assert (await claim(db, other_model.id)).outcome == "claimed"  # slots are per model
+    assert (await claim(db, waiting.id)).outcome == "busy"  # one slot, taken: it waits
+    assert (
+        await claim(db, other_model.id, model="other")
+    ).outcome == "claimed"  # slots are per model
     ended = await jobs.complete_job(
         db, running.id, "w1", output_url="http://x/o.mp4", output_key="o.mp4", result=None
     )
     assert ended is not None and ended.job.state == "completed"
-    assert ended.next_job_id == waiting.id  # the parked job is sent again
+    assert ended.next_job_id == waiting.id  # the waiting job is sent again
     assert (await claim(db, waiting.id)).outcome == "claimed"
 
 
-async def test_an_ending_job_takes_the_oldest_parked_job_for_its_worker(db: Database) -> None:
+async def test_an_ending_job_takes_the_oldest_queued_job_for_its_worker(db: Database) -> None:
     owner = await account(db)
     running, first, second = [await submit(db, owner) for _ in range(3)]
     assert (await claim(db, running.id)).outcome == "claimed"
@@ -110,7 +135,7 @@ async def test_an_ending_job_takes_the_oldest_parked_job_for_its_worker(db: Data
         db, running.id, "w1", output_url="u", output_key="k", result=None, take_next=taker
     )
     assert ended is not None and ended.next_job_id is None  # claimed, not sent
-    assert ended.taken is not None and ended.taken.id == first.id  # the oldest parked job
+    assert ended.taken is not None and ended.taken.id == first.id  # the oldest queued job
     assert (ended.taken.state, ended.taken.worker_id, ended.taken.attempts) == (
         "processing",
         "w1",
@@ -127,19 +152,19 @@ async def test_an_ending_job_takes_the_oldest_parked_job_for_its_worker(db: Data
 
 async def test_a_taker_takes_no_job_beyond_the_models_slots(db: Database) -> None:
     owner = await account(db)
-    a, b, parked = [await submit(db, owner) for _ in range(3)]
+    a, b, waiting = [await submit(db, owner) for _ in range(3)]
     assert (await claim(db, a.id, "w1", limit=2)).outcome == "claimed"
     assert (await claim(db, b.id, "w2", limit=2)).outcome == "claimed"
-    assert (await claim(db, parked.id, "w1", limit=2)).outcome == "busy"
-    # The slot count fell to 1 (configuration changed): w1's end frees no slot for the parked
+    assert (await claim(db, waiting.id, "w1", limit=2)).outcome == "busy"
+    # The slot count fell to 1 (configuration changed): w1's end frees no slot for the queued
     # job while w2's job still runs, and w2's end then hands it over.
     narrow = jobs.Taker("w1", lease_seconds=60, concurrency=1)
     ended = await jobs.complete_job(
         db, a.id, "w1", output_url="u", output_key="k", result=None, take_next=narrow
     )
     assert ended is not None and ended.taken is None and ended.next_job_id is None
-    parked_now = await jobs.load_job(db, parked.id)
-    assert parked_now is not None and parked_now.state == "queued"
+    still = await jobs.load_job(db, waiting.id)
+    assert still is not None and still.state == "queued"
     ended = await jobs.complete_job(
         db,
         b.id,
@@ -149,7 +174,34 @@ async def test_a_taker_takes_no_job_beyond_the_models_slots(db: Database) -> Non
         result=None,
         take_next=jobs.Taker("w2", lease_seconds=60, concurrency=1),
     )
-    assert ended is not None and ended.taken is not None and ended.taken.id == parked.id
+    assert ended is not None and ended.taken is not None and ended.taken.id == waiting.id
+
+
+async def test_the_sweep_resends_lost_messages_only_into_free_slots(db: Database) -> None:
+    """Queued jobs whose message may be lost are sent again, oldest first, no more of a
+    model than it has free slots: a busy model's jobs are taken by its enders instead."""
+    owner = await account(db, credits=1000)
+    running = await submit(db, owner)  # model m: 2 slots, 1 taken
+    waiting = [await submit(db, owner) for _ in range(3)]
+    other = [await submit(db, owner, model="other") for _ in range(2)]  # 1 slot, free
+    full = await submit(db, owner, model="full")  # 1 slot, taken
+    full_waiting = await submit(db, owner, model="full")
+    assert (await claim(db, running.id, limit=2)).outcome == "claimed"
+    assert (await claim(db, full.id, model="full")).outcome == "claimed"
+    slots = {"m": 2, "other": 1, "full": 1}.__getitem__
+    await asyncio.sleep(0.01)
+    submitted_before = utcnow()
+    await asyncio.sleep(0.01)
+
+    resent = await maintenance.jobs_to_resend(db, kicked_before=submitted_before, slots=slots)
+    assert sorted(resent) == sorted([(waiting[0].id, "m"), (other[0].id, "other")])
+    # Those two are marked as sent now: the next sweep with that cutoff takes the next ones.
+    again = await maintenance.jobs_to_resend(db, kicked_before=submitted_before, slots=slots)
+    assert sorted(again) == sorted([(waiting[1].id, "m"), (other[1].id, "other")])
+    # At start-up every queued job counts, still no more of a model than its free slots.
+    startup = await maintenance.jobs_to_resend(db, kicked_before=None, slots=slots)
+    assert sorted(startup) == sorted([(waiting[0].id, "m"), (other[0].id, "other")])
+    assert full_waiting.id not in {job_id for job_id, _ in resent + again + startup}
 
 
 async def test_two_slots_run_two_jobs_of_a_model(db: Database) -> None:
@@ -243,12 +295,12 @@ async def test_release_gives_the_job_back_without_counting_an_attempt(db: Databa
 async def test_an_expired_lease_is_requeued_then_failed(db: Database) -> None:
     owner = await account(db)
     job = await submit(db, owner)
-    await jobs.claim_job(db, job.id, "w1", concurrency=1, lease_seconds=-1)  # lapsed at once
+    await jobs.claim_job(db, job.id, "m", "w1", concurrency=1, lease_seconds=-1)  # lapsed at once
     [expired] = await maintenance.expired_jobs(db)
     assert expired.id == job.id
     assert await maintenance.requeue_expired(db, expired)
     assert (await jobs.get_job(db, owner, job.id)).state == "queued"
-    await jobs.claim_job(db, job.id, "w2", concurrency=1, lease_seconds=-1)
+    await jobs.claim_job(db, job.id, "m", "w2", concurrency=1, lease_seconds=-1)
     [expired] = await maintenance.expired_jobs(db)
     ended = await maintenance.fail_expired(db, expired, "lost")
     assert ended is not None and ended.job.state == "failed" and ended.job.attempts == 2
@@ -275,7 +327,7 @@ async def test_concurrent_claims_from_three_writers_fill_exactly_the_slots() -> 
     """PostgreSQL: claims of one model sent at once by three writers (as three worker
     processes would, each committing its claims in one batch transaction that takes the
     model's lock after its other statements) take exactly the model's slots; every other job
-    is parked, and each end hands its slot to one parked job."""
+    waits queued, and each end hands its slot to one of them."""
     async with migrated_postgres() as first:
         others = [Database(first.url), Database(first.url)]
         try:
@@ -284,9 +336,7 @@ async def test_concurrent_claims_from_three_writers_fill_exactly_the_slots() -> 
             writers = [first, *others]
             outcomes = await asyncio.gather(
                 *(
-                    jobs.claim_job(
-                        writers[i % 3], job.id, f"w{i % 3}", concurrency=4, lease_seconds=60
-                    )
+                    claim(writers[i % 3], job.id, f"w{i % 3}", limit=4)
                     for i, job in enumerate(queued)
                 )
             )
@@ -309,7 +359,7 @@ async def test_concurrent_claims_from_three_writers_fill_exactly_the_slots() -> 
                 )
             )
             assert [o.outcome for o in again] == ["claimed"] * 4
-            # Ends from the three writers at once, each taking the next parked job for its
+            # Ends from the three writers at once, each taking the oldest queued job for its
             # worker: four distinct jobs, the slots still exactly full.
             taken = await asyncio.gather(
                 *(
@@ -351,7 +401,7 @@ async def test_a_claim_waits_for_the_models_lock_that_an_ending_job_takes() -> N
             await holder.execute(
                 "SELECT pg_advisory_xact_lock($1)", jobs._model_lock_key("vidéo-model")
             )
-            waiting = asyncio.ensure_future(claim(db, job.id))
+            waiting = asyncio.ensure_future(claim(db, job.id, model="vidéo-model"))
             for _ in range(200):  # until the claim is seen waiting on the advisory lock
                 waiters = await holder.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "

@@ -52,9 +52,14 @@ async def _leave_jobs_behind(
         running = await jobs.submit(services.db, new)
         queued = await jobs.submit(services.db, new)
         claim = await jobs.claim_job(
-            services.db, running.id, worker_id, concurrency=1, lease_seconds=lease_seconds
+            services.db,
+            running.id,
+            new.model,
+            worker_id,
+            concurrency=1,
+            lease_seconds=lease_seconds,
         )
-        assert claim.outcome == "claimed"
+        assert claim is not None and claim.worker_id == worker_id
         if lease_seconds < 1:
             await asyncio.sleep(0.05)  # the dead worker's lease runs out
         return account, secret, running.id, queued.id
@@ -286,9 +291,9 @@ async def test_the_sweep_fails_a_dead_workers_job_once_with_its_webhook(tmp_path
             dead, alive = await jobs.submit(db, new), await jobs.submit(db, new)
             for job, lease in ((dead, 0.01), (alive, 3600.0)):
                 claim = await jobs.claim_job(
-                    db, job.id, "other-host:1:abc", concurrency=4, lease_seconds=lease
+                    db, job.id, new.model, "other-host:1:abc", concurrency=4, lease_seconds=lease
                 )
-                assert claim.outcome == "claimed"
+                assert claim is not None
             await asyncio.sleep(0.05)  # the dead worker's lease runs out
             engine = env.engine
             await engine.maintain()

@@ -5,6 +5,7 @@ conditional statement, so any number of processes may run it at once (see
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from hypereal.domain.job_view import JobView, _view
@@ -94,36 +95,58 @@ async def fail_expired(db: Database, job: JobView, error: str) -> Ended | None:
     )
 
 
-def _stale_op(_: Dialect, kicked_before: datetime | None, limit: int) -> Ops[list[tuple[str, str]]]:
+def _stale_op(
+    _: Dialect, kicked_before: datetime | None, slots: Callable[[str], int], limit: int
+) -> Ops[list[tuple[str, str]]]:
     """Queued jobs whose message may be lost (sent before ``kicked_before``; None: every
-    queued job, parked ones included), oldest first, marked as sent now."""
+    queued job), oldest first, at most as many of a model as it has free slots (``slots``:
+    a model's slot count), marked as sent now. A job waiting for a slot of a busy model is
+    not one of them: the next of its model's jobs to end takes it."""
     now = utcnow()
-    if kicked_before is None:
+    stale = "" if kicked_before is None else " AND kicked_at < :before"
+    since = {} if kicked_before is None else {"before": kicked_before}
+    waiting = yield Sql.all(
+        f"SELECT DISTINCT model FROM jobs WHERE state = 'queued'{stale}", **since
+    )
+    if not waiting:
+        return []
+    running = yield Sql.all(
+        "SELECT model, count(*) AS n FROM jobs WHERE state = 'processing' "
+        "AND lease_until >= :now GROUP BY model",
+        now=now,
+    )
+    busy = {row["model"]: int(row["n"]) for row in running}
+    found: list[tuple[str, str]] = []
+    for model in sorted(row["model"] for row in waiting):
+        free = min(slots(model) - busy.get(model, 0), limit - len(found))
+        if free <= 0:
+            continue
         rows = yield Sql.all(
-            "SELECT id, model FROM jobs WHERE state = 'queued' ORDER BY created_at, id "
-            "LIMIT :limit",
-            limit=limit,
+            f"SELECT id FROM jobs WHERE model = :model AND state = 'queued'{stale} "
+            "ORDER BY created_at, id LIMIT :free",
+            model=model,
+            free=free,
+            **since,
         )
-    else:
-        rows = yield Sql.all(
-            "SELECT id, model FROM jobs WHERE state = 'queued' AND kicked_at < :before "
-            "ORDER BY created_at, id LIMIT :limit",
-            before=kicked_before,
-            limit=limit,
-        )
-    found = [(row["id"], row["model"]) for row in rows]
-    for job_id, _ in found:
+        found += [(row["id"], model) for row in rows]
+    for job_id in [job_id for job_id, _model in found]:
         yield Sql.run("UPDATE jobs SET kicked_at = :now WHERE id = :id", now=now, id=job_id)
     return found
 
 
 async def jobs_to_resend(
-    db: Database, *, kicked_before: datetime | None, limit: int = 1000
+    db: Database,
+    *,
+    kicked_before: datetime | None,
+    slots: Callable[[str], int],
+    limit: int = 1000,
 ) -> list[tuple[str, str]]:
     """Queued jobs to put on the queue again: at start-up every queued one (an in-process
     queue does not outlive its process), later those whose message is older than
-    ``kicked_before`` (lost with a crashed process). A busy model parks them again."""
-    return await db.write(_stale_op, kicked_before, limit)
+    ``kicked_before`` (lost with a crashed process); of each model no more than its free
+    slots (``slots(model)`` minus its running jobs), since the rest are taken by the next of
+    its jobs to end."""
+    return await db.write(_stale_op, kicked_before, slots, limit)
 
 
 def _unrefunded_op(_: Dialect, cutoff: datetime) -> Ops[list[JobView]]:

@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy import select
 
@@ -258,16 +258,6 @@ async def list_jobs(
 # ------------------------------------------------------------------------ running
 
 
-@dataclass(frozen=True)
-class ClaimOutcome:
-    """``claimed`` (the job is ours, ``job`` set), ``busy`` (the model is at its concurrency
-    limit; the job stays queued, parked) or ``gone`` (not queued any more: ran, running,
-    ended)."""
-
-    outcome: Literal["claimed", "busy", "gone"]
-    job: JobView | None = None
-
-
 def _model_lock_key(model: str) -> int:
     return int.from_bytes(hashlib.sha256(model.encode()).digest()[:8], "big", signed=True)
 
@@ -285,7 +275,8 @@ def _lock_model(d: Dialect, model: str) -> Ops[None]:
 # plan made while the table looked empty rated both indexes alike, and the cached plan then
 # walked every (dead) queued or running version of every job on each claim and finish (2,000
 # index entries per statement after a few thousand jobs; with 4 workers, PostgreSQL used more
-# CPU than any of our processes). The same holds in job_maintenance and webhooks/delivery.
+# CPU than any of our processes). ``model || ''`` likewise keeps a claim off
+# ix_jobs_model_state. The same holds in job_maintenance and webhooks/delivery.
 _RUNNING = (
     "(SELECT count(*) FROM jobs r WHERE r.model = :model AND r.state = 'processing' "
     "AND r.lease_until >= :now)"
@@ -299,16 +290,13 @@ _CLAIM = (
 
 
 def _claim_op(
-    d: Dialect, job_id: str, worker_id: str, concurrency: int, lease_seconds: float
-) -> Ops[ClaimOutcome]:
-    found = yield Sql.one("SELECT model, state FROM jobs WHERE id = :id", id=job_id)
-    if found is None or found["state"] != "queued":
-        return ClaimOutcome("gone")
-    model = found["model"]
+    d: Dialect, job_id: str, model: str, worker_id: str, concurrency: int, lease_seconds: float
+) -> Ops[JobView | None]:
     yield from _lock_model(d, model)
     now = utcnow()
     row = yield Sql.one(
-        f"{_CLAIM} WHERE id = :id AND state || '' = 'queued' AND {_RUNNING} < :limit RETURNING *",
+        f"{_CLAIM} WHERE id = :id AND model || '' = :model AND state || '' = 'queued' "
+        f"AND {_RUNNING} < :limit RETURNING *",
         worker=worker_id,
         lease=now + timedelta(seconds=lease_seconds),
         now=now,
@@ -316,25 +304,29 @@ def _claim_op(
         model=model,
         limit=max(1, concurrency),
     )
-    if row is not None:
-        return ClaimOutcome("claimed", _view(row))
-    # Busy (or taken meanwhile): park it, so the next job of its model to end sends it.
-    parked = yield Sql.run(
-        "UPDATE jobs SET kicked_at = NULL WHERE id = :id AND state || '' = 'queued'", id=job_id
-    )
-    return ClaimOutcome("busy" if parked else "gone")
+    return _view(row) if row is not None else None
 
 
 async def claim_job(
-    db: Database, job_id: str, worker_id: str, *, concurrency: int, lease_seconds: float
-) -> ClaimOutcome:
-    """Take a queued job for ``worker_id`` if its model has a free slot.
+    db: Database,
+    job_id: str,
+    model: str,
+    worker_id: str,
+    *,
+    concurrency: int,
+    lease_seconds: float,
+) -> JobView | None:
+    """Take a queued job of ``model`` for ``worker_id`` if the model has a free slot; the job,
+    or None: not queued any more (ran, running, ended: a redelivered message, another
+    worker), or its model is at its slot count. A job left waiting for a slot is not
+    marked: the next of its model's jobs to end takes the oldest queued one (see
+    :func:`complete_job`).
 
-    One conditional UPDATE (``state = 'queued'`` and fewer than ``concurrency`` running), so a
-    redelivered message or a second worker gets ``gone``. On PostgreSQL a per-model advisory
-    lock makes the slot count exact across concurrent claims; SQLite serialises writers.
+    One conditional UPDATE (``state = 'queued'`` and fewer than ``concurrency`` running). On
+    PostgreSQL the model's advisory lock, taken first, makes the slot count exact across
+    concurrent claims and hand-overs; SQLite serialises writers.
     """
-    return await db.write(_claim_op, job_id, worker_id, concurrency, lease_seconds)
+    return await db.write(_claim_op, job_id, model, worker_id, concurrency, lease_seconds)
 
 
 def _heartbeat_op(
@@ -402,7 +394,7 @@ async def release_job(db: Database, job_id: str, worker_id: str) -> bool:
 
 @dataclass(frozen=True)
 class Taker:
-    """The worker ending its own job, ready to run the model's next parked job in the slot
+    """The worker ending its own job, ready to run the model's oldest queued job in the slot
     that the end frees: that job is claimed for it in the end's transaction."""
 
     worker_id: str
@@ -413,7 +405,7 @@ class Taker:
 @dataclass(frozen=True)
 class Ended:
     """A job that this call moved to a terminal state, its webhook delivery, if any, and
-    the parked job of its model that now takes its slot: ``next_job_id`` to be put on the
+    the queued job of its model that now takes its slot: ``next_job_id`` to be put on the
     queue, or ``taken``, claimed already for the ending worker (see :class:`Taker`)."""
 
     job: JobView
@@ -454,23 +446,26 @@ def _end_op(
     if taker is not None and row["worker_id"] == taker.worker_id:
         taken = yield from _take_next(d, job.model, now, taker)
         return Ended(job, delivery_id, taken=taken)
-    next_job_id = yield from _unpark_next(d, job.model, now)
+    next_job_id = yield from _resend_next(d, job.model, now)
     return Ended(job, delivery_id, next_job_id)
 
 
-# The oldest parked job of a model (``ix_jobs_parked``).
-_NEXT_PARKED = (
+# The oldest queued job of a model (``ix_jobs_queued``).
+_NEXT_QUEUED = (
     "id = (SELECT id FROM jobs WHERE model = :model AND state = 'queued' "
-    "AND kicked_at IS NULL ORDER BY created_at, id LIMIT 1) "
-    "AND state || '' = 'queued' AND kicked_at IS NULL"
+    "ORDER BY created_at, id LIMIT 1) AND state || '' = 'queued'"
 )
 
 
-def _unpark_next(d: Dialect, model: str, now: datetime) -> Ops[str | None]:
-    """The oldest parked job of ``model``, marked as sent now."""
+def _resend_next(d: Dialect, model: str, now: datetime) -> Ops[str | None]:
+    """The queued job of ``model`` sent longest ago (that is, the oldest one, unless it was
+    sent again since), marked as sent now: to be put on the queue. Several ends in a row
+    send as many different jobs, one for each slot they free."""
     yield from _lock_model(d, model)
     row = yield Sql.one(
-        f"UPDATE jobs SET kicked_at = :now WHERE {_NEXT_PARKED} RETURNING id",
+        "UPDATE jobs SET kicked_at = :now WHERE id = (SELECT id FROM jobs WHERE model = :model "
+        "AND state = 'queued' ORDER BY coalesce(kicked_at, created_at), created_at, id LIMIT 1) "
+        "AND state || '' = 'queued' RETURNING id",
         now=now,
         model=model,
     )
@@ -478,11 +473,12 @@ def _unpark_next(d: Dialect, model: str, now: datetime) -> Ops[str | None]:
 
 
 def _take_next(d: Dialect, model: str, now: datetime, taker: Taker) -> Ops[JobView | None]:
-    """The oldest parked job of ``model``, claimed for the worker whose job just ended: no
-    message, no second claim, and the slot count is checked as a claim checks it."""
+    """The oldest queued job of ``model``, claimed for the worker whose job just ended: no
+    message, no second claim, and the slot count is checked as a claim checks it. A message
+    still on its way for that job finds it claimed."""
     yield from _lock_model(d, model)
     row = yield Sql.one(
-        f"{_CLAIM}, kicked_at = :now WHERE {_NEXT_PARKED} AND {_RUNNING} < :limit RETURNING *",
+        f"{_CLAIM}, kicked_at = :now WHERE {_NEXT_QUEUED} AND {_RUNNING} < :limit RETURNING *",
         worker=taker.worker_id,
         lease=now + timedelta(seconds=taker.lease_seconds),
         now=now,
@@ -527,7 +523,8 @@ async def complete_job(
     (canceled meanwhile, or re-queued): the output is then discarded. ``credits``: settle
     the job at that many credits (less than reserved; the rest refunded in the same
     transaction), for a model whose charge is known only at the end. ``take_next``: claim
-    the model's next parked job for this worker in the same transaction (``Ended.taken``)."""
+    the model's oldest queued job for this worker in the same transaction (``Ended.taken``);
+    without it, that job is marked to be put on the queue (``Ended.next_job_id``)."""
     params: dict[str, Any] = {
         "id": job_id,
         "worker": worker_id,

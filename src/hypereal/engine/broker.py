@@ -32,8 +32,8 @@ def build_broker(settings: Settings) -> AsyncBroker:
         # (see Engine.maintain), never by the stream, so there is one redelivery mechanism.
         xread_block=1000,
         # A batch per read, no more than the worker runs at once: a job it reads but cannot
-        # start waits in its process, and one whose model is busy is parked in the database
-        # for whichever worker frees a slot.
+        # start waits in its process, and one whose model is busy waits queued in the
+        # database for whichever worker frees a slot.
         xread_count=min(XREAD_COUNT, max(1, settings.worker_concurrency)),
         maxlen=STREAM_MAXLEN,
         approximate=True,

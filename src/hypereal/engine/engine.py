@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import socket
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from datetime import timedelta
@@ -67,6 +68,8 @@ class Engine:
         else:
             self.queue = asyncio.Queue()
         self.runner = JobRunner(services, self.job_ended)
+        if self.queue is not None:  # every message of the queue is this engine's (see kick)
+            self.runner.taken = OrderedDict()
         # Requests waiting for jobs to end (synchronous answers, Prefer: wait).
         self.waiters = JobWaiters()
         self.webhooks = WebhookSender(self.settings, services.db)
@@ -125,6 +128,8 @@ class Engine:
     async def kick(self, job_id: str, model: str) -> None:
         """Put a job on the queue (its row is already committed)."""
         if self.queue is not None:
+            if self.runner.taken is not None:  # sent again: this message must run
+                self.runner.taken.pop(job_id, None)
             self.queue.put_nowait((job_id, model))
         else:
             await self.task.kiq(job_id, model)
@@ -176,12 +181,20 @@ class Engine:
             if ended is not None:
                 await self.job_ended(ended)
         stale = None if startup else utcnow() - timedelta(seconds=self.settings.job_lease_seconds)
-        for job_id, model in await maintenance.jobs_to_resend(db, kicked_before=stale):
+        for job_id, model in await maintenance.jobs_to_resend(
+            db, kicked_before=stale, slots=self.slots
+        ):
             await self.kick(job_id, model)
         for job in await maintenance.unrefunded_jobs(db, older_than_seconds=30):
             await jobs.settle_refund(db, job)
         for delivery_id in await self.webhooks.due():
             self._spawn(self.webhooks.deliver(delivery_id))
+
+    def slots(self, model: str) -> int:
+        """A model's slot count; 1 for a model no longer in the catalogue (its job is sent,
+        and the runner fails it)."""
+        spec = self.services.catalogue.find(model)
+        return 1 if spec is None else self.runner.concurrency(spec)
 
     async def take_back_predecessors_jobs(self) -> None:
         """Embedded (no broker), this server runs the jobs: a running job it finds at start was

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, replace
@@ -31,6 +32,9 @@ log = logging.getLogger("hypereal.engine")
 MODALITY_METHODS = {"video": "generate_video", "audio": "generate_audio", "3d": "generate_mesh"}
 MEDIA_KINDS = {"video": "video", "audio": "audio", "3d": "model"}
 PROGRESS_MIN_INTERVAL = 1.0
+# Jobs taken by an end whose queue message may still come (see JobRunner.taken): remembered
+# up to this many (a message that never comes, e.g. lost with a restart, leaves its id here).
+TAKEN_MEMORY = 100_000
 
 JobEnded = Callable[[jobs.Ended], Awaitable[None]]
 
@@ -66,6 +70,11 @@ class JobRunner:
         # PROGRESS_MIN_INTERVAL, with the lease).
         self.progress: dict[str, tuple[float, str]] = {}
         self._limits: dict[str, int] = {}
+        # Set by an engine whose queue only this process fills (in-process): the ids of the
+        # jobs this runner took at an end (``Ended.taken``) while their queue message was
+        # still waiting. That message is then dropped with no claim; the engine forgets an id
+        # when it sends the job again (a re-queue), whose message must run.
+        self.taken: OrderedDict[str, None] | None = None
         self._executing = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -79,30 +88,41 @@ class JobRunner:
 
     async def run(self, job_id: str, model: str) -> None:
         """Run ``job_id`` (a job of ``model``) if it is queued and its model has a free slot;
-        otherwise do nothing (a busy model's job is parked: the next of its jobs to end
-        takes it). Each job this run ends claims the model's next parked job in its end's
+        otherwise do nothing (a busy model's job waits queued: the next of its jobs to end
+        takes it). Each job this run ends claims the model's oldest queued job in its end's
         transaction, and this run goes on with it in the slot it freed."""
         if self.releasing:
+            return
+        if self.taken is not None and job_id in self.taken:
+            del self.taken[job_id]  # its message, after an end took it: nothing to claim
             return
         db = self.services.db
         spec = self.services.catalogue.find(model)
         if spec is None:
             await self._end(await jobs.fail_job(db, job_id, f"Model {model} was removed"))
             return
-        claim = await jobs.claim_job(
-            db, job_id, self.worker_id, concurrency=self.concurrency(spec), lease_seconds=self.lease
+        job: jobs.JobView | None = await jobs.claim_job(
+            db,
+            job_id,
+            model,
+            self.worker_id,
+            concurrency=self.concurrency(spec),
+            lease_seconds=self.lease,
         )
-        if claim.job is None:
+        if job is None:
             return
         self._executing += 1
         self._idle.clear()
         try:
-            job: jobs.JobView | None = claim.job
             while job is not None:
                 if self.releasing:  # taken while this process began to shut down
                     await self._release(job)
                     break
                 job = await self._execute(job, spec)
+                if job is not None and self.taken is not None:
+                    self.taken[job.id] = None
+                    if len(self.taken) > TAKEN_MEMORY:
+                        self.taken.popitem(last=False)
         finally:
             self._executing -= 1
             if self._executing == 0:
@@ -125,7 +145,7 @@ class JobRunner:
         return list(self.released)
 
     def _taker(self, spec: ModelSpec) -> jobs.Taker | None:
-        """What an end of this worker's job passes to take the model's next parked job
+        """What an end of this worker's job passes to take the model's oldest queued job
         (nothing while shutting down)."""
         if self.releasing:
             return None

@@ -37,6 +37,7 @@ class Caller(Protocol):
 LOG_CALLER: ContextVar[Caller | None] = ContextVar("hypereal_log_caller", default=None)
 
 ACCESS_LOGGER = "hypereal.access"
+TASKIQ_RECEIVER_LOGGER = "taskiq.receiver.receiver"
 
 
 def annotate(**fields: Any) -> None:
@@ -144,6 +145,13 @@ def configure_logging(
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger(ACCESS_LOGGER).setLevel(logging.NOTSET if access else logging.WARNING)
+    # taskiq's receiver writes "Executing task hypereal.run_job with ID: <its message id>" at
+    # INFO for every queue message: a line per doorbell that names no job (the job's own logs
+    # do), and in a worker the costliest part of reading a message. Kept at DEBUG.
+    verbose = logging.getLevelName(level.upper()) == logging.DEBUG
+    logging.getLogger(TASKIQ_RECEIVER_LOGGER).setLevel(
+        logging.NOTSET if verbose else logging.WARNING
+    )
     # uvicorn's own handlers would print a second, differently formatted line.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)

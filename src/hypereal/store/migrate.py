@@ -14,7 +14,9 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 def alembic_config(url: str) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.set_main_option("sqlalchemy.url", url)
+    # The option is read through configparser's interpolation: a URL's %-escapes (a socket
+    # path in ``?host=``, a password with reserved characters) are written as %%.
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
 
 

@@ -109,8 +109,8 @@ class IdempotencyRecord(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-# A job waiting in the database for a slot of its model (queued, not yet sent to a worker).
-_PARKED = text("state = 'queued' AND kicked_at IS NULL")
+# A job waiting for a slot of its model.
+_QUEUED = text("state = 'queued'")
 
 
 class Job(Base):
@@ -121,15 +121,15 @@ class Job(Base):
         Index("ix_jobs_account_created", "account_id", "created_at"),
         Index("ix_jobs_state_lease", "state", "lease_until"),
         Index("ix_jobs_model_state", "model", "state"),
-        # The parked jobs of a model, oldest first: the job that takes a freed slot is the
-        # first entry, not a scan of every queued job (``jobs._unpark_next``).
+        # The queued jobs of a model, oldest first: the job that takes a freed slot is the
+        # first entry, not a scan of every job of the model (``jobs._NEXT_QUEUED``).
         Index(
-            "ix_jobs_parked",
+            "ix_jobs_queued",
             "model",
             "created_at",
             "id",
-            sqlite_where=_PARKED,
-            postgresql_where=_PARKED,
+            sqlite_where=_QUEUED,
+            postgresql_where=_QUEUED,
         ),
     )
 
