@@ -8,11 +8,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from hypereal.api.cors import LeanCORSMiddleware
 from hypereal.api.deps import single_query_values
 from hypereal.api.error_shapes import (
     OPENAI_PATHS,
@@ -259,7 +259,7 @@ def create_app(
     shapes = {"/messages": anthropic_error, **dict.fromkeys(OPENAI_PATHS, openai_error)}
     app.add_middleware(ErrorShapeMiddleware, shapes=shapes, prefixes=API_PREFIXES)
     app.add_middleware(
-        CORSMiddleware,
+        LeanCORSMiddleware,
         allow_origins=settings.cors_origins,
         allow_methods=["*"],
         allow_headers=["*"],

@@ -8,13 +8,13 @@ included, carries the ``X-RateLimit-*`` headers, and SSE passes through unbuffer
 
 from __future__ import annotations
 
-from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hypereal.api.errors import error_response
 from hypereal.domain import keys
 from hypereal.domain.errors import HyperealError, RateLimited, Unauthorized
 from hypereal.observability.logs import LOG_CALLER
+from hypereal.observability.middleware import RESPONSE_HEADERS
 from hypereal.services import Services
 
 API_PREFIXES = ("/v1/", "/api/v1/")
@@ -26,15 +26,18 @@ def is_api_path(path: str) -> bool:
 
 def _authorization(scope: Scope) -> str | None:
     """The ``Authorization`` header, or else the key of an ``x-api-key`` header (as
-    Anthropic's clients send it) as a Bearer credential."""
-    headers = Headers(scope=scope)
-    authorization = headers.get("authorization")
-    if authorization is None:
-        api_key = headers.get("x-api-key")
-        if api_key is not None:
-            if not api_key.strip().startswith(keys.KEY_PREFIX):
-                raise Unauthorized("Malformed x-api-key header; expected 'ck_...'")
-            return f"Bearer {api_key.strip()}"
+    Anthropic's clients send it) as a Bearer credential. (The first of each, as Starlette's
+    ``Headers.get`` reads it; names come lower-cased from the HTTP server.)"""
+    authorization = api_key = None
+    for name, value in scope["headers"]:
+        if name == b"authorization" and authorization is None:
+            authorization = value.decode("latin-1")
+        elif name == b"x-api-key" and api_key is None:
+            api_key = value.decode("latin-1")
+    if authorization is None and api_key is not None:
+        if not api_key.strip().startswith(keys.KEY_PREFIX):
+            raise Unauthorized("Malformed x-api-key header; expected 'ck_...'")
+        return f"Bearer {api_key.strip()}"
     return authorization
 
 
@@ -59,18 +62,27 @@ class AuthRateLimitMiddleware:
             await error_response(rejected, decision.headers())(scope, receive, send)
             return
         scope.setdefault("state", {})["principal"] = principal
-        extra = [(k.lower().encode(), v.encode()) for k, v in decision.headers().items()]
-
-        async def send_with_limits(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
-            await send(message)
+        limits = [(k.lower().encode(), v.encode()) for k, v in decision.headers().items()]
+        added = scope.get(RESPONSE_HEADERS)
+        if added is not None:  # written with the response's start (ObservabilityMiddleware)
+            added.extend(limits)
+        else:  # an app without that middleware (tests)
+            send = _adding(send, limits)
 
         # The ledger (key id, model allow-list, key budget) and the logs read the caller.
         caller = keys.CALLER.set(principal)
         log_caller = LOG_CALLER.set(principal)
         try:
-            await self.app(scope, receive, send_with_limits)
+            await self.app(scope, receive, send)
         finally:
             LOG_CALLER.reset(log_caller)
             keys.CALLER.reset(caller)
+
+
+def _adding(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
+    async def send_with(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *headers]}
+        await send(message)
+
+    return send_with

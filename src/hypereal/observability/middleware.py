@@ -24,6 +24,10 @@ from hypereal.observability import metrics
 from hypereal.observability.logs import ACCESS_LOGGER, LOG_CONTEXT, access_writer
 
 REQUEST_ID_HEADER = b"x-request-id"
+# Scope key: a list of (name, value) headers that inner layers add to the response's start
+# (the auth middleware's X-RateLimit-*). This middleware appends them with the request id,
+# so no other layer wraps ``send`` only to add headers.
+RESPONSE_HEADERS = "hypereal.response_headers"
 # A client's id is kept when it is short and plain (no spaces, quotes or control characters).
 _VALID_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 UNMATCHED = "<unmatched>"
@@ -91,7 +95,8 @@ class ObservabilityMiddleware:
                 break
         if request_id is None:
             request_id = new_request_id()
-        id_header = (REQUEST_ID_HEADER, request_id.encode())
+        added: list[tuple[bytes, bytes]] = [(REQUEST_ID_HEADER, request_id.encode())]
+        scope[RESPONSE_HEADERS] = added
         context: dict[str, Any] = {"request_id": request_id}
         token = LOG_CONTEXT.set(context)
         status = 500
@@ -100,7 +105,7 @@ class ObservabilityMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), id_header]}
+                message = {**message, "headers": [*message.get("headers", ()), *added]}
             await send(message)
 
         try:
