@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ async def account(db: Database, credits: int = 100) -> str:
 async def submit(
     db: Database, account_id: str, *, model: str = "m", credits: int = 10, webhook: bool = False
 ) -> jobs.JobView:
-    return await jobs.submit(
+    submitted = await jobs.submit(
         db,
         jobs.NewJob(
             account_id=account_id,
@@ -49,6 +50,7 @@ async def submit(
             webhook_url="https://example.com/hook" if webhook else None,
         ),
     )
+    return submitted.job
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,36 @@ async def test_the_sweep_resends_lost_messages_only_into_free_slots(db: Database
     startup = await maintenance.jobs_to_resend(db, kicked_before=None, slots=slots)
     assert sorted(startup) == sorted([(waiting[0].id, "m"), (other[0].id, "other")])
     assert full_waiting.id not in {job_id for job_id, _ in resent + again + startup}
+
+
+async def test_a_job_submitted_to_a_busy_model_is_not_sent_and_an_end_takes_it(
+    db: Database,
+) -> None:
+    """With the model's slot count, a job whose model has no free slot as it is inserted is
+    not sent (no queue message, no claim): the next end takes it; and the lease sweep sends
+    such a job at once once its model has a free slot."""
+    owner = await account(db)
+
+    def new() -> jobs.NewJob:
+        return jobs.NewJob(
+            account_id=owner, type="video", model="m", input={}, credits=10, media={}, slots=1
+        )
+
+    first = await jobs.submit(db, new())
+    assert first.send  # a free slot: sent
+    assert (await claim(db, first.job.id)).outcome == "claimed"
+    second = await jobs.submit(db, new())
+    assert not second.send and second.job.state == "queued"
+    a_while_ago = utcnow() - timedelta(hours=1)
+    # Still busy: the sweep leaves it to the end; with a second slot it is due at once.
+    assert await maintenance.jobs_to_resend(db, kicked_before=a_while_ago, slots={"m": 1}.get) == []
+    due = await maintenance.jobs_to_resend(db, kicked_before=a_while_ago, slots={"m": 2}.get)
+    assert due == [(second.job.id, "m")]
+    taker = jobs.Taker("w1", lease_seconds=60, concurrency=1)
+    ended = await jobs.complete_job(
+        db, first.job.id, "w1", output_url="u", output_key="k", result=None, take_next=taker
+    )
+    assert ended is not None and ended.taken is not None and ended.taken.id == second.job.id
 
 
 async def test_two_slots_run_two_jobs_of_a_model(db: Database) -> None:

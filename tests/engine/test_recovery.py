@@ -49,8 +49,8 @@ async def _leave_jobs_behind(
             credits=3,
             media={},
         )
-        running = await jobs.submit(services.db, new)
-        queued = await jobs.submit(services.db, new)
+        running = (await jobs.submit(services.db, new)).job
+        queued = (await jobs.submit(services.db, new)).job
         claim = await jobs.claim_job(
             services.db,
             running.id,
@@ -288,7 +288,7 @@ async def test_the_sweep_fails_a_dead_workers_job_once_with_its_webhook(tmp_path
                 webhook_url=url,
             )
             # Not put on the queue: the other worker takes them straight from the database.
-            dead, alive = await jobs.submit(db, new), await jobs.submit(db, new)
+            dead, alive = (await jobs.submit(db, new)).job, (await jobs.submit(db, new)).job
             for job, lease in ((dead, 0.01), (alive, 3600.0)):
                 claim = await jobs.claim_job(
                     db, job.id, new.model, "other-host:1:abc", concurrency=4, lease_seconds=lease

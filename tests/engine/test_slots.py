@@ -33,7 +33,7 @@ async def services(tmp_path: Path) -> AsyncIterator[Services]:
 
 
 async def submit(services: Services, account_id: str, model: str) -> str:
-    job = await jobs.submit(
+    submitted = await jobs.submit(
         services.db,
         jobs.NewJob(
             account_id=account_id,
@@ -44,7 +44,7 @@ async def submit(services: Services, account_id: str, model: str) -> str:
             media={},
         ),
     )
-    return job.id
+    return submitted.job.id
 
 
 async def test_slots_come_from_the_catalogue_else_the_backend(services: Services) -> None:

@@ -153,7 +153,7 @@ async def test_job_submissions_debit_and_insert_in_one_statement_exactly(db: Dat
     results = await asyncio.gather(
         *(jobs.submit(db, new()) for _ in range(20)), return_exceptions=True
     )
-    submitted = [r for r in results if isinstance(r, jobs.JobView)]
+    submitted = [r.job for r in results if isinstance(r, jobs.Submitted)]
     refused = [r for r in results if isinstance(r, InsufficientCredits)]
     assert len(submitted) == 100 // 7 and len(refused) == 20 - 100 // 7
     assert all(r.required == 7 and 0 <= r.available < 7 for r in refused)
@@ -252,3 +252,50 @@ async def test_a_batch_takes_its_locks_after_its_other_statements_in_key_order(
         "a:after",
         "d:after",
     ]
+
+
+async def test_an_operation_rolled_back_to_break_a_deadlock_runs_again(db: Database) -> None:
+    """Another connection and an operation lock two accounts in opposite orders. PostgreSQL
+    breaks the cycle by rolling back the operation (the other connection waits longer
+    before it checks): the writer runs the operation again, and it commits."""
+    import asyncpg
+
+    first = await keys.create_account(db, "first")
+    second = await keys.create_account(db, "second")
+    dsn = db.url.replace("postgresql+asyncpg://", "postgresql://")
+    other = await asyncpg.connect(dsn)
+    runs = 0
+
+    def rename_both(_: Dialect) -> Ops[None]:
+        nonlocal runs
+        runs += 1
+        yield Sql.run("UPDATE accounts SET name = 'op' WHERE id = :id", id=second)
+        yield Sql.run("UPDATE accounts SET name = 'op' WHERE id = :id", id=first)
+
+    try:
+        await other.execute("SET deadlock_timeout = '20s'")  # the writer's check comes first
+        transaction = other.transaction()
+        await transaction.start()
+        await other.execute("UPDATE accounts SET name = 'other' WHERE id = $1", first)
+        operation = asyncio.ensure_future(db.write(rename_both))
+        for _ in range(200):  # until the operation waits for the first account's row
+            waiting = await db.read(
+                lambda _: (
+                    yield Sql.one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND datname = current_database()"
+                    )
+                )
+            )
+            if waiting[0]:
+                break
+            await asyncio.sleep(0.02)
+        # Now the other connection wants the second account: a cycle, found by the writer's
+        # connection after its 1 s deadlock_timeout; the operation is rolled back.
+        await other.execute("UPDATE accounts SET name = 'other' WHERE id = $1", second)
+        await transaction.commit()
+        await operation
+    finally:
+        await other.close()
+    assert runs >= 2  # rolled back once at least, then run again
+    assert await db.read(_name, first) == "op" and await db.read(_name, second) == "op"

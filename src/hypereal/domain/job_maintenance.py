@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any
 
 from hypereal.domain.job_view import JobView, _view
-from hypereal.domain.jobs import Ended, _end_op
+from hypereal.domain.jobs import Ended, _end_op, _lock_model
 from hypereal.store.db import Database
 from hypereal.store.models import utcnow
 from hypereal.store.writer import Dialect, Ops, Sql
@@ -95,30 +96,34 @@ async def fail_expired(db: Database, job: JobView, error: str) -> Ended | None:
     )
 
 
+def _stale_where(kicked_before: datetime | None) -> tuple[str, dict[str, Any]]:
+    # A job never sent (its model was busy at submit) is due at once: see jobs.submit.
+    if kicked_before is None:
+        return "", {}
+    return " AND (kicked_at IS NULL OR kicked_at < :before)", {"before": kicked_before}
+
+
 def _stale_op(
     _: Dialect, kicked_before: datetime | None, slots: Callable[[str], int], limit: int
-) -> Ops[list[tuple[str, str]]]:
-    """Queued jobs whose message may be lost (sent before ``kicked_before``; None: every
-    queued job), oldest first, at most as many of a model as it has free slots (``slots``:
-    a model's slot count), marked as sent now. A job waiting for a slot of a busy model is
-    not one of them: the next of its model's jobs to end takes it."""
-    now = utcnow()
-    stale = "" if kicked_before is None else " AND kicked_at < :before"
-    since = {} if kicked_before is None else {"before": kicked_before}
+) -> Ops[dict[str, list[str]]]:
+    """Per model, the queued jobs whose message may be lost (see :func:`jobs_to_resend`),
+    oldest first, no more than the model's free slots. Reads only."""
+    stale, since = _stale_where(kicked_before)
     waiting = yield Sql.all(
         f"SELECT DISTINCT model FROM jobs WHERE state = 'queued'{stale}", **since
     )
     if not waiting:
-        return []
+        return {}
     running = yield Sql.all(
         "SELECT model, count(*) AS n FROM jobs WHERE state = 'processing' "
         "AND lease_until >= :now GROUP BY model",
-        now=now,
+        now=utcnow(),
     )
     busy = {row["model"]: int(row["n"]) for row in running}
-    found: list[tuple[str, str]] = []
+    found: dict[str, list[str]] = {}
+    total = 0
     for model in sorted(row["model"] for row in waiting):
-        free = min(slots(model) - busy.get(model, 0), limit - len(found))
+        free = min(slots(model) - busy.get(model, 0), limit - total)
         if free <= 0:
             continue
         rows = yield Sql.all(
@@ -128,10 +133,33 @@ def _stale_op(
             free=free,
             **since,
         )
-        found += [(row["id"], model) for row in rows]
-    for job_id in [job_id for job_id, _model in found]:
-        yield Sql.run("UPDATE jobs SET kicked_at = :now WHERE id = :id", now=now, id=job_id)
+        if rows:
+            found[model] = [row["id"] for row in rows]
+            total += len(rows)
     return found
+
+
+def _mark_sent_op(
+    d: Dialect, model: str, job_ids: list[str], kicked_before: datetime | None
+) -> Ops[list[str]]:
+    """Mark the jobs (of ``model``) as sent now, those still queued and due; under the
+    model's lock, as every write to its queued jobs takes it first (an end taking a queued
+    job holds the lock and waits for the job's row: a row held here before the lock would
+    deadlock)."""
+    yield from _lock_model(d, model)
+    stale, since = _stale_where(kicked_before)
+    now = utcnow()
+    marked = []
+    for job_id in job_ids:
+        changed = yield Sql.run(
+            f"UPDATE jobs SET kicked_at = :now WHERE id = :id AND state || '' = 'queued'{stale}",
+            now=now,
+            id=job_id,
+            **since,
+        )
+        if changed:
+            marked.append(job_id)
+    return marked
 
 
 async def jobs_to_resend(
@@ -141,12 +169,19 @@ async def jobs_to_resend(
     slots: Callable[[str], int],
     limit: int = 1000,
 ) -> list[tuple[str, str]]:
-    """Queued jobs to put on the queue again: at start-up every queued one (an in-process
-    queue does not outlive its process), later those whose message is older than
-    ``kicked_before`` (lost with a crashed process); of each model no more than its free
-    slots (``slots(model)`` minus its running jobs), since the rest are taken by the next of
-    its jobs to end."""
-    return await db.write(_stale_op, kicked_before, slots, limit)
+    """Queued jobs to put on the queue again, marked as sent now: at start-up every queued
+    one (an in-process queue does not outlive its process), later those whose message is
+    older than ``kicked_before`` (lost with a crashed process) or that were never sent; of
+    each model no more than its free slots (``slots(model)`` minus its running jobs), since
+    the rest are taken by the next of its jobs to end."""
+    due = await db.read(_stale_op, kicked_before, slots, limit)
+    found: list[tuple[str, str]] = []
+    for model, job_ids in due.items():
+        found += [
+            (job_id, model)
+            for job_id in await db.write(_mark_sent_op, model, job_ids, kicked_before)
+        ]
+    return found
 
 
 def _unrefunded_op(_: Dialect, cutoff: datetime) -> Ops[list[JobView]]:

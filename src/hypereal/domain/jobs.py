@@ -44,6 +44,18 @@ class NewJob:
     credits: int
     media: Mapping[str, str]  # field name -> media store key of the fetched input
     webhook_url: str | None = None
+    # The model's slot count: given, a job whose model has no free slot as it is inserted is
+    # not sent to the queue (Submitted.send False); the next of its model's jobs to end takes
+    # it. None: always sent.
+    slots: int | None = None
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A submitted job, and whether to put it on the queue now (see ``NewJob.slots``)."""
+
+    job: JobView
+    send: bool
 
 
 _JOB_COLUMNS = (
@@ -84,11 +96,18 @@ def _insert_job(
     output_url: str | None = None,
     output_key: str | None = None,
     result: Mapping[str, Any] | None = None,
-) -> Ops[JobView]:
+    slots: int | None = None,
+) -> Ops[Submitted]:
     now = utcnow()
     finished = state == "completed"
+    sql = _INSERT_JOB if pg_submit is None else _PG_SUBMIT
+    if slots is not None:  # sent only when the model has a free slot (NewJob.slots)
+        # (A parameter of its own for the count's model: PostgreSQL deduces one type per
+        # parameter, and the job's model column is varchar(100).)
+        running = _RUNNING.replace(":model", ":counted_model")
+        sql = sql.replace(":kicked_at", f"CASE WHEN {running} < :slots THEN :now END")
     row = yield Sql(  # the last write of every operation that inserts a job
-        _INSERT_JOB if pg_submit is None else _PG_SUBMIT,
+        sql,
         dict(
             **(pg_submit or {}),
             id=job_id,
@@ -111,6 +130,7 @@ def _insert_job(
             completed_at=now if finished else None,
             media=to_json(dict(media)) if media is not None else None,
             kicked_at=None if finished else now,
+            **({} if slots is None else {"slots": max(1, slots), "counted_model": model}),
         ),
         "one",
         True,
@@ -118,14 +138,14 @@ def _insert_job(
     if row["id"] is None:  # _PG_SUBMIT's debit was refused: nothing was written
         assert pg_submit is not None
         yield from ledger.refused_op(account_id, pg_submit["amount"])
-    return _view(row)
+    return Submitted(_view(row), row["kicked_at"] is not None)
 
 
 def _debit_description(new: NewJob) -> str:
     return f"{new.type} generation ({new.model})"
 
 
-def _submit_op(d: Dialect, job_id: str, new: NewJob, by: ledger.Spender) -> Ops[JobView]:
+def _submit_op(d: Dialect, job_id: str, new: NewJob, by: ledger.Spender) -> Ops[Submitted]:
     pg_submit: dict[str, Any] | None = None
     debit_entry_id: int | None = None
     if d.pg and not by.budgeted:  # the debit and the job row in one statement
@@ -154,14 +174,20 @@ def _submit_op(d: Dialect, job_id: str, new: NewJob, by: ledger.Spender) -> Ops[
             debit_entry_id=debit_entry_id,
             media=new.media,
             webhook_url=new.webhook_url,
+            slots=new.slots,
         )
     )
 
 
-async def submit(db: Database, new: NewJob) -> JobView:
+async def submit(db: Database, new: NewJob) -> Submitted:
     """Debit the credits and create the queued job in one transaction (the caller then puts
-    it on the queue). Raises InsufficientCredits (or, for the calling key, ModelNotAllowed or
-    KeyBudgetExceeded), and then nothing is written."""
+    it on the queue, when ``send``). Raises InsufficientCredits (or, for the calling key,
+    ModelNotAllowed or KeyBudgetExceeded), and then nothing is written.
+
+    With ``new.slots``, a job whose model has no free slot is left unsent: on PostgreSQL the
+    count is not under the model's lock, so an end racing the insert may miss it, and the
+    lease sweep sends it within a poll interval (a queued job never sent is due at once
+    when its model has a free slot)."""
     by = ledger.spender(new.account_id, new.model)
     job_id = new_id("job")
     annotate(job_id=job_id)
@@ -188,7 +214,7 @@ async def record_completed(
     No queueing and no webhook: the row is written directly as ``completed``.
     """
 
-    def record(_: Dialect) -> Ops[JobView]:
+    def record(_: Dialect) -> Ops[Submitted]:
         return _insert_job(
             job_id=job_id,
             account_id=account_id,
@@ -203,7 +229,7 @@ async def record_completed(
             result=result,
         )
 
-    return await db.write(record)
+    return (await db.write(record)).job
 
 
 # ------------------------------------------------------------------------- reading

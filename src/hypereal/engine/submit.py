@@ -75,7 +75,7 @@ async def submit_generation(
         if available < credits:
             raise InsufficientCredits(required=credits, available=available)
     media = await _store_inputs(services, account_id, spec, params)
-    job = await jobs.submit(
+    submitted = await jobs.submit(
         services.db,
         jobs.NewJob(
             account_id=account_id,
@@ -85,13 +85,16 @@ async def submit_generation(
             credits=credits,
             media=media,
             webhook_url=webhook_url,
+            slots=engine.slots(spec.slug),
         ),
     )
+    if not submitted.send:  # its model is busy: the next of its jobs to end takes it
+        return submitted.job
     try:
-        await engine.kick(job.id, job.model)
+        await engine.kick(submitted.job.id, submitted.job.model)
     except Exception:  # the job is safe in the database; maintenance re-sends it
-        log.exception("job %s: could not put it on the queue now", job.id)
-    return job
+        log.exception("job %s: could not put it on the queue now", submitted.job.id)
+    return submitted.job
 
 
 def check_backend_input(services: JobServices, spec: ModelSpec, params: Mapping[str, Any]) -> None:

@@ -20,6 +20,8 @@ from hypereal.store.ops import (
 )
 
 _NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+# An operation that PostgreSQL rolls back to break a deadlock is run again this many times.
+DEADLOCK_RETRIES = 2
 
 
 class _PgStatement:
@@ -433,11 +435,20 @@ class PgStore:
             except asyncpg.PostgresError as exc:
                 log.debug("group commit of %d rolled back (%s); one by one", len(positions), exc)
         for position in positions:
-            try:
-                async with conn.transaction():
-                    outcomes[position] = (True, await _drive_async(conn, batch[position][0]))
-            except Exception as exc:
-                outcomes[position] = (False, _pg_error(exc))
+            for attempt in range(DEADLOCK_RETRIES + 1):
+                try:
+                    async with conn.transaction():
+                        outcomes[position] = (True, await _drive_async(conn, batch[position][0]))
+                except asyncpg.DeadlockDetectedError as exc:
+                    # PostgreSQL chose this transaction to break a lock cycle with another
+                    # process: nothing of it stands, and alone again it usually goes through.
+                    outcomes[position] = (False, _pg_error(exc))
+                    if attempt < DEADLOCK_RETRIES:
+                        log.info("operation rolled back by a deadlock; running it again")
+                        continue
+                except Exception as exc:
+                    outcomes[position] = (False, _pg_error(exc))
+                break
 
     async def close(self) -> None:
         self._closing = True
