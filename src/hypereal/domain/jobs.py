@@ -10,6 +10,7 @@ transaction as its terminal state, so the event cannot be lost.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -101,11 +102,8 @@ def _insert_job(
     now = utcnow()
     finished = state == "completed"
     sql = _INSERT_JOB if pg_submit is None else _PG_SUBMIT
-    if slots is not None:  # sent only when the model has a free slot (NewJob.slots)
-        # (A parameter of its own for the count's model: PostgreSQL deduces one type per
-        # parameter, and the job's model column is varchar(100).)
-        running = _RUNNING.replace(":model", ":counted_model")
-        sql = sql.replace(":kicked_at", f"CASE WHEN {running} < :slots THEN :now END")
+    if slots is not None:
+        sql = _sent_if_free(sql)
     row = yield Sql(  # the last write of every operation that inserts a job
         sql,
         dict(
@@ -139,6 +137,15 @@ def _insert_job(
         assert pg_submit is not None
         yield from ledger.refused_op(account_id, pg_submit["amount"])
     return Submitted(_view(row), row["kicked_at"] is not None)
+
+
+@functools.cache
+def _sent_if_free(insert: str) -> str:
+    """``insert`` with the job marked as sent only when its model has a free slot
+    (``NewJob.slots``). The count's model is a parameter of its own: PostgreSQL deduces one
+    type per parameter, and the job's model column is varchar(100)."""
+    running = _RUNNING.replace(":model", ":counted_model")
+    return insert.replace(":kicked_at", f"CASE WHEN {running} < :slots THEN :now END")
 
 
 def _debit_description(new: NewJob) -> str:
