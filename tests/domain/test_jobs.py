@@ -1,5 +1,6 @@
 """The job state machine on its own (``domain/jobs.py``), on a real SQLite database and on a
-real PostgreSQL database (where claims and hand-overs take the model's advisory lock): submit
+real PostgreSQL database (where claims take the model's advisory lock, and an end hands its
+slot over without it): submit
 debits, claim takes a free slot of the model or leaves the job queued, each end is reached
 once, failures and cancels refund exactly once, the oldest queued job is handed the slot an
 ending job frees, and leases expire into a re-queue."""
@@ -418,9 +419,8 @@ async def test_concurrent_claims_from_three_writers_fill_exactly_the_slots() -> 
 
 
 async def test_a_claim_waits_for_the_models_lock_that_an_ending_job_takes() -> None:
-    """PostgreSQL: a claim takes its model's advisory lock (the one the hand-over of an
-    ending job takes): while another transaction holds that lock, a claim of the model
-    waits, and it runs once the lock is let go."""
+    """PostgreSQL: a claim takes its model's advisory lock: while another transaction holds
+    that lock, a claim of the model waits, and it runs once the lock is let go."""
     import asyncpg
 
     async with migrated_postgres() as db:
@@ -447,3 +447,146 @@ async def test_a_claim_waits_for_the_models_lock_that_an_ending_job_takes() -> N
             assert (await waiting).outcome == "claimed"
         finally:
             await holder.close()
+
+
+class _Holder:
+    """PostgreSQL: a second connection with a transaction open, to hold a model's advisory
+    lock or a job's row while the code under test runs, and to see who waits on what."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def __aenter__(self) -> _Holder:
+        import asyncpg
+
+        self.conn = await asyncpg.connect(
+            self.db.url.replace("postgresql+asyncpg://", "postgresql://")
+        )
+        self.transaction = self.conn.transaction()
+        await self.transaction.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.conn.is_in_transaction():
+            await self.transaction.rollback()
+        await self.conn.close()
+
+    async def lock_model(self, model: str) -> None:
+        await self.conn.execute("SELECT pg_advisory_xact_lock($1)", jobs._model_lock_key(model))
+
+    async def hold_row(self, job_id: str) -> None:
+        await self.conn.execute("SELECT id FROM jobs WHERE id = $1 FOR UPDATE", job_id)
+
+    async def waiters(self, event: str) -> int:
+        """Sessions of this database waiting on a lock of that kind ('advisory', 'tuple',
+        'transactionid')."""
+        return int(
+            await self.conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND wait_event = $1 AND datname = current_database()",
+                event,
+            )
+        )
+
+    async def until_waiting(self, event: str, task: asyncio.Future[object]) -> int:
+        for _ in range(400):
+            if task.done() or await self.waiters(event):
+                break
+            await asyncio.sleep(0.025)
+        return await self.waiters(event)
+
+
+async def test_an_end_hands_its_live_slot_over_without_the_models_lock() -> None:
+    """PostgreSQL: an end whose job held a live lease passes its slot to the oldest queued
+    job with no advisory lock (the running count cannot change), so ends of one model in
+    several worker processes do not queue behind each other's commits; a claim of the model
+    meanwhile still waits for the lock."""
+    async with migrated_postgres() as db:
+        owner = await account(db)
+        running, waiting, other = [await submit(db, owner) for _ in range(3)]
+        assert (await claim(db, running.id)).outcome == "claimed"
+        async with _Holder(db) as holder:
+            await holder.lock_model("m")
+            taker = jobs.Taker("w1", lease_seconds=60, concurrency=1)
+            ended = await asyncio.wait_for(
+                jobs.complete_job(
+                    db,
+                    running.id,
+                    "w1",
+                    output_url="u",
+                    output_key="k",
+                    result=None,
+                    take_next=taker,
+                ),
+                timeout=60,
+            )
+            assert ended is not None and ended.taken is not None and ended.taken.id == waiting.id
+            # A claim of the model still takes the lock: it waits for the holder.
+            blocked = asyncio.ensure_future(claim(db, other.id))
+            assert await holder.until_waiting("advisory", blocked) == 1
+            await holder.transaction.commit()
+            assert (await blocked).outcome == "busy"  # the one slot is the taken job's
+
+
+async def test_an_end_whose_lease_lapsed_takes_the_next_job_under_the_models_lock() -> None:
+    """PostgreSQL: a job whose lease ran out was not counted as running, and a claim may
+    have filled its slot meanwhile: its end takes a queued job only under the model's lock,
+    and only into a free slot."""
+    async with migrated_postgres() as db:
+        owner = await account(db)
+        running, waiting = [await submit(db, owner) for _ in range(2)]
+        assert (await claim(db, running.id)).outcome == "claimed"
+        async with _Holder(db) as holder:
+            # Less than half a lease left: the job's worker stalled past its renewals.
+            await holder.conn.execute(
+                "UPDATE jobs SET lease_until = $1 WHERE id = $2",
+                utcnow() + timedelta(seconds=20),
+                running.id,
+            )
+            await holder.transaction.commit()
+        async with _Holder(db) as holder:
+            await holder.lock_model("m")
+            taker = jobs.Taker("w1", lease_seconds=60, concurrency=1)
+            ending = asyncio.ensure_future(
+                jobs.complete_job(
+                    db,
+                    running.id,
+                    "w1",
+                    output_url="u",
+                    output_key="k",
+                    result=None,
+                    take_next=taker,
+                )
+            )
+            assert await holder.until_waiting("advisory", ending) == 1
+            await holder.transaction.commit()
+            ended = await ending
+        assert ended is not None and ended.taken is not None and ended.taken.id == waiting.id
+
+
+async def test_writes_under_the_models_lock_pass_over_a_job_another_transaction_holds() -> None:
+    """PostgreSQL: an end handing its slot over holds the job it takes, without the model's
+    lock, and its batch may take that lock later; so a claim, a taker-less end and the
+    sweep, lock in hand, never wait for a held queued job (a deadlock with that batch):
+    they pass over it, and each sees it again once it is let go."""
+    async with migrated_postgres() as db:
+        owner = await account(db, credits=1000)
+        running, held, free = [await submit(db, owner) for _ in range(3)]
+        assert (await claim(db, running.id, limit=2)).outcome == "claimed"
+        async with _Holder(db) as holder:
+            await holder.hold_row(held.id)
+            # A claim of the held job: passed over at once, the job stays queued.
+            assert (await asyncio.wait_for(claim(db, held.id, limit=2), 60)).outcome == "busy"
+            # The sweep sends the next free job instead.
+            due = await asyncio.wait_for(
+                maintenance.jobs_to_resend(db, kicked_before=None, slots={"m": 3}.get), 60
+            )
+            assert due == [(free.id, "m")]
+            # A taker-less end (a cancel) re-sends the queued job sent longest ago that is
+            # not held: the free one, sent just now by the sweep, since the held one is.
+            ended, _ = await asyncio.wait_for(jobs.cancel_job(db, owner, running.id), 60)
+            assert ended is not None and ended.next_job_id == free.id
+            assert await holder.waiters("tuple") == 0
+            assert await holder.waiters("transactionid") == 0
+        # Let go: the job is claimed as any other.
+        assert (await claim(db, held.id, limit=2)).outcome == "claimed"

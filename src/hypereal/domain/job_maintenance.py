@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from hypereal.domain.job_view import JobView, _view
-from hypereal.domain.jobs import Ended, _end_op, _lock_model
+from hypereal.domain.jobs import Ended, _end_op, _lock_model, _this_row
 from hypereal.store.db import Database
 from hypereal.store.models import utcnow
 from hypereal.store.writer import Dialect, Ops, Sql
@@ -142,17 +142,19 @@ def _stale_op(
 def _mark_sent_op(
     d: Dialect, model: str, job_ids: list[str], kicked_before: datetime | None
 ) -> Ops[list[str]]:
-    """Mark the jobs (of ``model``) as sent now, those still queued and due; under the
-    model's lock, as every write to its queued jobs takes it first (an end taking a queued
-    job holds the lock and waits for the job's row: a row held here before the lock would
-    deadlock)."""
+    """Mark the jobs (of ``model``) as sent now, those still queued and due. Under the
+    model's lock, which every write that counts its slots takes first; a job another
+    transaction holds (an end taking it, see ``jobs._this_row``) is passed over, and a row
+    is never held here before the lock (an end taking a queued job under the lock would
+    wait for it: a deadlock)."""
     yield from _lock_model(d, model)
     stale, since = _stale_where(kicked_before)
     now = utcnow()
     marked = []
     for job_id in job_ids:
         changed = yield Sql.run(
-            f"UPDATE jobs SET kicked_at = :now WHERE id = :id AND state || '' = 'queued'{stale}",
+            f"UPDATE jobs SET kicked_at = :now WHERE {_this_row(d)} AND state || '' = 'queued'"
+            f"{stale}",
             now=now,
             id=job_id,
             **since,

@@ -31,7 +31,7 @@ from hypereal.domain.job_view import webhook_payload as webhook_payload
 from hypereal.observability.logs import annotate
 from hypereal.store.db import Database
 from hypereal.store.models import Job, utcnow
-from hypereal.store.writer import Dialect, Ops, Sql, to_json
+from hypereal.store.writer import Dialect, Ops, Sql, as_datetime, to_json
 
 # ------------------------------------------------------------------------- submit
 
@@ -322,13 +322,23 @@ _CLAIM = (
 )
 
 
+def _this_row(d: Dialect) -> str:
+    """``id = :id``; on PostgreSQL, not while another transaction holds the row. Every write
+    under a model's lock picks its rows so: an end handing its slot over holds the job it
+    takes without that lock (see :func:`_take_next`), and may wait for the lock itself
+    later in its batch; waiting for its row here, lock in hand, would deadlock."""
+    if not d.pg:
+        return "id = :id"
+    return f"id = (SELECT id FROM jobs WHERE id = :id{d.skip_locked})"
+
+
 def _claim_op(
     d: Dialect, job_id: str, model: str, worker_id: str, concurrency: int, lease_seconds: float
 ) -> Ops[JobView | None]:
     yield from _lock_model(d, model)
     now = utcnow()
     row = yield Sql.one(
-        f"{_CLAIM} WHERE id = :id AND model || '' = :model AND state || '' = 'queued' "
+        f"{_CLAIM} WHERE {_this_row(d)} AND model || '' = :model AND state || '' = 'queued' "
         f"AND {_RUNNING} < :limit RETURNING *",
         worker=worker_id,
         lease=now + timedelta(seconds=lease_seconds),
@@ -451,9 +461,13 @@ def _end_op(
     d: Dialect, where: str, params: dict[str, Any], values: str, taker: Taker | None = None
 ) -> Ops[Ended | None]:
     now = utcnow()
+    # On PostgreSQL an end that hands its slot over also reads the lease it held (see below).
+    held = d.pg and taker is not None
     row = yield Sql.one(
         f"UPDATE jobs SET completed_at = :ended_at, lease_until = NULL, {values} "
-        f"WHERE {where} RETURNING *",
+        + (_HELD_FROM if held else "")
+        + f"WHERE {where} RETURNING "
+        + ("jobs.*, held.held_until" if held else "*"),
         ended_at=now,
         **params,
     )
@@ -477,17 +491,35 @@ def _end_op(
     if row["worker_id"] is None:  # it held no slot of its model
         return Ended(job, delivery_id)
     if taker is not None and row["worker_id"] == taker.worker_id:
-        taken = yield from _take_next(d, job.model, now, taker)
+        # Its lease was live (counted among the model's running jobs): the slot passes to the
+        # job taken, and the running count cannot change, so no lock is needed. A lapsed
+        # lease was not counted, and a concurrent claim may have taken its place.
+        handover = held and _held(row["held_until"], now, taker)
+        taken = yield from _take_next(d, job.model, now, taker, locked=not handover)
         return Ended(job, delivery_id, taken=taken)
     next_job_id = yield from _resend_next(d, job.model, now)
     return Ended(job, delivery_id, next_job_id)
 
 
-# The oldest queued job of a model (``ix_jobs_queued``).
-_NEXT_QUEUED = (
-    "id = (SELECT id FROM jobs WHERE model = :model AND state = 'queued' "
-    "ORDER BY created_at, id LIMIT 1) AND state || '' = 'queued'"
-)
+# The lease the ended job held, read by its end's UPDATE (RETURNING gives the new row).
+_HELD_FROM = "FROM (SELECT lease_until AS held_until FROM jobs WHERE id = :id) held "
+
+
+def _held(held_until: Any, now: datetime, taker: Taker) -> bool:
+    """Whether the ended job's lease was live by a safe margin (half a lease: a worker
+    renews it every quarter lease at most), so that every worker counted it as running
+    whatever its clock."""
+    until = as_datetime(held_until)
+    return until is not None and until >= now + timedelta(seconds=taker.lease_seconds / 2)
+
+
+def _next_queued(d: Dialect) -> str:
+    """The oldest queued job of a model (``ix_jobs_queued``); on PostgreSQL one that no other
+    transaction holds (two ends at once take two jobs)."""
+    return (
+        "id = (SELECT id FROM jobs WHERE model = :model AND state = 'queued' "
+        f"ORDER BY created_at, id LIMIT 1{d.skip_locked}) AND state || '' = 'queued'"
+    )
 
 
 def _resend_next(d: Dialect, model: str, now: datetime) -> Ops[str | None]:
@@ -497,21 +529,25 @@ def _resend_next(d: Dialect, model: str, now: datetime) -> Ops[str | None]:
     yield from _lock_model(d, model)
     row = yield Sql.one(
         "UPDATE jobs SET kicked_at = :now WHERE id = (SELECT id FROM jobs WHERE model = :model "
-        "AND state = 'queued' ORDER BY coalesce(kicked_at, created_at), created_at, id LIMIT 1) "
-        "AND state || '' = 'queued' RETURNING id",
+        "AND state = 'queued' ORDER BY coalesce(kicked_at, created_at), created_at, id "
+        f"LIMIT 1{d.skip_locked}) AND state || '' = 'queued' RETURNING id",
         now=now,
         model=model,
     )
     return row["id"] if row is not None else None
 
 
-def _take_next(d: Dialect, model: str, now: datetime, taker: Taker) -> Ops[JobView | None]:
+def _take_next(
+    d: Dialect, model: str, now: datetime, taker: Taker, *, locked: bool = True
+) -> Ops[JobView | None]:
     """The oldest queued job of ``model``, claimed for the worker whose job just ended: no
     message, no second claim, and the slot count is checked as a claim checks it. A message
-    still on its way for that job finds it claimed."""
-    yield from _lock_model(d, model)
+    still on its way for that job finds it claimed. ``locked=False``: a hand-over of a
+    counted slot (see :func:`_end_op`), without the model's lock."""
+    if locked:
+        yield from _lock_model(d, model)
     row = yield Sql.one(
-        f"{_CLAIM}, kicked_at = :now WHERE {_NEXT_QUEUED} AND {_RUNNING} < :limit RETURNING *",
+        f"{_CLAIM}, kicked_at = :now WHERE {_next_queued(d)} AND {_RUNNING} < :limit RETURNING *",
         worker=taker.worker_id,
         lease=now + timedelta(seconds=taker.lease_seconds),
         now=now,

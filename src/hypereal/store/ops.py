@@ -88,6 +88,13 @@ class Dialect:
         """The two-argument maximum function (``max`` on SQLite)."""
         return "greatest" if self.pg else "max"
 
+    @property
+    def skip_locked(self) -> str:
+        """A row-locking clause for a sub-``SELECT`` that picks a row to update: on
+        PostgreSQL a row another transaction holds is passed over instead of waited for
+        (SQLite has one writer at a time: nothing to add)."""
+        return " FOR UPDATE SKIP LOCKED" if self.pg else ""
+
 
 SQLITE = Dialect(pg=False)
 POSTGRES = Dialect(pg=True)
