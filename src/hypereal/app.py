@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from hypereal.api.asgi import HyperealAPI
 from hypereal.api.cors import LeanCORSMiddleware
 from hypereal.api.deps import single_query_values
 from hypereal.api.error_shapes import (
@@ -20,7 +21,7 @@ from hypereal.api.error_shapes import (
     anthropic_error,
     openai_error,
 )
-from hypereal.api.errors import InternalErrorMiddleware, install_error_handlers
+from hypereal.api.errors import install_error_handlers
 from hypereal.api.middleware import AuthRateLimitMiddleware
 from hypereal.api.openapi import install_openapi
 from hypereal.api.routes import (
@@ -220,7 +221,7 @@ def create_app(
             app.state.engine = None
         await services.close()
 
-    app = FastAPI(
+    app = HyperealAPI(
         title="Hypereal API (self-hosted)",
         version="1.0.0",
         description="Self-hosted implementation of the Hypereal media-generation API.",
@@ -249,8 +250,8 @@ def create_app(
     add_routes(app, ops.router)
     install_openapi(app, services.catalogue)
 
-    # Added first, so innermost: its JSON 500 passes through the two below (headers).
-    app.add_middleware(InternalErrorMiddleware)
+    # Inside all of these: api/asgi.py's ErrorMiddleware (its JSON errors and 500s pass
+    # through them all, and get their headers).
     app.add_middleware(AuthRateLimitMiddleware, services=services)
     # Outside auth (a huge body is refused before anything else), inside CORS (its headers).
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)

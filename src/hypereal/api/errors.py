@@ -9,7 +9,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hypereal.domain.errors import HyperealError
 
@@ -67,7 +66,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # Only errors raised by the middleware themselves get here (see InternalErrorMiddleware).
+        # Only errors raised by the middleware themselves get here (see api/asgi.py).
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return internal_error()
 
@@ -75,32 +74,3 @@ def install_error_handlers(app: FastAPI) -> None:
 def internal_error() -> JSONResponse:
     # A new response each time: middleware may edit a response's header list in place.
     return JSONResponse({"error": "Internal server error"}, status_code=500)
-
-
-class InternalErrorMiddleware:
-    """The innermost middleware: an unexpected exception becomes the JSON 500 here, inside
-    the CORS and rate-limit middleware, so the 500 carries their headers too (Starlette's own
-    handler for ``Exception`` answers from outside every middleware). An error after the
-    response started can only end the connection; it is logged and re-raised."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        except Exception:
-            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-            if started:
-                raise
-            await internal_error()(scope, receive, send)

@@ -23,6 +23,7 @@ import inspect
 import json
 import typing
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -227,6 +228,12 @@ def _index(routes: list[BaseRoute]) -> _Index:
     return index
 
 
+# FastAPI's request handler closes a request's uploaded files with the exit stack its
+# AsyncExitStackMiddleware leaves under this key; the app has no such middleware
+# (api/asgi.py): the router opens one for the routes FastAPI's handler runs.
+FILE_STACK = "fastapi_middleware_astack"
+
+
 class IndexedRouter(APIRouter):
     """FastAPI's router with the path index in front (see the module doc)."""
 
@@ -256,7 +263,9 @@ class IndexedRouter(APIRouter):
                     if lean is not None:
                         await lean(scope, receive, send)
                     else:
-                        await route.handle(scope, receive, send)
+                        async with AsyncExitStack() as stack:
+                            scope[FILE_STACK] = stack
+                            await route.handle(scope, receive, send)
                     return
                 if match == Match.PARTIAL:  # the path, another method
                     allowed.update(getattr(route, "methods", None) or ())
@@ -264,7 +273,9 @@ class IndexedRouter(APIRouter):
                 # FastAPI's loop would answer from the first partial match, whose Allow names
                 # only that route's methods; the path may have several routes.
                 raise HTTPException(405, headers={"Allow": ", ".join(sorted(allowed))})
-        await super().app(scope, receive, send)
+        async with AsyncExitStack() as stack:
+            scope[FILE_STACK] = stack
+            await super().app(scope, receive, send)
 
 
 def use_indexed_router(app: FastAPI) -> None:
