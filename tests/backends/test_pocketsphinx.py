@@ -223,3 +223,17 @@ async def test_concurrent_transcriptions_use_separate_recognisers(
     first, second = await asyncio.gather(transcribe(asr, speech_wav), transcribe(asr, counting))
     assert contains_in_order(first.data["text"].split(), PANGRAM_WORDS + COUNTING_WORDS)
     assert second.data["text"] == "one two three four five"
+
+
+async def test_a_transcript_does_not_depend_on_what_was_transcribed_before(
+    asr: PocketsphinxTranscription, speech_wav: MediaBlob
+) -> None:
+    """Recognisers are pooled, and a recogniser's cepstral mean adapts to what it hears: each
+    file starts from the model's own, so the same audio gets the same words and timings
+    whatever the pooled recogniser decoded before."""
+    other = await synthesize("Hello there, this is a sentence about the weather in big cities.")
+    first = (await transcribe(asr, speech_wav)).data
+    for _ in range(2):
+        await transcribe(asr, other)
+        again = (await transcribe(asr, speech_wav)).data
+        assert again["words"] == first["words"] and again["segments"] == first["segments"]
