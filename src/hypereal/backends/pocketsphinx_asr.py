@@ -76,8 +76,6 @@ _SUPPORTED = "WAV, MP3, OGG (Vorbis/Opus), FLAC, M4A/MP4, WebM/Matroska, AAC (AD
 # idle ones is shared by every instance; a busy one is never handed out twice.
 _IDLE_DECODERS: list[Any] = []
 _DECODERS_LOCK = threading.Lock()
-# Each pooled decoder's cepstral mean as it was made (see _release_decoder), by id.
-_FRESH_CMN: dict[int, str] = {}
 
 # "word(2)" is the second pronunciation of "word" in the dictionary.
 _ALTERNATE = re.compile(r"\(\d+\)$")
@@ -180,15 +178,14 @@ def _acquire_decoder() -> Any:
             return _IDLE_DECODERS.pop()
     pocketsphinx = _import("pocketsphinx")
     # The default acoustic model, language model and dictionary shipped in the wheel.
-    decoder = pocketsphinx.Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
-    _FRESH_CMN[id(decoder)] = decoder.get_cmn()
-    return decoder
+    return pocketsphinx.Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
 
 
 def _release_decoder(decoder: Any) -> None:
-    # The cepstral mean adapts to the audio a decoder hears; back to the model's own, so
-    # that a transcript does not depend on what the pooled decoder decoded before.
-    decoder.set_cmn(_FRESH_CMN[id(decoder)])
+    # The feature extraction adapts to the audio a decoder hears (its noise estimate and
+    # cepstral mean): made anew (microseconds, no model reloaded), so that a transcript does
+    # not depend on what the pooled decoder decoded before.
+    decoder.reinit_feat()
     with _DECODERS_LOCK:
         _IDLE_DECODERS.append(decoder)
 
