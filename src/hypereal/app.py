@@ -24,6 +24,7 @@ from hypereal.api.error_shapes import (
 from hypereal.api.errors import install_error_handlers
 from hypereal.api.middleware import AuthRateLimitMiddleware
 from hypereal.api.openapi import install_openapi
+from hypereal.api.responses import FastJSONResponse
 from hypereal.api.routes import (
     account,
     admin,
@@ -81,7 +82,7 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
 
     def _too_large(self) -> JSONResponse:
-        return JSONResponse(
+        return FastJSONResponse(
             {"error": f"Request body too large: the limit is {self.max_bytes} bytes"},
             status_code=413,
             headers={"Connection": "close"},

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hypereal.api.responses import FastJSONResponse
 from hypereal.domain.errors import HyperealError
 
 log = logging.getLogger("hypereal.api")
@@ -18,7 +19,7 @@ HTTP_MESSAGES = {404: "Not found", 405: "Method not allowed"}
 
 
 def error_response(exc: HyperealError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(
+    return FastJSONResponse(
         exc.body(), status_code=exc.status, headers={**exc.headers(), **(headers or {})}
     )
 
@@ -55,14 +56,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": validation_message(exc)}, status_code=400)
+        return FastJSONResponse({"error": validation_message(exc)}, status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else None
         if not message or message in ("Not Found", "Method Not Allowed"):
             message = HTTP_MESSAGES.get(exc.status_code, "Request failed")
-        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+        return FastJSONResponse(
+            {"error": message}, status_code=exc.status_code, headers=exc.headers
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -73,4 +76,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def internal_error() -> JSONResponse:
     # A new response each time: middleware may edit a response's header list in place.
-    return JSONResponse({"error": "Internal server error"}, status_code=500)
+    return FastJSONResponse({"error": "Internal server error"}, status_code=500)

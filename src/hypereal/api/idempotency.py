@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
+from hypereal.api.responses import FastJSONResponse
 from hypereal.domain import idempotency
 from hypereal.domain.errors import Conflict, HyperealError
 from hypereal.domain.keys import Principal
@@ -70,11 +71,11 @@ async def idempotent(
         )
     else:
         stored = idempotency.StoredResponse(
-            STREAMED.status, bytes(JSONResponse(STREAMED.body()).body), "application/json"
+            STREAMED.status, bytes(FastJSONResponse(STREAMED.body()).body), "application/json"
         )
     await idempotency.save(services.db, outcome, stored)
     return response
 
 
 def domain_error_response(exc: HyperealError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+    return FastJSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())

@@ -30,7 +30,6 @@ from typing import Any, cast
 from fastapi import FastAPI, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute, APIRouter
 from pydantic import BaseModel
 from starlette._utils import get_route_path
@@ -39,6 +38,7 @@ from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import Receive, Scope, Send
 
 from hypereal.api.deps import AdminDep, PrincipalDep, ServicesDep, get_admin, get_principal
+from hypereal.api.responses import FastJSONResponse
 
 _PLAIN_JSON = (str, int, float, bool, type(None))
 
@@ -129,7 +129,7 @@ class LeanEndpoint:
         if not isinstance(result, Response):
             if not (type(result) is dict and all(type(v) in _PLAIN_JSON for v in result.values())):
                 result = jsonable_encoder(result)
-            result = JSONResponse(result, status_code=self.status_code)
+            result = FastJSONResponse(result, status_code=self.status_code)
         await result(scope, receive, send)
 
     async def _read_body(self, request: Request) -> Any:

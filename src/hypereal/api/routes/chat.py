@@ -19,12 +19,13 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
 from hypereal.api.deps import PrincipalDep, ServicesDep
 from hypereal.api.idempotency import idempotent
+from hypereal.api.responses import FastJSONResponse
 from hypereal.backends.base import ChatDelta, ChatMessage
 from hypereal.domain.chat import ChatTurn, Choice, parse_messages
 from hypereal.domain.chat_options import chat_options
@@ -383,7 +384,7 @@ async def run_turn(
         assert task is not None
         task.uncancel()
         credits = await turn.settle()
-        return JSONResponse(
+        return FastJSONResponse(
             {"error": "Client closed the request", "creditsUsed": credits},
             status_code=CLIENT_CLOSED_REQUEST,
         )
@@ -400,7 +401,7 @@ async def _complete(turn: ChatTurn, request: Request) -> Response:
     if left is not None:
         return left
     credits = await turn.settle()
-    return JSONResponse(
+    return FastJSONResponse(
         {
             "id": turn.id,
             "object": "chat.completion",

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from hypereal.api.deps import PrincipalDep, ServicesDep
 from hypereal.api.idempotency import idempotent
+from hypereal.api.responses import FastJSONResponse
 from hypereal.domain import images
 from hypereal.domain.errors import BadRequest
 from hypereal.domain.keys import Principal
@@ -54,7 +54,7 @@ async def _run(
 
     async def produce() -> Response:
         result = await images.generate(services.pipeline, principal.account_id, spec, values)
-        return JSONResponse(
+        return FastJSONResponse(
             {
                 "created": result.created,
                 "data": [{"url": url, "model": result.model} for url in result.urls],

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 
 from hypereal.api.deps import PrincipalDep, ServicesDep, running_engine
 from hypereal.api.idempotency import idempotent
+from hypereal.api.responses import FastJSONResponse
 from hypereal.api.schemas import iso
 from hypereal.domain import admin_actions, jobs
 from hypereal.domain.catalogue import ModelSpec
@@ -178,7 +179,7 @@ async def _generate(
         if window > 0:
             job = await wait_for_job(request, services, job, window)
             if job.state == "completed":
-                return JSONResponse(completed_json(job))
+                return FastJSONResponse(completed_json(job))
             if job.state in jobs.TERMINAL:
                 raise JobEnded(job)
         query = urlencode({"model": job.model, "type": job.type})
@@ -188,7 +189,7 @@ async def _generate(
             if job.webhook_url
             else "Generation started. Poll pollUrl for the result."
         )
-        return JSONResponse(
+        return FastJSONResponse(
             {
                 "jobId": job.id,
                 "status": job.status,

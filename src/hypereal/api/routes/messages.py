@@ -17,11 +17,11 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from hypereal.api.deps import PrincipalDep, ServicesDep
 from hypereal.api.error_shapes import anthropic_error_type
+from hypereal.api.responses import FastJSONResponse
 from hypereal.api.routes.chat import (
     Feed,
     TurnAsk,
@@ -269,7 +269,7 @@ async def _complete(turn: ChatTurn, request: Request, stop: StopAt) -> Response:
     message = _message(turn, [{"type": "text", "text": stop.text}])
     message["stop_reason"] = stop.stop_reason(turn)
     message["stop_sequence"] = stop.matched
-    return JSONResponse({**message, "creditsUsed": credits})
+    return FastJSONResponse({**message, "creditsUsed": credits})
 
 
 @router.post("/messages")

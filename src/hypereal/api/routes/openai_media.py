@@ -24,6 +24,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from hypereal.api.deps import PrincipalDep, ServicesDep, running_engine
 from hypereal.api.idempotency import idempotent
+from hypereal.api.responses import FastJSONResponse
 from hypereal.api.routes.jobs import JobEnded, wait_for_job
 from hypereal.domain import images, jobs
 from hypereal.domain.catalogue import ModelSpec
@@ -144,7 +145,7 @@ async def _images_answer(
             else:
                 data.append({"url": url})
     body["creditsUsed"] = credits
-    return JSONResponse(body)
+    return FastJSONResponse(body)
 
 
 @router.post("/images/generations")
@@ -368,14 +369,14 @@ def transcript_response(result: dict[str, Any], response_format: str) -> Respons
     text = str(result.get("text", ""))
     segments = list(result.get("segments") or [])
     if response_format == "json":
-        return JSONResponse({"text": text})
+        return FastJSONResponse({"text": text})
     if response_format == "text":
         return PlainTextResponse(text)
     if response_format == "srt":
         return PlainTextResponse(_captions(segments, vtt=False))
     if response_format == "vtt":
         return PlainTextResponse(_captions(segments, vtt=True), media_type="text/vtt")
-    return JSONResponse(
+    return FastJSONResponse(
         {
             "task": "transcribe",
             "language": "english" if str(result.get("language", "")).startswith("en") else "",

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from hypereal.api.deps import ServicesDep
+from hypereal.api.responses import FastJSONResponse
 from hypereal.observability.metrics import DatabaseMetrics, exposition
 from hypereal.observability.readiness import readiness
 
@@ -29,13 +30,13 @@ async def ready(services: ServicesDep) -> JSONResponse:
     checks = await readiness(services)
     failing = [f"{name} ({answer})" for name, answer in checks.items() if answer != "ok"]
     if not failing:
-        return JSONResponse({"status": "ready", "checks": checks})
+        return FastJSONResponse({"status": "ready", "checks": checks})
     body: dict[str, Any] = {
         "status": "unavailable",
         "error": "Not ready: " + "; ".join(failing),
         "checks": checks,
     }
-    return JSONResponse(body, status_code=503)
+    return FastJSONResponse(body, status_code=503)
 
 
 @router.get("/metrics")
