@@ -97,3 +97,34 @@ async def test_grant_outside_1_to_max_is_refused_and_changes_nothing(
     balance = await ledger.balance(services.db, account)
     assert balance == ledger.MAX_GRANT and isinstance(balance, int)
     assert await ledger.ledger_sum(services.db, account) == balance
+
+
+async def test_a_charge_settles_at_once_when_it_refunds_nothing(db: Database) -> None:
+    """``Charge.settles_at_once``: no refund to write (all of the reservation used), or the
+    charge settled already; then ``settle`` answers without waiting, so even a cancellation
+    pending on the task does not stop it (the chat turn needs no shield then)."""
+    from hypereal.domain.generation import Charge
+
+    account = await keys.create_account(db, "at-once")
+    await ledger.grant(db, account, 50)
+    whole = await Charge.reserve(db, account, 10, reference="chat_a", label="chat")
+    assert whole.settles_at_once(10) and whole.settles_at_once(None) and whole.settles_at_once(12)
+    assert not whole.settles_at_once(3)
+    answers: list[int] = []
+
+    async def settle_with_a_cancel_pending() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        answers.append(await whole.settle(10))
+
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.create_task(settle_with_a_cancel_pending())
+    assert answers == [10] and whole.used == 10
+    assert whole.settles_at_once(3) and await whole.settle(3) == 10  # the first call decided
+    part = await Charge.reserve(db, account, 10, reference="chat_b", label="chat")
+    assert not part.settles_at_once(4)
+    assert await part.settle(4) == 4
+    assert part.settles_at_once(0) and await part.settle(0) == 4
+    assert await ledger.balance(db, account) == 50 - 10 - 4
+    assert await ledger.ledger_sum(db, account) == 36

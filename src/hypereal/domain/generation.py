@@ -109,6 +109,14 @@ class Charge:
     def settled(self) -> bool:
         return self.used is not None
 
+    def settles_at_once(self, used: int | None = None) -> bool:
+        """Whether :meth:`settle` with ``used`` returns without waiting for the database:
+        the charge is settled already (the first call decided), or there is nothing to
+        refund. Such a settle has no wait that a cancellation could interrupt."""
+        if self._settling is not None:
+            return self._settling.done()
+        return used is None or used >= self.reserved
+
     async def settle(self, used: int | None = None, *, note: str | None = None) -> int:
         """Charge ``used`` credits (all of the reservation when None), refund the rest;
         returns the credits charged. Safe to call again and concurrently."""
