@@ -590,3 +590,66 @@ async def test_writes_under_the_models_lock_pass_over_a_job_another_transaction_
             assert await holder.waiters("transactionid") == 0
         # Let go: the job is claimed as any other.
         assert (await claim(db, held.id, limit=2)).outcome == "claimed"
+
+
+async def test_concurrent_claims_and_hand_overs_never_exceed_the_slots() -> None:
+    """PostgreSQL, three writers (three worker processes): in each round every running job
+    ends and hands its slot over (no lock) while claims of queued jobs arrive from messages
+    (under the lock); after every round the model runs no more jobs than its slots, and in
+    the end every job ran exactly once."""
+    import random
+
+    async with migrated_postgres() as first:
+        others = [Database(first.url), Database(first.url)]
+        writers = [first, *others]
+        slots = 4
+        try:
+            owner = await account(first, credits=10_000)
+            queued = [await submit(first, owner) for _ in range(60)]
+            rng = random.Random(12)
+            running: dict[str, str] = {}  # job id -> worker
+            completed: list[str] = []
+            for round_ in range(40):
+                waiting = [j.id for j in queued if j.id not in running and j.id not in completed]
+                claims = rng.sample(waiting, min(len(waiting), 3))
+                ends = list(running.items())
+
+                async def end(index: int, job_id: str, worker: str) -> jobs.Ended | None:
+                    return await jobs.complete_job(
+                        writers[index % 3],
+                        job_id,
+                        worker,
+                        output_url="u",
+                        output_key="k",
+                        result=None,
+                        take_next=jobs.Taker(worker, lease_seconds=60, concurrency=slots),
+                    )
+
+                outcomes = await asyncio.gather(
+                    *(end(i, job_id, worker) for i, (job_id, worker) in enumerate(ends)),
+                    *(
+                        claim(writers[i % 3], job_id, f"w{i % 3}", limit=slots)
+                        for i, job_id in enumerate(claims)
+                    ),
+                )
+                for (job_id, _), ended in zip(ends, outcomes[: len(ends)], strict=True):
+                    assert isinstance(ended, jobs.Ended)
+                    completed.append(job_id)
+                    del running[job_id]
+                    if ended.taken is not None:
+                        running[ended.taken.id] = ended.taken.worker_id or ""
+                for outcome in outcomes[len(ends) :]:
+                    assert isinstance(outcome, Claimed)
+                    if outcome.job is not None:
+                        running[outcome.job.id] = outcome.job.worker_id or ""
+                states = [await jobs.load_job(first, j.id) for j in queued]
+                processing = {s.id for s in states if s is not None and s.state == "processing"}
+                assert processing == set(running), round_
+                assert len(processing) <= slots, round_
+                if len(completed) == len(queued):
+                    break
+            assert sorted(completed) == sorted(j.id for j in queued)
+            assert len(set(completed)) == len(completed)
+        finally:
+            for database in others:
+                await database.dispose()
