@@ -8,10 +8,11 @@ ending job frees, and leases expire into a re-queue."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,6 +53,21 @@ async def submit(
         ),
     )
     return submitted.job
+
+
+def complete_taking(
+    db: Database, job_id: str, worker: str = "w1", slots: int = 1
+) -> Coroutine[Any, Any, jobs.Ended | None]:
+    """Complete ``worker``'s job, taking the model's next queued job for that worker."""
+    return jobs.complete_job(
+        db,
+        job_id,
+        worker,
+        output_url="u",
+        output_key="k",
+        result=None,
+        take_next=jobs.Taker(worker, lease_seconds=60, concurrency=slots),
+    )
 
 
 @dataclass(frozen=True)
@@ -507,19 +523,7 @@ async def test_an_end_hands_its_live_slot_over_without_the_models_lock() -> None
         assert (await claim(db, running.id)).outcome == "claimed"
         async with _Holder(db) as holder:
             await holder.lock_model("m")
-            taker = jobs.Taker("w1", lease_seconds=60, concurrency=1)
-            ended = await asyncio.wait_for(
-                jobs.complete_job(
-                    db,
-                    running.id,
-                    "w1",
-                    output_url="u",
-                    output_key="k",
-                    result=None,
-                    take_next=taker,
-                ),
-                timeout=60,
-            )
+            ended = await asyncio.wait_for(complete_taking(db, running.id), timeout=60)
             assert ended is not None and ended.taken is not None and ended.taken.id == waiting.id
             # A claim of the model still takes the lock: it waits for the holder.
             blocked = asyncio.ensure_future(claim(db, other.id))
@@ -546,18 +550,7 @@ async def test_an_end_whose_lease_lapsed_takes_the_next_job_under_the_models_loc
             await holder.transaction.commit()
         async with _Holder(db) as holder:
             await holder.lock_model("m")
-            taker = jobs.Taker("w1", lease_seconds=60, concurrency=1)
-            ending = asyncio.ensure_future(
-                jobs.complete_job(
-                    db,
-                    running.id,
-                    "w1",
-                    output_url="u",
-                    output_key="k",
-                    result=None,
-                    take_next=taker,
-                )
-            )
+            ending = asyncio.ensure_future(complete_taking(db, running.id))
             assert await holder.until_waiting("advisory", ending) == 1
             await holder.transaction.commit()
             ended = await ending
@@ -614,19 +607,11 @@ async def test_concurrent_claims_and_hand_overs_never_exceed_the_slots() -> None
                 claims = rng.sample(waiting, min(len(waiting), 3))
                 ends = list(running.items())
 
-                async def end(index: int, job_id: str, worker: str) -> jobs.Ended | None:
-                    return await jobs.complete_job(
-                        writers[index % 3],
-                        job_id,
-                        worker,
-                        output_url="u",
-                        output_key="k",
-                        result=None,
-                        take_next=jobs.Taker(worker, lease_seconds=60, concurrency=slots),
-                    )
-
                 outcomes = await asyncio.gather(
-                    *(end(i, job_id, worker) for i, (job_id, worker) in enumerate(ends)),
+                    *(
+                        complete_taking(writers[i % 3], job_id, worker, slots)
+                        for i, (job_id, worker) in enumerate(ends)
+                    ),
                     *(
                         claim(writers[i % 3], job_id, f"w{i % 3}", limit=slots)
                         for i, job_id in enumerate(claims)
