@@ -25,6 +25,7 @@ gets the app's ``Exception`` handler (a JSON 500).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -32,6 +33,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.telemetry._asgi import ExceptionTelemetryMiddleware
 from starlette._exception_handler import _lookup_exception_handler
+from starlette._utils import is_async_callable
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException, WebSocketException
 from starlette.middleware.errors import ServerErrorMiddleware
@@ -97,7 +99,7 @@ class ErrorMiddleware:
             if handler is not None:
                 try:
                     request = Request(scope, receive, send)
-                    if _is_async(handler):
+                    if is_async_callable(handler):
                         response = await handler(request, exc)
                     else:
                         response = await run_in_threadpool(handler, request, exc)
@@ -115,16 +117,12 @@ class ErrorMiddleware:
             await internal_error()(scope, receive, send)
 
 
-def _is_async(handler: Any) -> bool:
-    from starlette._utils import is_async_callable
-
-    return is_async_callable(handler)
-
-
 class HyperealAPI(FastAPI):
     """FastAPI with the leaner request path of this module's doc."""
 
+    @functools.cached_property
     def _telemetry_on(self) -> bool:
+        """Whether the app was created with any of FastAPI's telemetry on (fixed then)."""
         config = self._telemetry
         return bool(config["tracing"] or config["metrics"] or config["logs"])
 
@@ -139,12 +137,12 @@ class HyperealAPI(FastAPI):
         app: ASGIApp = ErrorMiddleware(self.router, handlers)
         for cls, args, kwargs in reversed(self.user_middleware):
             app = cls(app, *args, **kwargs)
-        if self._telemetry_on():
+        if self._telemetry_on:
             app = ExceptionTelemetryMiddleware(app)
         return ServerErrorMiddleware(app, handler=error_handler, debug=self.debug)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self._telemetry_on():
+        if scope["type"] != "http" or self._telemetry_on:
             await super().__call__(scope, receive, send)
             return
         if self.root_path:
