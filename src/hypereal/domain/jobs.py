@@ -296,9 +296,10 @@ def _model_lock_key(model: str) -> int:
 
 
 def _lock_model(d: Dialect, model: str) -> Ops[None]:
-    """PostgreSQL: serialise claims and hand-overs of one model's slots (held to commit; a
-    batch takes it after its other statements, see ``Sql.lock``); SQLite's writers are
-    serial already."""
+    """PostgreSQL: serialise the writes that count one model's slots (claims, an end whose
+    lease lapsed, re-sends; held to commit; a batch takes it after its other statements, see
+    ``Sql.lock``). A hand-over of a live slot needs none (see :func:`_end_op`). SQLite's
+    writers are serial already."""
     if d.pg:
         yield Sql.lock("SELECT pg_advisory_xact_lock(:key)", key=_model_lock_key(model))
 
@@ -367,7 +368,8 @@ async def claim_job(
 
     One conditional UPDATE (``state = 'queued'`` and fewer than ``concurrency`` running). On
     PostgreSQL the model's advisory lock, taken first, makes the slot count exact across
-    concurrent claims and hand-overs; SQLite serialises writers.
+    concurrent claims (a hand-over of a live slot leaves the count as it is); SQLite
+    serialises writers.
     """
     return await db.write(_claim_op, job_id, model, worker_id, concurrency, lease_seconds)
 

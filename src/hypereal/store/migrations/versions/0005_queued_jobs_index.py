@@ -21,25 +21,22 @@ PARKED = "state = 'queued' AND kicked_at IS NULL"
 COLUMNS = ["model", "created_at", "id"]
 
 
-def upgrade() -> None:
-    op.drop_index("ix_jobs_parked", table_name="jobs")
+def _partial_index(name: str, where: str) -> None:
     op.create_index(
-        "ix_jobs_queued",
+        name,
         "jobs",
         COLUMNS,
         unique=False,
-        sqlite_where=sa.text(QUEUED),
-        postgresql_where=sa.text(QUEUED),
+        sqlite_where=sa.text(where),
+        postgresql_where=sa.text(where),
     )
+
+
+def upgrade() -> None:
+    op.drop_index("ix_jobs_parked", table_name="jobs")
+    _partial_index("ix_jobs_queued", QUEUED)
 
 
 def downgrade() -> None:
     op.drop_index("ix_jobs_queued", table_name="jobs")
-    op.create_index(
-        "ix_jobs_parked",
-        "jobs",
-        COLUMNS,
-        unique=False,
-        sqlite_where=sa.text(PARKED),
-        postgresql_where=sa.text(PARKED),
-    )
+    _partial_index("ix_jobs_parked", PARKED)
