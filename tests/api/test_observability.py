@@ -312,3 +312,32 @@ async def test_ready_is_503_when_the_postgresql_database_is_dropped(tmp_path: Pa
     assert ready.status_code == 503, ready.text
     assert ready.json()["checks"]["database"] != "ok"
     assert ready.json()["error"].startswith("Not ready: database (")
+
+
+async def test_added_response_headers_go_through_the_list_or_a_send_wrapper() -> None:
+    """``add_response_headers``: with ObservabilityMiddleware outside, the headers join its
+    list (``send`` unchanged); without it, ``send`` is wrapped and adds them to the start,
+    in a new message (the response's own list untouched)."""
+    from starlette.types import Message
+
+    from hypereal.observability.middleware import RESPONSE_HEADERS, add_response_headers
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    limits = [(b"x-ratelimit-limit", b"10")]
+    listed: list[tuple[bytes, bytes]] = [(b"x-request-id", b"r1")]
+    scope: dict[str, object] = {RESPONSE_HEADERS: listed}
+    assert add_response_headers(scope, send, limits) is send
+    assert listed == [(b"x-request-id", b"r1"), (b"x-ratelimit-limit", b"10")]
+
+    wrapped = add_response_headers({}, send, limits)
+    own = [(b"content-type", b"application/json")]
+    start: Message = {"type": "http.response.start", "status": 200, "headers": own}
+    await wrapped(start)
+    await wrapped({"type": "http.response.body", "body": b"{}"})
+    assert sent[0]["headers"] == [*own, (b"x-ratelimit-limit", b"10")]
+    assert own == [(b"content-type", b"application/json")]
+    assert sent[1] == {"type": "http.response.body", "body": b"{}"}

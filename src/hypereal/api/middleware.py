@@ -8,13 +8,13 @@ included, carries the ``X-RateLimit-*`` headers, and SSE passes through unbuffer
 
 from __future__ import annotations
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hypereal.api.errors import error_response
 from hypereal.domain import keys
 from hypereal.domain.errors import HyperealError, RateLimited, Unauthorized
 from hypereal.observability.logs import LOG_CALLER
-from hypereal.observability.middleware import RESPONSE_HEADERS
+from hypereal.observability.middleware import add_response_headers
 from hypereal.services import Services
 
 API_PREFIXES = ("/v1/", "/api/v1/")
@@ -63,11 +63,7 @@ class AuthRateLimitMiddleware:
             return
         scope.setdefault("state", {})["principal"] = principal
         limits = [(k.lower().encode(), v.encode()) for k, v in decision.headers().items()]
-        added = scope.get(RESPONSE_HEADERS)
-        if added is not None:  # written with the response's start (ObservabilityMiddleware)
-            added.extend(limits)
-        else:  # an app without that middleware (tests)
-            send = _adding(send, limits)
+        send = add_response_headers(scope, send, limits)
 
         # The ledger (key id, model allow-list, key budget) and the logs read the caller.
         caller = keys.CALLER.set(principal)
@@ -77,12 +73,3 @@ class AuthRateLimitMiddleware:
         finally:
             LOG_CALLER.reset(log_caller)
             keys.CALLER.reset(caller)
-
-
-def _adding(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
-    async def send_with(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", []), *headers]}
-        await send(message)
-
-    return send_with

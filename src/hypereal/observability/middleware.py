@@ -67,6 +67,29 @@ def _match_template(scope: Scope) -> str:
     return UNMATCHED
 
 
+def _with_headers(start: Message, headers: list[tuple[bytes, bytes]]) -> Message:
+    """A response start with ``headers`` after its own (a new message: the list may be a
+    Response's own, sent again with a later request)."""
+    return {**start, "headers": [*start.get("headers", ()), *headers]}
+
+
+def add_response_headers(scope: Scope, send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
+    """Have ``headers`` added to the response's start: through this middleware's list
+    (``RESPONSE_HEADERS``) when it runs outside, with no ``send`` wrapper; else (an app
+    without it) by wrapping ``send``."""
+    added = scope.get(RESPONSE_HEADERS)
+    if added is not None:
+        added.extend(headers)
+        return send
+
+    async def send_with(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = _with_headers(message, headers)
+        await send(message)
+
+    return send_with
+
+
 # A request id: this process's random prefix and a counter (unique without a system call
 # per request, as os.urandom would cost).
 _ID_PREFIX = os.urandom(6).hex()
@@ -105,7 +128,7 @@ class ObservabilityMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), *added]}
+                message = _with_headers(message, added)
             await send(message)
 
         try:
